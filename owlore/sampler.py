@@ -1,0 +1,192 @@
+"""Which γ decoder layers to train next: outlier-weighted (OwLore) or uniform (LISA) layer sampling.
+
+OwLore, arXiv 2405.18380: layers with more outliers (higher LOD ratio, see ``owlore.outliers``) are sampled more
+often. LISA, arXiv 2403.17919: uniform sampling. Both draw γ distinct layers every K optimizer steps.
+
+The official code draws with ``numpy.random.choice(L, γ, replace=False, p=p)``: sequential sampling, under which a
+layer's chance of being in a draw is *not* ``γ·p_l`` (a layer with p=0.12 and γ=5 is included about 52 % of the
+time, not 60 %). ``scheme="exact"`` instead realises the inclusion probabilities ``π_l = min(1, c·p_l)`` (capped,
+summing to γ) exactly, by randomised systematic sampling (Madow, 1949): permute the layers, lay the π's end to end
+on ``[0, γ)`` and take the layers hit by ``u, u+1, ..., u+γ-1``. ``scheme="sequential"`` keeps the official
+behaviour (in distribution) for paper comparisons, via Gumbel-top-k, which is equivalent to successive sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+Mode = Literal["owl", "uniform", "owl_reverse", "increase", "decrease"]
+Scheme = Literal["exact", "sequential"]
+MODES: tuple[str, ...] = ("owl", "uniform", "owl_reverse", "increase", "decrease")
+SCHEMES: tuple[str, ...] = ("exact", "sequential")
+
+
+def sampling_weights(scores: torch.Tensor, mode: str, *, temperature: float = 1.0, floor: float = 0.0) -> torch.Tensor:
+    """Per-layer sampling distribution ``p`` (sums to 1) for a mode.
+
+    ``owl``: ``p ∝ ratio^(1/temperature)`` (temperature 1 is the paper's linear normalisation), then
+    ``floor`` mixes in uniform mass, ``p = (1 - floor)·p + floor/L``, so no layer starves.
+    ``owl_reverse``: ``p ∝ max(p_owl) - p_owl`` (official). ``increase``/``decrease``: ``p ∝ l+1`` / ``L-l``.
+    """
+    s = scores.detach().double().cpu()
+    L = s.numel()
+    if mode == "uniform":
+        p = torch.ones(L, dtype=torch.float64)
+    elif mode == "increase":
+        p = torch.arange(1, L + 1, dtype=torch.float64)
+    elif mode == "decrease":
+        p = torch.arange(L, 0, -1, dtype=torch.float64)
+    elif mode in ("owl", "owl_reverse"):
+        if (s < 0).any() or not torch.isfinite(s).all() or s.sum() <= 0:
+            raise ValueError(f"outlier scores must be finite, non-negative and not all zero; got {s.tolist()}")
+        p = s.pow(1.0 / temperature)
+        if mode == "owl_reverse":
+            p = p / p.sum()
+            p = p.max() - p
+            if p.sum() <= 0:  # all layers equal
+                p = torch.ones(L, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown sampling mode {mode!r}; choose one of {MODES}")
+    p = p / p.sum()
+    return (1.0 - floor) * p + floor / L
+
+
+def capped_inclusion(p: torch.Tensor, gamma: int) -> torch.Tensor:
+    """Inclusion probabilities ``π = min(1, c·p)`` with ``c`` chosen so that ``sum(π) = γ``."""
+    pi = torch.zeros_like(p)
+    capped = torch.zeros_like(p, dtype=torch.bool)
+    positive = p > 0
+    if int(positive.sum()) < gamma:
+        raise ValueError(f"only {int(positive.sum())} layers have non-zero probability, cannot draw gamma={gamma}")
+    for _ in range(p.numel() + 1):
+        free = ~capped
+        rest = gamma - int(capped.sum())
+        pi[free] = p[free] * rest / p[free].sum()
+        pi[capped] = 1.0
+        over = free & (pi > 1.0)
+        if not over.any():
+            break
+        capped |= over
+    return pi
+
+
+class LayerSampler:
+    """Draws γ distinct decoder-layer indices per call, from its own ``torch.Generator``.
+
+    Args:
+        scores: per-layer outlier ratios ``[L]`` (ignored except for their count in non-``owl`` modes).
+        gamma: layers per draw (OwLore paper: 5).
+        mode: ``owl``, ``uniform`` (LISA), ``owl_reverse``, ``increase`` or ``decrease``.
+        temperature: ``owl`` weights are ``ratio^(1/temperature)``; larger flattens, smaller sharpens.
+        floor: share of uniform mass mixed in, in [0, 1].
+        seed: seed of the sampler's private generator (global RNGs are never touched).
+        scheme: ``exact`` (inclusion probabilities realised exactly) or ``sequential`` (official numpy behaviour).
+    """
+
+    def __init__(
+        self,
+        scores: torch.Tensor | Sequence[float],
+        *,
+        gamma: int,
+        mode: str = "owl",
+        temperature: float = 1.0,
+        floor: float = 0.0,
+        seed: int = 0,
+        scheme: str = "exact",
+    ) -> None:
+        scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+        errors = []
+        if scores.numel() == 0:
+            errors.append("scores is empty")
+        if not 1 <= gamma <= max(scores.numel(), 1):
+            errors.append(f"gamma={gamma} must be in [1, {scores.numel()}] (number of layers)")
+        if temperature <= 0:
+            errors.append(f"temperature={temperature} must be > 0")
+        if not 0.0 <= floor <= 1.0:
+            errors.append(f"floor={floor} must be in [0, 1]")
+        if mode not in MODES:
+            errors.append(f"mode={mode!r} must be one of {MODES}")
+        if scheme not in SCHEMES:
+            errors.append(f"scheme={scheme!r} must be one of {SCHEMES}")
+        if errors:
+            raise ValueError("invalid LayerSampler arguments: " + "; ".join(errors))
+        self.scores = scores
+        self.gamma = gamma
+        self.mode = mode
+        self.scheme = scheme
+        self.probabilities = sampling_weights(scores, mode, temperature=temperature, floor=floor)
+        self._pi = capped_inclusion(self.probabilities, gamma)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.counts = torch.zeros(scores.numel(), dtype=torch.long)
+        self.num_draws = 0
+
+    @property
+    def num_layers(self) -> int:
+        return self.scores.numel()
+
+    def inclusion_probabilities(self, *, num_draws: int = 200_000) -> torch.Tensor:
+        """Probability of each layer being in one draw (sums to γ).
+
+        Exact for ``scheme="exact"``. For ``sequential`` there is no closed form; it is estimated from
+        ``num_draws`` Gumbel-top-k draws of a separate, fixed-seed generator (standard error < 0.0012).
+        """
+        if self.scheme == "exact":
+            return self._pi.clone()
+        gen = torch.Generator().manual_seed(12345)
+        draws = self._gumbel_topk(num_draws, gen)
+        return torch.bincount(draws.flatten(), minlength=self.num_layers).double() / num_draws
+
+    def _gumbel_topk(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        logp = self.probabilities.log()
+        u = torch.rand(n, self.num_layers, generator=gen, dtype=torch.float64).clamp_min(1e-300)
+        return torch.topk(logp - (-u.log()).log(), self.gamma, dim=1).indices
+
+    def _systematic(self) -> list[int]:
+        order = torch.randperm(self.num_layers, generator=self.generator)
+        cum = torch.cumsum(self._pi[order], 0)
+        u = torch.rand((), generator=self.generator, dtype=torch.float64).item()
+        points = torch.tensor([u + j for j in range(self.gamma)], dtype=torch.float64)
+        # Guard float round-off at the top end (cum[-1] may be γ - 1e-15).
+        hits = torch.searchsorted(cum, points, right=True).clamp_max(self.num_layers - 1)
+        return order[hits].tolist()
+
+    def sample(self) -> list[int]:
+        """γ distinct layer indices, sorted; updates the per-layer activation counts."""
+        if self.scheme == "exact":
+            picked = self._systematic()
+        else:
+            picked = self._gumbel_topk(1, self.generator)[0].tolist()
+        picked = sorted(set(picked))
+        if len(picked) != self.gamma:  # only reachable through float round-off; fail loudly, never silently
+            raise RuntimeError(f"sampler drew {picked}, expected {self.gamma} distinct layers")
+        self.counts[picked] += 1
+        self.num_draws += 1
+        return picked
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator state, counts and draw number: tensors and ints only (``weights_only``-loadable)."""
+        return {"generator": self.generator.get_state(), "counts": self.counts.clone(), "num_draws": self.num_draws}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["counts"].numel() != self.num_layers:
+            raise ValueError(f"sampler state is for {state['counts'].numel()} layers, this sampler has {self.num_layers}")
+        self.generator.set_state(state["generator"])
+        self.counts = state["counts"].clone().long()
+        self.num_draws = int(state["num_draws"])
+
+    def expected_draws_per_layer(self, num_draws: int) -> torch.Tensor:
+        return self.inclusion_probabilities() * num_draws
+
+    def __repr__(self) -> str:
+        return (f"LayerSampler(L={self.num_layers}, gamma={self.gamma}, mode={self.mode!r}, scheme={self.scheme!r}, "
+                f"max/min p={self.probabilities.max() / max(self.probabilities.min(), 1e-12):.3g})")
+
+
+def entropy_bits(p: torch.Tensor) -> float:
+    """Shannon entropy of a distribution, for logging how peaked the sampling is."""
+    q = p[p > 0].double()
+    return float(-(q * q.log2()).sum()) if q.numel() else math.nan
