@@ -88,7 +88,9 @@ def test_rank_clamped_to_matrix_size(shape: tuple[int, int], side: int) -> None:
 def test_full_rank_round_trip_is_identity(shape: tuple[int, int], side: int) -> None:
     grad = _grad(shape)
     basis = compute_basis(grad, min(shape), side)
-    torch.testing.assert_close(project_back(project(grad, basis, side), basis, side), grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        project_back(project(grad, basis, side), basis, side), grad, atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -98,7 +100,9 @@ def test_full_rank_basis_on_small_side_is_identity_for_any_matrix(shape: tuple[i
     side = choose_side("std", shape)
     basis = compute_basis(_grad(shape, seed=0), 100, side)
     other = _grad(shape, seed=1)
-    torch.testing.assert_close(project_back(project(other, basis, side), basis, side), other, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        project_back(project(other, basis, side), basis, side), other, atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("side", [LEFT, RIGHT])
