@@ -1,0 +1,299 @@
+"""``VisualTokenPruner``: one entry point for every selector, pruning before the language model.
+
+Flow of :meth:`VisualTokenPruner.prepare`: run the vision tower once (SDPA; one layer's q/k hooked
+if the method needs attention), score and select ``k`` tokens per image under ``no_grad``, project
+only what the language model will see, drop the unselected ``<image>`` placeholders from the prompt,
+and return kwargs for ``model(**inputs)`` or ``model.generate(**inputs)``. Because the language model
+just sees a shorter prompt, batching, the KV cache, ``generate`` and training all work unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+
+from owlore.pruning.divprune import divprune_select
+from owlore.pruning.fopru import fopru_rank_select, fopru_row_select, fopru_significance
+from owlore.pruning.llava import (
+    VisionEncoding,
+    encode_images,
+    image_token_mask,
+    llava_modules,
+    to_mm_encoder_outputs,
+)
+from owlore.pruning.select import random_scores, resolve_keep, topk_select
+from owlore.pruning.sequence import PositionPolicy, sequence_keep_mask, shrink_sequences
+from owlore.pruning.vit_attention import cls_attention_scores, head_mean_attention
+from owlore.pruning.zoo import (
+    mlp_jacobian_kernel,
+    random_unit_directions,
+    sads_select,
+    zoo_sensitivity,
+    zoo_sensitivity_exact,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Method", "VisualTokenPruner"]
+
+Method = Literal["fopru_rank", "fopru_row", "zoo", "zoo_exact", "cls", "divprune", "random"]
+_NEEDS_ATTENTION = {"fopru_rank", "fopru_row", "cls"}
+_NEEDS_PROJECTED = {"zoo", "zoo_exact", "divprune"}
+
+
+def _fp32_call(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Call ``module`` with fp32 parameters (a no-op for fp32 models) so finite differences resolve."""
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return module
+    params = {name: p.float() for name, p in module.named_parameters()}
+    return lambda x: torch.func.functional_call(module, params, (x,))
+
+
+class VisualTokenPruner:
+    """Training-free visual-token pruning for LLaVA, applied before the language model.
+
+    Args:
+        method: ``"fopru_rank"`` / ``"fopru_row"`` (FoPru attention significance, global top-k or whole
+            grid rows), ``"zoo"`` (ZOO-Prune zeroth-order projector sensitivity + SADS), ``"zoo_exact"``
+            (same selection, closed-form sensitivity of the MLP projector), ``"cls"`` ([CLS] attention,
+            FasterVLM), ``"divprune"`` (max-min diversity), ``"random"``.
+        keep: Tokens per image (int >= 1; >= N means no pruning) or a ratio in (0, 1].
+        num_directions: ZOO random directions ``m``. The paper uses 64; its ablation finds 16-160
+            equally good, and 16 costs a quarter.
+        step: ZOO finite-difference step ``h``.
+        seed: Seed of the random directions / random scores; each call restarts from it.
+        chunk_size: ZOO directions per projector call (memory bound).
+        attn_layer: Vision encoder layer whose attention FoPru/[CLS] use; default: the layer producing the
+            LLaVA feature layer.
+        grid: ``(rows, cols)`` of the patch grid for ``fopru_row``; square by default.
+        position_policy: ``"contiguous"`` (renumber, the peers' behaviour) or ``"original"`` (kept tokens keep
+            their unpruned RoPE positions; decoding continues after the unpruned length).
+
+    Raises:
+        ValueError: On an unknown method or position policy, or an invalid ``keep``.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        keep: int | float,
+        *,
+        num_directions: int = 16,
+        step: float = 0.01,
+        seed: int = 0,
+        chunk_size: int = 4,
+        attn_layer: int | None = None,
+        grid: tuple[int, int] | None = None,
+        position_policy: PositionPolicy = "contiguous",
+    ) -> None:
+        if method not in get_args(Method):
+            raise ValueError(
+                f"unknown pruning method {method!r}; choose one of {', '.join(get_args(Method))}"
+            )
+        if position_policy not in get_args(PositionPolicy):
+            raise ValueError(f"position_policy must be 'contiguous' or 'original', got {position_policy!r}")
+        if num_directions < 1 or step <= 0:
+            raise ValueError(f"need num_directions >= 1 and step > 0, got {num_directions} and {step}")
+        resolve_keep(keep, 1 << 30)  # validates type and range now rather than at the first batch
+        self.method, self.keep = method, keep
+        self.num_directions, self.step, self.seed, self.chunk_size = num_directions, step, seed, chunk_size
+        self.attn_layer, self.grid, self.position_policy = attn_layer, grid, position_policy
+        self._kernel: tuple[tuple, torch.Tensor] | None = None
+        self.last_stats: dict[str, Any] = {}
+        """Timings (seconds) and token counts of the latest :meth:`prepare` call, for benchmarks."""
+
+    def __repr__(self) -> str:
+        return f"VisualTokenPruner(method={self.method!r}, keep={self.keep!r})"
+
+    def prepare(
+        self,
+        model: nn.Module,
+        *,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Select visual tokens and build the shortened inputs.
+
+        Selection always runs under ``no_grad``; the features the language model receives are computed
+        in the ambient grad mode, so in training the loss back-propagates through the kept tokens into
+        the projector (and the vision tower if it is trainable).
+
+        Args:
+            model: A ``LlavaForConditionalGeneration``.
+            input_ids: ``(batch, L)`` with ``N`` ``<image>`` placeholders per image (left or right padded).
+            pixel_values: ``(images, 3, H, W)``; images in placeholder order.
+            attention_mask: ``(batch, L)``; all ones if omitted.
+            labels: Optional ``(batch, L)`` labels; shortened with the prompt.
+
+        Returns:
+            ``input_ids``, ``attention_mask``, ``position_ids``, ``mm_encoder_outputs`` (and ``labels``),
+            ready for ``model(**inputs)`` or ``model.generate(**inputs)``.
+
+        Raises:
+            ValueError: If the prompt has no image tokens or their count does not match the images.
+        """
+        tower, projector, config = llava_modules(model)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        start = time.perf_counter()
+        track = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
+        with torch.set_grad_enabled(track):
+            enc = encode_images(
+                model, pixel_values, attention=self.method in _NEEDS_ATTENTION, attn_layer=self.attn_layer
+            )
+        vision_done = time.perf_counter()
+        num_images, num_tokens, _ = enc.features.shape
+        image_mask = image_token_mask(
+            input_ids,
+            image_token_id=config.image_token_id,
+            num_images=num_images,
+            tokens_per_image=num_tokens,
+        )
+        k = resolve_keep(self.keep, num_tokens)
+        projected_all = None
+        if k < num_tokens:
+            with torch.no_grad():
+                if self.method in _NEEDS_PROJECTED:
+                    projected_all = projector(enc.features)
+                keep_idx = self.select(enc, projector=projector, projected=projected_all, k=k)
+        selected = time.perf_counter()
+        features = self._kept_features(
+            enc.features, projector, projected_all, keep_idx if k < num_tokens else None
+        )
+        inputs = self._shrink(
+            input_ids, attention_mask, labels, image_mask, keep_idx if k < num_tokens else None, config
+        )
+        inputs["mm_encoder_outputs"] = to_mm_encoder_outputs(features)
+        done = time.perf_counter()
+        self.last_stats = {
+            "vision_s": vision_done - start,
+            "select_s": selected - vision_done,
+            "project_s": done - selected,
+            "tokens_per_image": (num_tokens, k),
+            "prompt_length": (input_ids.shape[1], inputs["input_ids"].shape[1]),
+        }
+        logger.info(
+            "%s: kept %d of %d visual tokens per image (%d images); prompt length %d -> %d",
+            self.method,
+            k,
+            num_tokens,
+            num_images,
+            input_ids.shape[1],
+            inputs["input_ids"].shape[1],
+        )
+        return inputs
+
+    def select(
+        self, enc: VisionEncoding, *, projector: nn.Module, projected: torch.Tensor | None, k: int
+    ) -> torch.Tensor:
+        """Sorted ``(images, k)`` indices of the kept tokens for this pruner's method.
+
+        Args:
+            enc: Vision features (and captured q/k for attention methods).
+            projector: The multimodal projector (ZOO methods).
+            projected: Projected features of all tokens (ZOO, DivPrune), else None.
+            k: Tokens to keep per image.
+        """
+        features = enc.features
+        if self.method == "random":
+            generator = torch.Generator(device=features.device).manual_seed(self.seed)
+            return topk_select(random_scores(features.shape[0], features.shape[1], generator=generator), k)
+        if self.method == "divprune":
+            return divprune_select(projected, k)
+        if self.method in ("zoo", "zoo_exact"):
+            return sads_select(self._sensitivity(features, projector), projected, k)
+        if self.method == "cls":
+            scores = cls_attention_scores(enc.query, enc.key, scale=enc.scale)
+            return topk_select(scores[:, 1:] if enc.cls_dropped else scores, k)
+        attention = head_mean_attention(enc.query, enc.key, scale=enc.scale)
+        if enc.cls_dropped:
+            attention = attention[:, 1:, 1:]
+        significance = fopru_significance(attention)
+        if self.method == "fopru_row":
+            return fopru_row_select(significance, k, grid=self.grid)
+        return fopru_rank_select(significance, k)
+
+    def _sensitivity(self, features: torch.Tensor, projector: nn.Module) -> torch.Tensor:
+        if self.method == "zoo":
+            generator = torch.Generator(device=features.device).manual_seed(self.seed)
+            directions = random_unit_directions(self.num_directions, features.shape[-1], generator=generator)
+            return zoo_sensitivity(
+                _fp32_call(projector),
+                features,
+                directions=directions,
+                step=self.step,
+                chunk_size=self.chunk_size,
+            )
+        parts = [getattr(projector, name, None) for name in ("linear_1", "act", "linear_2")]
+        if any(p is None for p in parts):
+            raise ValueError(
+                f"zoo_exact needs an MLP projector (linear_1, act, linear_2); {type(projector).__name__} is not "
+                "one, use method='zoo'"
+            )
+        linear_1, act, linear_2 = parts
+        return zoo_sensitivity_exact(
+            features,
+            weight1=linear_1.weight,
+            bias1=linear_1.bias,
+            activation=act,
+            kernel=self._jacobian_kernel(linear_1.weight, linear_2.weight),
+        )
+
+    def _jacobian_kernel(self, weight1: torch.Tensor, weight2: torch.Tensor) -> torch.Tensor:
+        # K depends only on the weights; recompute only when they change (in-place optimizer steps bump
+        # the tensors' version counters).
+        key = (weight1.data_ptr(), weight1._version, weight2.data_ptr(), weight2._version)
+        if self._kernel is None or self._kernel[0] != key:
+            self._kernel = (key, mlp_jacobian_kernel(weight1, weight2))
+        return self._kernel[1]
+
+    @staticmethod
+    def _kept_features(
+        features: torch.Tensor,
+        projector: nn.Module,
+        projected: torch.Tensor | None,
+        keep_idx: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if keep_idx is None:
+            return projector(features)
+        if projected is not None and not torch.is_grad_enabled():
+            return projected.gather(1, keep_idx[..., None].expand(-1, -1, projected.shape[-1]))
+        kept = features.gather(1, keep_idx[..., None].expand(-1, -1, features.shape[-1]))
+        return projector(kept)
+
+    def _shrink(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None,
+        image_mask: torch.Tensor,
+        keep_idx: torch.Tensor | None,
+        config: object,
+    ) -> dict[str, torch.Tensor]:
+        if keep_idx is None:
+            keep = torch.ones_like(image_mask)
+        else:
+            token_keep = torch.zeros(
+                keep_idx.shape[0],
+                int(image_mask.sum()) // keep_idx.shape[0],
+                dtype=torch.bool,
+                device=keep_idx.device,
+            )
+            token_keep.scatter_(1, keep_idx, True)
+            keep = sequence_keep_mask(image_mask, token_keep)
+        pad = getattr(config.text_config, "pad_token_id", None)
+        return shrink_sequences(
+            input_ids,
+            keep=keep,
+            attention_mask=attention_mask,
+            labels=labels,
+            pad_token_id=0 if pad is None else pad,
+            position_policy=self.position_policy,
+        )
