@@ -118,7 +118,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
     The basis is recomputed on a param's first step and then every ``update_proj_gap`` of *its own* steps (steps
     with ``grad is None`` do not count, so frozen layers keep their schedule). Moments carry over a basis refresh
     unchanged, as in GaLore. If the gradient is non-finite or the SVD fails, the previous basis is kept and a
-    warning is logged; with no previous basis that param's update is skipped for the step.
+    warning is logged; with no previous basis that param's update is skipped for the step. Finiteness is only
+    checked on refresh steps (one host sync per SVD, none per ordinary step); skipping inf/NaN steps in general is
+    the job of the loss scaler or the training loop, as with ``torch.optim.AdamW``.
 
     State per param: ``step`` (int), ``exp_avg``, ``exp_avg_sq`` and, when projected, ``basis`` (tensor) and
     ``side`` (int). ``svd_seconds`` accumulates SVD wall time (not part of the state) for training logs.
@@ -144,22 +146,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         *,
         convention: Convention = "torch",
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+            if not value >= 0.0:
+                raise ValueError(f"Invalid {name}: {value}; must be >= 0")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"Invalid betas: {betas}; both must be in [0, 1)")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid eps: {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay: {weight_decay}")
         self.svd_seconds = 0.0
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "convention": convention,
-        }
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
