@@ -1,0 +1,81 @@
+"""Load a model to evaluate: an HF id, a ``save_pretrained`` directory, the embedded SmolLM2, or base + adapter.
+
+A directory that holds only a peft adapter (``adapter_config.json``, no ``config.json``), as a LoRA run of
+``train.py`` writes it, is loaded on top of the base model it names. Remote code is never trusted unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``"auto"`` -> ``"cuda"`` if available, else ``"cpu"``; anything else passes through."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """``"auto"`` -> bfloat16 on CUDA, float32 elsewhere (CPUs without bf16 instructions run bf16 very slowly)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def load_model(model: str, *, adapter: str | None = None, merge_adapter: bool = False, dtype: str = "auto",
+               device: str = "auto", trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Model and tokenizer ready for ``evaluate``, in eval mode on ``device``.
+
+    Args:
+        model: HF hub id, local checkpoint directory, adapter-only directory, or ``"smollm2-135m-instruct"``.
+        adapter: peft adapter directory (or hub id) applied with ``PeftModel.from_pretrained``.
+        merge_adapter: fold the adapter into the base weights (``merge_and_unload``); same scores, faster.
+        dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        trust_remote_code: allow custom modelling code from the checkpoint (off unless asked for).
+
+    Returns:
+        ``(model, tokenizer)``. The tokenizer comes from the adapter directory if it has one (a fine-tuning run
+        may have added tokens), else from the base model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from owlore.assets import resolve_model_name
+
+    base = resolve_model_name(model)
+    local = Path(base)
+    if adapter is None and (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+        adapter = base
+        base = resolve_model_name(json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"])
+        logger.info("%s is a peft adapter; base model %s", model, base)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    tok_source = adapter if adapter is not None and _has_tokenizer(Path(adapter)) else base
+    tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=trust_remote_code)
+    lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, adapter)
+        if merge_adapter:
+            lm = lm.merge_and_unload()
+        logger.info("loaded adapter %s (%s)", adapter, "merged" if merge_adapter else "unmerged")
+    return lm.to(device).eval(), tokenizer
