@@ -1,0 +1,300 @@
+"""``OwLoreCallback``: outlier-weighted layer sampling inside any ``transformers.Trainer``.
+
+OwLore, arXiv 2405.18380; the callback pattern follows LISA (arXiv 2403.17919, OptimalScale/LMFlow
+``DynamicLayerActivationCallback``) with its known problems fixed:
+
+* Decoder layers are frozen in ``on_train_begin``, *after* the optimizer exists, so every layer's parameters
+  are in the optimizer (freezing before silently excludes layers sampled later: LMFlow #726).
+* Optimizer state of switched-off layers is freed (``state_policy="reset"``, like BAdam) so state memory is O(γ)
+  layers, not O(L) (LMFlow #729/#768); ``keep`` is the official behaviour, ``offload`` moves it to CPU.
+* The sampler has its own generator; its state, the active set, the outlier ratios and the history are saved
+  with every checkpoint (``owlore_state.pt``, tensors only) and re-applied on resume, so a resumed run draws the
+  same future layers and gives the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from owlore.config import OwLoreConfig
+from owlore.layers import find_decoder_layers, set_layers_trainable
+from owlore.metrics import OwLoreLogger, peak_memory_bytes
+from owlore.optim_state import drop_state, move_state, state_bytes, unwrap_optimizer
+from owlore.sampler import LayerSampler
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "owlore_state.pt"
+RECORD_FILE = "owlore_record.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class OwLoreCallback(TrainerCallback):
+    """Samples γ decoder layers every ``interval`` optimizer steps and trains only those.
+
+    Args:
+        config: the OwLore settings.
+        scores: per-layer outlier ratios, if already known (skips the computation).
+        calibration_batches: batches (``input_ids`` tensors or dicts) to compute the ratios from. Default: the
+            first ``config.calibration_batches`` batches of the training set in dataset order (read directly from
+            the dataset, so the shuffled training order is not disturbed), or ``config.calibration_source``.
+        tokenizer: needed only with ``config.calibration_source``.
+        resume_dir: checkpoint directory to restore OwLore's state from when resuming, if it is not
+            ``<output_dir>/checkpoint-<global_step>`` (``OwLoreTrainer`` sets this for you).
+    """
+
+    def __init__(
+        self,
+        config: OwLoreConfig | None = None,
+        *,
+        scores: torch.Tensor | list[float] | None = None,
+        calibration_batches: list[Any] | None = None,
+        tokenizer: Any = None,
+        resume_dir: str | None = None,
+    ) -> None:
+        self.config = config or OwLoreConfig()
+        self.scores = None if scores is None else torch.as_tensor(scores, dtype=torch.float64)
+        self.calibration_batches = calibration_batches
+        self.tokenizer = tokenizer
+        self.resume_dir = resume_dir
+        self.sampler: LayerSampler | None = None
+        self.active: list[int] = []
+        self.history: list[tuple[int, list[int]]] = []
+        self.last_switch_step = -1
+        self.layers: nn.ModuleList | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._tb: OwLoreLogger | None = None
+        self._output_dir: Path | None = None
+        self._peft = False
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        if model is None or optimizer is None:
+            raise RuntimeError("OwLoreCallback needs the Trainer's model and optimizer in on_train_begin")
+        self.optimizer = unwrap_optimizer(optimizer)
+        self.layers = find_decoder_layers(model, self.config.layers_path)
+        self._peft = hasattr(model, "peft_config")
+        self._output_dir = Path(args.output_dir)
+        if self.config.gamma > len(self.layers):
+            raise ValueError(f"owlore.gamma={self.config.gamma} exceeds the model's {len(self.layers)} decoder "
+                             f"layers; set owlore.gamma <= {len(self.layers)}")
+        self._check_optimizer_covers_layers()
+        restored = state.global_step > 0 and self._restore(args, state)
+        if self.scores is None:
+            self.scores = self._compute_scores(model, args, train_dataloader)
+        if len(self.scores) != len(self.layers):
+            raise ValueError(f"got {len(self.scores)} outlier scores for {len(self.layers)} decoder layers")
+        if self.sampler is None:
+            self.sampler = self._new_sampler()
+        if restored is not None and restored is not False:
+            self.sampler.load_state_dict(restored["sampler"])
+        self._freeze_outside_layers(model)
+        self._apply_active(self.active)
+        if self.config.state_policy == "offload":  # a resumed optimizer loads every state onto the param device
+            move_state(self.optimizer, self._params_of(set(range(len(self.layers))) - set(self.active)), "cpu")
+        if args.process_index == 0 and "tensorboard" in (args.report_to or []):
+            tb_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs")
+            self._tb = OwLoreLogger(os.path.join(tb_dir, "owlore"))
+        logger.info("OwLore: %s, %d decoder layers, gamma=%d, interval=%d, state_policy=%s", self.sampler,
+                    len(self.layers), self.config.gamma, self.config.interval, self.config.state_policy)
+        self._write_record()
+
+    def _check_optimizer_covers_layers(self) -> None:
+        in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        missing = [i for i, layer in enumerate(self.layers) if any(id(p) not in in_opt for p in layer.parameters()
+                                                                     if not self._peft or p.requires_grad)]
+        if missing:
+            raise RuntimeError(
+                f"decoder layers {missing} have parameters that are not in the optimizer, so they could never be "
+                "trained when sampled. Build the optimizer before freezing layers (owlore.create_owlore_optimizer "
+                "includes every parameter), and do not freeze decoder layers yourself.")
+
+    def _new_sampler(self) -> LayerSampler:
+        c = self.config
+        return LayerSampler(self.scores, gamma=c.gamma, mode=c.mode, temperature=c.temperature, floor=c.floor,
+                            seed=c.seed, scheme=c.scheme)
+
+    def _compute_scores(self, model, args, train_dataloader) -> torch.Tensor:
+        from owlore.calibration import CalibrationSpec, OutlierCache, outlier_ratios_from_spec
+        from owlore.outliers import compute_outlier_ratios
+
+        c = self.config
+        if c.mode not in ("owl", "owl_reverse"):
+            return torch.ones(len(self.layers), dtype=torch.float64)  # modes that ignore the ratios
+        if c.calibration_source:
+            spec = CalibrationSpec(c.calibration_source, c.calibration_samples, c.calibration_seqlen, c.seed)
+            return outlier_ratios_from_spec(model, self.tokenizer, spec, threshold=c.threshold,
+                                            cache_dir=c.cache_dir, progress=True)
+        batches = self.calibration_batches or self._first_batches(args, train_dataloader)
+        cache = OutlierCache(c.cache_dir) if c.cache_dir else None
+        n_tokens = sum(int((b["attention_mask"] if isinstance(b, dict) and "attention_mask" in b else
+                            (b["input_ids"] if isinstance(b, dict) else b)).numel()) for b in batches)
+        spec = CalibrationSpec(source="train-batches", nsamples=len(batches), seqlen=n_tokens, seed=c.seed)
+        if cache and (hit := cache.get(OutlierCache.key(model, c.threshold, spec))) is not None:
+            return hit
+        t0 = time.perf_counter()
+        scores = compute_outlier_ratios(model, batches, threshold=c.threshold, layers=self.layers, progress=True)
+        logger.info("outlier ratios from %d training batches in %.1f s", len(batches), time.perf_counter() - t0)
+        if cache:
+            cache.put(OutlierCache.key(model, c.threshold, spec), scores)
+        return scores
+
+    def _first_batches(self, args, dl) -> list[dict[str, torch.Tensor]]:
+        if dl is None:
+            raise RuntimeError("no calibration data: pass scores=, calibration_batches= or set calibration_source")
+        dataset, collate = dl.dataset, dl.collate_fn
+        bs = args.per_device_train_batch_size
+        n = min(len(dataset), self.config.calibration_batches * bs)
+        out = []
+        for start in range(0, n, bs):
+            batch = collate([dataset[i] for i in range(start, min(start + bs, n))])
+            out.append({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+        return out
+
+    def _freeze_outside_layers(self, model: nn.Module) -> None:
+        c = self.config
+        inside = {id(p) for p in self.layers.parameters()}
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        emb_ids = {id(p) for p in emb.parameters()} if emb is not None else set()
+        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+        if self._peft:  # peft already froze the base model; leave its choices alone outside the layers
+            return
+        for p in model.parameters():
+            if id(p) in inside:
+                continue
+            if id(p) in emb_ids or id(p) in head_ids:
+                # A tied head is the embedding: it trains if either flag says so.
+                on = (id(p) in emb_ids and c.train_embeddings) or (id(p) in head_ids and c.train_lm_head)
+            else:
+                on = c.train_norms
+            p.requires_grad_(on)
+        if not c.train_embeddings and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # keeps (reentrant) gradient checkpointing working
+
+    # ------------------------------------------------------------------------------------------ switching
+    def _params_of(self, layer_ids) -> list[torch.Tensor]:
+        return [p for i in sorted(layer_ids) for p in self.layers[i].parameters()]
+
+    def _apply_active(self, active: list[int]) -> None:
+        set_layers_trainable(self.layers, active, param_filter=["lora_"] if self._peft else None)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step % self.config.interval == 0 and step != self.last_switch_step:
+            self._switch(step)
+
+    def _switch(self, step: int) -> None:
+        new = self.sampler.sample()
+        old = set(self.active)
+        leaving, entering = old - set(new), set(new) - old
+        policy = self.config.state_policy
+        if policy == "reset":
+            drop_state(self.optimizer, self._params_of(leaving))
+        elif policy == "offload":
+            move_state(self.optimizer, self._params_of(leaving), "cpu")
+            for p in self._params_of(entering):
+                move_state(self.optimizer, [p], p.device)
+        self._apply_active(new)
+        self.active = new
+        self.last_switch_step = step
+        self.history.append((step, list(new)))
+        logger.info("step %d: training decoder layers %s", step, new)
+        if self._tb:
+            self._tb.switch(step, new, self.sampler.counts)
+        self._write_record()
+
+    # ------------------------------------------------------------------------------- logging / saving
+    def metrics(self) -> dict[str, float]:
+        """OwLore's own scalars: optimizer-state bytes, SVD seconds, peak memory, trainable layer count."""
+        return {
+            "owlore/optimizer_state_bytes": float(state_bytes(self.optimizer)) if self.optimizer else 0.0,
+            "owlore/svd_seconds": float(getattr(self.optimizer, "svd_seconds", 0.0)),
+            "owlore/peak_memory_bytes": float(peak_memory_bytes()),
+            "owlore/active_layers": float(len(self.active)),
+        }
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._tb:
+            self._tb.scalars(state.global_step, self.metrics())
+
+    def record(self) -> dict[str, Any]:
+        """The JSON record: ratios, sampling probabilities, inclusion probabilities, history, counts."""
+        s = self.sampler
+        return {
+            "config": self.config.to_dict(),
+            "outlier_ratios": self.scores.tolist() if self.scores is not None else None,
+            "sampling_probabilities": s.probabilities.tolist() if s else None,
+            "inclusion_probabilities": s.inclusion_probabilities().tolist() if s else None,
+            "activation_counts": s.counts.tolist() if s else None,
+            "history": [{"step": st, "layers": ls} for st, ls in self.history],
+        }
+
+    def _write_record(self) -> None:
+        if self._output_dir is None:
+            return
+        self._output_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.record(), indent=1)
+        _atomic_write(self._output_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: tensors, ints and lists only (``torch.load(weights_only=True)``)."""
+        return {
+            "sampler": self.sampler.state_dict(),
+            "active": torch.tensor(self.active, dtype=torch.long),
+            "last_switch_step": self.last_switch_step,
+            "scores": self.scores.clone(),
+            "history_steps": torch.tensor([s for s, _ in self.history], dtype=torch.long),
+            "history_layers": torch.tensor([ls for _, ls in self.history], dtype=torch.long).reshape(-1, self.config.gamma),
+        }
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.process_index != 0 or not ckpt.is_dir():
+            return
+        payload = self.state_dict()
+        _atomic_write(ckpt / STATE_FILE, lambda tmp: torch.save(payload, tmp))
+
+    def _restore(self, args, state) -> dict[str, Any] | None:
+        candidates = [self.resume_dir, Path(args.output_dir) / f"checkpoint-{state.global_step}"]
+        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+            candidates.insert(1, args.resume_from_checkpoint)
+        for c in candidates:
+            if c and (Path(c) / STATE_FILE).is_file():
+                data = torch.load(Path(c) / STATE_FILE, weights_only=True)
+                self.scores = data["scores"].double()
+                self.sampler = self._new_sampler()
+                self.active = data["active"].tolist()
+                self.last_switch_step = int(data["last_switch_step"])
+                self.history = list(zip(data["history_steps"].tolist(), data["history_layers"].tolist(), strict=True))
+                logger.info("OwLore state restored from %s (active layers %s)", c, self.active)
+                return data
+        raise FileNotFoundError(
+            f"resuming at step {state.global_step} but no {STATE_FILE} found in {[str(c) for c in candidates if c]}; "
+            "the checkpoint is incomplete (interrupted while saving?). Resume from the previous checkpoint.")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._write_record()
+        if self._tb:
+            self._tb.scalars(state.global_step, self.metrics())
+            self._tb.close()

@@ -1,0 +1,161 @@
+"""``OwLoreConfig``: every knob of OwLore in one validated dataclass.
+
+Defaults follow the official scripts of OwLore (arXiv 2405.18380, pixeli99/OwLore ``run_owlore_low_rank.sh``):
+γ=5 layers, re-sampled every K=50 optimizer steps, GaLore rank 256 (the paper text reports 128), gap 100, scale 1.0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from owlore.sampler import MODES, SCHEMES
+
+STATE_POLICIES = ("reset", "keep", "offload")
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message lists every problem, one per line, each with its key and a fix."""
+
+
+@dataclass
+class OwLoreConfig:
+    """OwLore hyper-parameters (layer sampling + GaLore projection + what else trains)."""
+
+    gamma: int = 5
+    """Decoder layers trained at once (γ)."""
+    interval: int = 50
+    """Optimizer steps between re-samples (K); gradient accumulation counts optimizer steps."""
+    mode: str = "owl"
+    """Sampling mode: owl (outlier-weighted), uniform (LISA), owl_reverse, increase, decrease."""
+    scheme: str = "exact"
+    """Draw: exact (inclusion probabilities realised exactly) or sequential (official numpy.random.choice)."""
+    temperature: float = 1.0
+    """owl mode: p ∝ ratio^(1/temperature)."""
+    floor: float = 0.0
+    """Share of uniform probability mixed in, so no layer starves."""
+    rank: int | None = 256
+    """GaLore rank for the linears of decoder layers; None trains them full-rank ("OwLore (Full-Rank)")."""
+    update_proj_gap: int = 100
+    """Parameter steps between SVD refreshes of the GaLore basis."""
+    scale: float = 1.0
+    """GaLore scale α applied to the back-projected update."""
+    proj_type: str = "std"
+    """GaLore side: std, reverse_std, left, right."""
+    target_modules: str | list[str] = "decoder-linear"
+    """Which linears are projected: decoder-linear, all-linear, or a list of regexes on module names."""
+    threshold: float = 5.0
+    """Outlier threshold M: a weight is an outlier if its Wanda score exceeds M × the layer mean."""
+    state_policy: str = "reset"
+    """Optimizer state of a switched-off layer: reset (free it; basis recomputed on return), keep (official),
+    offload (to CPU and back)."""
+    seed: int = 0
+    """Seed of the layer sampler's own generator."""
+    train_embeddings: bool = True
+    """Train the input embeddings (paper: yes)."""
+    train_lm_head: bool = True
+    """Train the output head (paper: yes; tied heads follow the embeddings)."""
+    train_norms: bool = True
+    """Train norms outside decoder layers, e.g. the final norm (paper: yes)."""
+    layers_path: str | None = None
+    """Explicit attribute path of the decoder layers (e.g. model.layers) when auto-discovery fails."""
+    calibration_batches: int = 8
+    """Training batches used to compute outlier ratios when no scores/cache/calibration source is given."""
+    calibration_source: str | None = None
+    """Calibration text instead of training batches: c4, a datasets name or a local file."""
+    calibration_samples: int = 128
+    """Windows of calibration_source text (paper: 128)."""
+    calibration_seqlen: int = 2048
+    """Tokens per calibration window (paper: 2048)."""
+    cache_dir: str | None = None
+    """Where outlier ratios are cached as JSON (None: no cache)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes recorded with the run (not used by the algorithm)."""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid OwLoreConfig:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    def problems(self, prefix: str = "") -> list[str]:
+        """Every invalid field, as ``key=value: why; fix`` lines."""
+        out = []
+
+        def bad(key: str, why: str) -> None:
+            out.append(f"{prefix}{key}={getattr(self, key)!r}: {why}")
+
+        if not isinstance(self.gamma, int) or self.gamma < 1:
+            bad("gamma", "must be an integer >= 1 (layers trained at once; paper: 5)")
+        if not isinstance(self.interval, int) or self.interval < 1:
+            bad("interval", "must be an integer >= 1 (optimizer steps between re-samples; paper: 50)")
+        if self.mode not in MODES:
+            bad("mode", f"must be one of {', '.join(MODES)}")
+        if self.scheme not in SCHEMES:
+            bad("scheme", f"must be one of {', '.join(SCHEMES)}")
+        if not self.temperature > 0:
+            bad("temperature", "must be > 0")
+        if not 0 <= self.floor <= 1:
+            bad("floor", "must be in [0, 1]")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            bad("rank", "must be a positive integer, or null to train sampled layers full-rank")
+        if not isinstance(self.update_proj_gap, int) or self.update_proj_gap < 1:
+            bad("update_proj_gap", "must be an integer >= 1")
+        if not self.scale > 0:
+            bad("scale", "must be > 0")
+        if self.proj_type not in PROJ_TYPES:
+            bad("proj_type", f"must be one of {', '.join(PROJ_TYPES)}")
+        if not self.threshold > 0:
+            bad("threshold", "must be > 0 (OWL uses 3-13; default 5)")
+        if self.state_policy not in STATE_POLICIES:
+            bad("state_policy", f"must be one of {', '.join(STATE_POLICIES)}")
+        if not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
+            bad("calibration_batches", "must be an integer >= 1")
+        if self.calibration_samples < 1 or self.calibration_seqlen < 1:
+            out.append(f"{prefix}calibration_samples/calibration_seqlen must be >= 1")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def dataclass_from_dict(cls: type, data: dict[str, Any], *, section: str) -> tuple[Any | None, list[str]]:
+    """Build a config dataclass from a mapping, collecting (not raising) unknown keys and invalid values.
+
+    Returns the instance (or None if it could not be built) and the list of problems, each naming
+    ``section.key``.
+    """
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    problems = [f"{section}.{k}: unknown key; valid keys: {', '.join(sorted(names))}" for k in data if k not in names]
+    kwargs = {k: v for k, v in data.items() if k in names}
+    for k, v in kwargs.items():
+        expected = names[k].type if isinstance(names[k].type, str) else getattr(names[k].type, "__name__", "")
+        if not _type_ok(v, expected):
+            problems.append(f"{section}.{k}={v!r}: expected {expected}")
+    if problems:
+        return None, problems
+    try:
+        obj = cls(**{k: v for k, v in kwargs.items()})
+    except ConfigError as e:
+        lines = [ln.strip()[2:] for ln in str(e).splitlines()[1:]]
+        return None, [f"{section}.{ln}" for ln in lines]
+    return obj, []
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    """Check a YAML value against a dataclass annotation string (``int``, ``float | None``, ...)."""
+    allowed = {a.strip() for a in annotation.replace("list[str]", "list").split("|")}
+    checks = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
+        "None": lambda v: v is None,
+        "list": lambda v: isinstance(v, list),
+        "dict[str, Any]": lambda v: isinstance(v, dict),
+    }
+    known = [a for a in allowed if a in checks]
+    if not known:  # annotation we do not check
+        return True
+    return any(checks[a](value) for a in known)

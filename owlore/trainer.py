@@ -1,0 +1,103 @@
+"""OwLore in the HF ``Trainer``: an optimizer factory for the drop-in route, and ``OwLoreTrainer`` for one class.
+
+Drop-in (keep your own ``transformers.Trainer``)::
+
+    optimizer = owlore.create_owlore_optimizer(model, config, lr=3e-4)
+    trainer = Trainer(model, args, train_dataset=ds, optimizers=(optimizer, None),
+                      callbacks=[owlore.OwLoreCallback(config)])
+
+One class::
+
+    trainer = owlore.OwLoreTrainer(model, args, train_dataset=ds, owlore_config=config)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from owlore.callback import OwLoreCallback
+from owlore.config import OwLoreConfig
+from owlore.optim import GaLoreAdamW, make_param_groups
+
+logger = logging.getLogger(__name__)
+
+
+def create_owlore_optimizer(
+    model: nn.Module,
+    config: OwLoreConfig | None = None,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    convention: str = "torch",
+) -> GaLoreAdamW:
+    """``GaLoreAdamW`` over *all* parameters: decoder linears projected with the config's GaLore settings.
+
+    Every parameter is included, frozen or not, because ``OwLoreCallback`` unfreezes sampled layers later. With
+    ``config.rank=None`` the decoder linears are trained full-rank ("OwLore (Full-Rank)").
+    ``convention="hf"`` reproduces galore-torch's order of eps and weight decay (the official OwLore code).
+    """
+    config = config or OwLoreConfig()
+    groups = make_param_groups(
+        model,
+        target_modules=config.target_modules,
+        rank=config.rank or 1,
+        update_proj_gap=config.update_proj_gap,
+        scale=config.scale,
+        proj_type=config.proj_type,
+        weight_decay=weight_decay,
+        layers_path=config.layers_path,
+    )
+    if config.rank is None:
+        for g in groups:
+            for k in ("rank", "update_proj_gap", "scale", "proj_type"):
+                g.pop(k, None)
+    return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention)
+
+
+class OwLoreTrainer(Trainer):
+    """A ``Trainer`` that builds the OwLore optimizer and adds ``OwLoreCallback``.
+
+    Args:
+        owlore_config: OwLore settings (default ``OwLoreConfig()``).
+        owlore_scores: per-layer outlier ratios, if known.
+        calibration_batches: batches to compute the ratios from (default: first training batches).
+        *args, **kwargs: as for ``transformers.Trainer``. ``TrainingArguments`` ``learning_rate``,
+            ``weight_decay``, ``adam_beta1/2`` and ``adam_epsilon`` are honoured.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        owlore_config: OwLoreConfig | None = None,
+        owlore_scores: torch.Tensor | list[float] | None = None,
+        calibration_batches: list[Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.owlore_config = owlore_config or OwLoreConfig()
+        self.owlore_callback = OwLoreCallback(
+            self.owlore_config, scores=owlore_scores, calibration_batches=calibration_batches,
+            tokenizer=self.processing_class,
+        )
+        self.add_callback(self.owlore_callback)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            a = self.args
+            self.optimizer = create_owlore_optimizer(
+                self.model, self.owlore_config, lr=a.learning_rate, weight_decay=a.weight_decay,
+                betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
+            )
+        return self.optimizer
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        if isinstance(resume_from_checkpoint, str):
+            self.owlore_callback.resume_dir = resume_from_checkpoint
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

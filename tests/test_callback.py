@@ -1,0 +1,160 @@
+"""OwLoreCallback + create_owlore_optimizer in the stock transformers.Trainer, and OwLoreTrainer, on a tiny Llama."""
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from owlore import OwLoreCallback, OwLoreConfig, OwLoreTrainer, create_owlore_optimizer
+from owlore.layers import find_decoder_layers
+from owlore.optim_state import params_with_state, unwrap_optimizer
+from tests.conftest import tiny_llama_config
+
+
+class RandomLM(torch.utils.data.Dataset):
+    def __init__(self, n=64, t=16, vocab=128, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, t), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i].clone(), "attention_mask": torch.ones_like(self.ids[i])}
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", max_steps=6,
+                per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, disable_tqdm=True, seed=0,
+                lr_scheduler_type="constant")
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+class Probe(TrainerCallback):
+    """After every optimizer step: which decoder layers hold optimizer state, and which are trainable."""
+
+    def __init__(self, layers):
+        self.layers, self.with_state, self.trainable = layers, [], []
+
+    def on_step_end(self, args, state, control, optimizer=None, **kw):
+        ids = params_with_state(unwrap_optimizer(optimizer))
+        self.with_state.append([i for i, layer in enumerate(self.layers) if any(id(p) in ids for p in layer.parameters())])
+        self.trainable.append([i for i, layer in enumerate(self.layers) if any(p.requires_grad for p in layer.parameters())])
+
+
+def _model(layers=6):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config(layers))
+
+
+@pytest.mark.parametrize("rank", [4, None])
+def test_stock_trainer_drop_in(tmp_path, rank):
+    model = _model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = OwLoreConfig(gamma=2, interval=2, rank=rank, update_proj_gap=2, scale=1.0, seed=3)
+    opt = create_owlore_optimizer(model, cfg, lr=1e-2)
+    cb = OwLoreCallback(cfg)
+    probe = Probe(find_decoder_layers(model))
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=RandomLM(), optimizers=(opt, None),
+                      callbacks=[cb, probe])
+    trainer.train()
+
+    assert [s for s, _ in cb.history] == [0, 2, 4]  # a new draw every `interval` optimizer steps
+    sampled = {i for _, layers in cb.history for i in layers}
+    assert 0 < len(sampled) < 6
+    for i in range(6):
+        changed = any(not torch.equal(before[n], p) for n, p in model.named_parameters()
+                      if n.startswith(f"model.layers.{i}."))
+        assert changed == (i in sampled), f"layer {i}: changed={changed}, sampled={i in sampled}"
+    assert not torch.equal(before["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+    assert not torch.equal(before["lm_head.weight"], model.lm_head.weight)
+    assert all(len(s) <= 2 for s in probe.with_state)  # state for at most γ decoder layers at any time
+    for (_, layers), trainable in zip(cb.history, probe.trainable[::2], strict=True):
+        assert trainable == layers
+    assert cb.sampler.counts.sum() == 6
+    record = (tmp_path / "owlore_record.json").read_text()
+    assert '"outlier_ratios"' in record and '"history"' in record
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    model = _model(4)
+    cfg = OwLoreConfig(gamma=1, interval=2, rank=4, update_proj_gap=5)
+    cb = OwLoreCallback(cfg)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=4, gradient_accumulation_steps=3,
+                                             per_device_train_batch_size=2),
+                      train_dataset=RandomLM(), optimizers=(create_owlore_optimizer(model, cfg, lr=1e-2), None),
+                      callbacks=[cb])
+    trainer.train()
+    assert [s for s, _ in cb.history] == [0, 2]
+    assert trainer.state.global_step == 4
+
+
+@pytest.mark.parametrize("policy", ["keep", "offload"])
+def test_state_policies(tmp_path, policy):
+    model = _model(4)
+    cfg = OwLoreConfig(gamma=1, interval=1, rank=4, state_policy=policy, mode="uniform", seed=1)
+    probe = Probe(find_decoder_layers(model))
+    cb = OwLoreCallback(cfg)
+    Trainer(model=model, args=_args(tmp_path, max_steps=8), train_dataset=RandomLM(),
+            optimizers=(create_owlore_optimizer(model, cfg, lr=1e-2), None), callbacks=[cb, probe]).train()
+    visited = {i for _, ls in cb.history for i in ls}
+    # keep/offload: every layer ever visited still has state (offload only moves it).
+    assert set(probe.with_state[-1]) == visited and len(visited) > 1
+
+
+def test_owlore_trainer_with_gradient_checkpointing_and_frozen_embeddings(tmp_path):
+    model = _model(4)
+    emb = model.model.embed_tokens.weight.detach().clone()
+    cfg = OwLoreConfig(gamma=2, interval=3, rank=4, train_embeddings=False, train_lm_head=True)
+    args = _args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    trainer = OwLoreTrainer(model=model, args=args, train_dataset=RandomLM(), owlore_config=cfg)
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    assert torch.equal(emb, model.model.embed_tokens.weight)
+    changed = [i for i, layer in enumerate(find_decoder_layers(model)) if layer.self_attn.q_proj.weight.grad is None]
+    assert len(changed) == 4  # grads freed after the last step
+    assert trainer.owlore_callback.history[0][0] == 0
+
+
+def test_resume_gives_same_losses(tmp_path):
+    def run(out, max_steps, resume=None):
+        model = _model(4)
+        cfg = OwLoreConfig(gamma=2, interval=2, rank=4, update_proj_gap=3, seed=5)
+        t = OwLoreTrainer(model=model, args=_args(out, max_steps=max_steps, save_strategy="steps", save_steps=3),
+                          train_dataset=RandomLM(), owlore_config=cfg)
+        t.train(resume_from_checkpoint=resume)
+        return [h["loss"] for h in t.state.log_history if "loss" in h], t.owlore_callback
+
+    full, cb_full = run(tmp_path / "a", 8)
+    resumed, cb_res = run(tmp_path / "b", 8, resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert (tmp_path / "a" / "checkpoint-3" / "owlore_state.pt").is_file()
+    assert resumed == full  # history restored from the checkpoint + bit-identical losses after it
+    assert cb_res.history == cb_full.history
+    state = torch.load(tmp_path / "a" / "checkpoint-3" / "owlore_state.pt", weights_only=True)
+    assert state["active"].numel() == 2
+
+
+def test_errors(tmp_path):
+    model = _model(4)
+    for p in find_decoder_layers(model)[1].parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=RandomLM(), optimizers=(opt, None),
+                      callbacks=[OwLoreCallback(OwLoreConfig(gamma=1))])
+    with pytest.raises(RuntimeError, match=r"decoder layers \[1\].*not in the optimizer"):
+        trainer.train()
+    with pytest.raises(ValueError, match="gamma=9 exceeds"):
+        model = _model(4)
+        Trainer(model=model, args=_args(tmp_path), train_dataset=RandomLM(),
+                optimizers=(create_owlore_optimizer(model, lr=1e-3), None),
+                callbacks=[OwLoreCallback(OwLoreConfig(gamma=9))]).train()
+
+
+def test_lisa_with_plain_adamw(tmp_path):
+    """uniform mode + torch.optim.AdamW = LISA with freed state, through the same callback."""
+    model = _model(4)
+    probe = Probe(find_decoder_layers(model))
+    cb = OwLoreCallback(OwLoreConfig(gamma=1, interval=1, mode="uniform", rank=None))
+    Trainer(model=model, args=_args(tmp_path, max_steps=5), train_dataset=RandomLM(),
+            optimizers=(torch.optim.AdamW(model.parameters(), lr=1e-3), None), callbacks=[cb, probe]).train()
+    assert all(len(s) <= 1 for s in probe.with_state)
