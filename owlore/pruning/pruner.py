@@ -105,7 +105,8 @@ class VisualTokenPruner:
         self.attn_layer, self.grid, self.position_policy = attn_layer, grid, position_policy
         self._kernel: tuple[tuple, torch.Tensor] | None = None
         self.last_stats: dict[str, Any] = {}
-        """Timings (seconds) and token counts of the latest :meth:`prepare` call, for benchmarks."""
+        """Timings (seconds), token counts and ``keep_indices`` (None if nothing was pruned) of the latest
+        :meth:`prepare` call, for benchmarks and inspection."""
 
     def __repr__(self) -> str:
         return f"VisualTokenPruner(method={self.method!r}, keep={self.keep!r})"
@@ -157,19 +158,15 @@ class VisualTokenPruner:
             tokens_per_image=num_tokens,
         )
         k = resolve_keep(self.keep, num_tokens)
-        projected_all = None
+        projected_all = keep_idx = None
         if k < num_tokens:
             with torch.no_grad():
                 if self.method in _NEEDS_PROJECTED:
                     projected_all = projector(enc.features)
                 keep_idx = self.select(enc, projector=projector, projected=projected_all, k=k)
         selected = time.perf_counter()
-        features = self._kept_features(
-            enc.features, projector, projected_all, keep_idx if k < num_tokens else None
-        )
-        inputs = self._shrink(
-            input_ids, attention_mask, labels, image_mask, keep_idx if k < num_tokens else None, config
-        )
+        features = self._kept_features(enc.features, projector, projected_all, keep_idx)
+        inputs = self._shrink(input_ids, attention_mask, labels, image_mask, keep_idx, config)
         inputs["mm_encoder_outputs"] = to_mm_encoder_outputs(features)
         done = time.perf_counter()
         self.last_stats = {
@@ -177,6 +174,7 @@ class VisualTokenPruner:
             "select_s": selected - vision_done,
             "project_s": done - selected,
             "tokens_per_image": (num_tokens, k),
+            "keep_indices": keep_idx,
             "prompt_length": (input_ids.shape[1], inputs["input_ids"].shape[1]),
         }
         logger.info(
@@ -288,7 +286,8 @@ class VisualTokenPruner:
             )
             token_keep.scatter_(1, keep_idx, True)
             keep = sequence_keep_mask(image_mask, token_keep)
-        pad = getattr(config.text_config, "pad_token_id", None)
+        padded = attention_mask == 0
+        pad = input_ids[padded][0].item() if padded.any() else getattr(config.text_config, "pad_token_id", None)
         return shrink_sequences(
             input_ids,
             keep=keep,

@@ -2,8 +2,8 @@
 
 Pruning before the language model means the prompt itself gets shorter: the unselected ``<image>``
 placeholders are removed from ``input_ids``, ``attention_mask`` and ``labels`` so ``generate``, the KV
-cache and SDPA all see an ordinary, shorter prompt. Rows stay aligned with their padding side; if rows
-lose different counts (different numbers of images per row) they are re-padded on that side.
+cache and SDPA all see an ordinary, shorter prompt. Padding is rebuilt on the side it was on, so rows
+that lose different counts (different numbers of images per row) still form a rectangular batch.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def shrink_sequences(
         keep: ``(batch, L)`` bool positions to keep.
         attention_mask: ``(batch, L)`` mask of the unpruned batch.
         labels: Optional ``(batch, L)`` labels; dropped columns go with their tokens.
-        pad_token_id: Filler id, only used when rows end up with different lengths.
+        pad_token_id: Id written into the rebuilt padding.
         position_policy: ``"contiguous"`` renumbers the kept tokens 0..n-1 (what DivPrune, ZOO-Prune and
             FasterVLM effectively do); ``"original"`` keeps each token's unpruned position, so RoPE
             distances match the full image and decoding continues after the unpruned length.
@@ -68,6 +68,7 @@ def shrink_sequences(
         ``input_ids``, ``attention_mask``, ``position_ids`` (and ``labels``) of the shorter batch.
     """
     batch = input_ids.shape[0]
+    keep = keep & attention_mask.bool()  # old padding is dropped and rebuilt, so rows can shrink unequally
     counts = keep.sum(dim=1)
     length = int(counts.max())
     offset = (length - counts) if padding_side(attention_mask) == "left" else torch.zeros_like(counts)

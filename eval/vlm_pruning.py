@@ -1,0 +1,343 @@
+"""Visual-token pruning benchmarks for LLaVA-shaped models built from config (random weights, CPU).
+
+    python eval/vlm_pruning.py speed                 # LLaVA-1.5 layout, 576 -> 192/128/64, ~8 min on 2 cores
+    python eval/vlm_pruning.py speed --quick --out /tmp/x   # seconds; used by the tests
+
+Random weights make the latency and FLOPs meaningful but say nothing about accuracy. The language model
+is the 7B width (hidden 4096, ffn 11008, 32 heads) at reduced depth so it fits on a CPU; FLOPs are also
+reported analytically at full depth (32 layers). Selection overhead is compared with the measured
+prefill at the run depth and with that prefill extrapolated linearly to full depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+ALL_METHODS = ["fopru_rank", "fopru_row", "cls", "divprune", "zoo", "zoo_exact", "random"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("speed", help="FLOPs, latency and KV-cache size per method and budget")
+    p.add_argument("--out", type=Path, default=Path("outputs/vlm_pruning"), help="output directory")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (for tests)")
+    p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
+    p.add_argument(
+        "--budgets", nargs="+", type=int, default=[192, 128, 64], help="visual tokens kept per image"
+    )
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement")
+    p.add_argument("--new-tokens", type=int, default=4, help="max_new_tokens of the end-to-end generate")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--text-tokens", type=int, default=60, help="text tokens around the image (35 before it)")
+    p.add_argument("--zoo-directions", type=int, default=16, help="ZOO-Prune m (paper: 64)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("vision tower (default: CLIP-L/336 layout, depth-reduced)")
+    g.add_argument("--image-size", type=int, default=336)
+    g.add_argument("--patch-size", type=int, default=14)
+    g.add_argument("--vision-hidden", type=int, default=1024)
+    g.add_argument("--vision-ffn", type=int, default=4096)
+    g.add_argument("--vision-heads", type=int, default=16)
+    g.add_argument("--vision-layers", type=int, default=4, help="CLIP-L has 24")
+    g = p.add_argument_group("language model (default: LLaVA-1.5-7B width, depth-reduced)")
+    g.add_argument("--lm-hidden", type=int, default=4096)
+    g.add_argument("--lm-ffn", type=int, default=11008)
+    g.add_argument("--lm-heads", type=int, default=32)
+    g.add_argument("--lm-kv-heads", type=int, default=32)
+    g.add_argument("--lm-layers", type=int, default=2, help="run depth (7B has 32)")
+    g.add_argument("--full-layers", type=int, default=32, help="depth for the analytic full-model figures")
+    g.add_argument("--vocab", type=int, default=32000)
+    return parser
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    """Shrink everything so the whole pipeline runs in seconds."""
+    args.image_size, args.patch_size = 32, 8
+    args.vision_hidden, args.vision_ffn, args.vision_heads, args.vision_layers = 32, 64, 4, 2
+    args.lm_hidden, args.lm_ffn, args.lm_heads, args.lm_kv_heads, args.lm_layers = 64, 128, 4, 2, 2
+    args.vocab, args.text_tokens = 256, 12
+    args.budgets = [b for b in args.budgets if b < 16] or [8, 4]
+    args.repeats, args.warmup, args.new_tokens = 1, 1, 2
+
+
+def build_model(args: argparse.Namespace):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=args.vision_hidden,
+        intermediate_size=args.vision_ffn,
+        num_hidden_layers=args.vision_layers,
+        num_attention_heads=args.vision_heads,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+    )
+    text = LlamaConfig(
+        hidden_size=args.lm_hidden,
+        intermediate_size=args.lm_ffn,
+        num_hidden_layers=args.lm_layers,
+        num_attention_heads=args.lm_heads,
+        num_key_value_heads=args.lm_kv_heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=4096,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=args.vocab - 1)
+    torch.manual_seed(args.seed)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def make_inputs(args: argparse.Namespace, num_visual: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(args.seed)
+    before = min(35, args.text_tokens)
+    text = torch.randint(3, args.vocab - 1, (args.batch, args.text_tokens), generator=gen)
+    image = torch.full((args.batch, num_visual), args.vocab - 1)
+    ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)
+    pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+def timed(fn, *, repeats: int, warmup: int) -> tuple[float, object]:
+    """Median wall time (ms) of ``fn()`` after ``warmup`` untimed calls, and the last result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), result
+
+
+def measure(model, pruner, raw: dict, args: argparse.Namespace) -> dict[str, float]:
+    """Vision / selection time from ``prepare`` and end-to-end ``prepare + generate`` time (ms)."""
+    stats: list[dict] = []
+
+    def end_to_end():
+        inputs = pruner.prepare(model, **raw)
+        stats.append(dict(pruner.last_stats))
+        return model.generate(
+            **inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
+        )
+
+    with torch.no_grad():
+        e2e, _ = timed(end_to_end, repeats=args.repeats, warmup=args.warmup)
+    timed_stats = stats[args.warmup :]
+    return {
+        "vision_ms": statistics.median(s["vision_s"] for s in timed_stats) * 1e3,
+        "select_ms": statistics.median(s["select_s"] for s in timed_stats) * 1e3,
+        "e2e_ms": e2e,
+    }
+
+
+def measure_prefill(model, inputs: dict, args: argparse.Namespace) -> float:
+    """LLM prefill (placeholder merge + decoder layers + last-token logits), median ms."""
+    with torch.no_grad():
+        ms, _ = timed(
+            lambda: model(**inputs, logits_to_keep=1, use_cache=True),
+            repeats=args.repeats,
+            warmup=args.warmup,
+        )
+    return ms
+
+
+def analytic(args: argparse.Namespace, method: str, k: int, num_visual: int) -> dict[str, float]:
+    from owlore.pruning.flops import (
+        LMShape,
+        VisionShape,
+        kv_cache_bytes,
+        prefill_flops_exact,
+        prefill_flops_peer,
+        selection_flops,
+    )
+
+    full = LMShape(args.lm_hidden, args.lm_ffn, args.full_layers, args.lm_heads, args.lm_kv_heads)
+    vision = VisionShape(
+        args.vision_hidden,
+        args.vision_ffn,
+        args.vision_layers,
+        args.vision_heads,
+        num_visual + 1,
+        args.lm_hidden,
+    )
+    n = args.text_tokens + k
+    return {
+        "seq_len": n,
+        "prefill_tflops_peer_full": prefill_flops_peer(n, full) / 1e12,
+        "prefill_tflops_exact_full": prefill_flops_exact(n, full) / 1e12,
+        "select_gflops": 0.0
+        if method == "none"
+        else selection_flops(method, k, vision, directions=args.zoo_directions) / 1e9,
+        "kv_cache_mb_full_fp16": kv_cache_bytes(n, full, bytes_per_element=2, batch=args.batch) / 2**20,
+    }
+
+
+def run_speed(args: argparse.Namespace) -> dict:
+    from owlore.pruning import VisualTokenPruner
+
+    torch.set_num_threads(args.threads)
+    num_visual = (args.image_size // args.patch_size) ** 2
+    model = build_model(args)
+    raw = make_inputs(args, num_visual)
+    scale = args.full_layers / args.lm_layers
+    rows = []
+
+    base_pruner = VisualTokenPruner("random", num_visual)  # keep == N: the unpruned pipeline
+    with torch.no_grad():
+        base_inputs = base_pruner.prepare(model, **raw)
+    base = {"method": "none", "tokens": num_visual, **measure(model, base_pruner, raw, args)}
+    base["prefill_ms"] = measure_prefill(model, base_inputs, args)
+    base.update(analytic(args, "none", num_visual, num_visual))
+    rows.append(base)
+    print(
+        f"baseline {num_visual} tokens: prefill {base['prefill_ms']:.0f} ms, e2e {base['e2e_ms']:.0f} ms",
+        flush=True,
+    )
+
+    for k in args.budgets:
+        prefill_ms = None
+        for method in args.methods:
+            pruner = VisualTokenPruner(method, k, num_directions=args.zoo_directions, seed=args.seed)
+            row = {"method": method, "tokens": k, **measure(model, pruner, raw, args)}
+            if prefill_ms is None:  # prefill cost depends only on the prompt length, not on which tokens
+                with torch.no_grad():
+                    prefill_ms = measure_prefill(model, pruner.prepare(model, **raw), args)
+            row["prefill_ms"] = prefill_ms
+            row.update(analytic(args, method, k, num_visual))
+            row["select_pct_of_prefill"] = 100 * row["select_ms"] / prefill_ms
+            row["select_pct_of_prefill_full_depth"] = 100 * row["select_ms"] / (prefill_ms * scale)
+            row["select_pct_flops_full"] = (
+                100 * row["select_gflops"] / (row["prefill_tflops_exact_full"] * 1e3)
+            )
+            row["flops_reduction_exact"] = (
+                base["prefill_tflops_exact_full"] / row["prefill_tflops_exact_full"]
+            )
+            row["flops_reduction_peer"] = base["prefill_tflops_peer_full"] / row["prefill_tflops_peer_full"]
+            rows.append(row)
+            print(
+                f"{method:>10} {k:>4}: select {row['select_ms']:.1f} ms, prefill {prefill_ms:.0f} ms, "
+                f"e2e {row['e2e_ms']:.0f} ms",
+                flush=True,
+            )
+    return {
+        "command": "python " + shlex.join(sys.argv),
+        "config": environment(args, num_visual),
+        "rows": rows,
+    }
+
+
+def environment(args: argparse.Namespace, num_visual: int) -> dict:
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config.update(
+        visual_tokens=num_visual,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        machine=platform.processor() or platform.machine(),
+        dtype="float32",
+    )
+    return config
+
+
+def to_markdown(result: dict) -> str:
+    cfg = result["config"]
+    lines = [
+        f"Command: `{result['command']}`",
+        "",
+        f"Vision: {cfg['vision_layers']} layers x hidden {cfg['vision_hidden']}, {cfg['visual_tokens']} visual tokens. "
+        f"LM: {cfg['lm_layers']} layers (analytic figures: {cfg['full_layers']}) x hidden {cfg['lm_hidden']}, "
+        f"ffn {cfg['lm_ffn']}, {cfg['lm_heads']}/{cfg['lm_kv_heads']} heads; {cfg['text_tokens']} text tokens, "
+        f"batch {cfg['batch']}, fp32, {cfg['threads']} threads, median of {cfg['repeats']} after {cfg['warmup']} warm-up; "
+        f"ZOO m={cfg['zoo_directions']}; generate {cfg['new_tokens']} new tokens.",
+        "",
+        "| method | tokens | prefill TFLOPs peer (full) | prefill TFLOPs exact (full) | FLOPs reduction | "
+        "select GFLOPs | vision ms | select ms | prefill ms (run depth) | select % of prefill (run / full depth) | "
+        "e2e generate ms | KV cache MB (full, fp16) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        reduction = f"{r.get('flops_reduction_exact', 1.0):.2f}x"
+        pct = (
+            f"{r['select_pct_of_prefill']:.1f}% / {r['select_pct_of_prefill_full_depth']:.2f}%"
+            if "select_pct_of_prefill" in r
+            else "-"
+        )
+        lines.append(
+            f"| {r['method']} | {r['tokens']} | {r['prefill_tflops_peer_full']:.3g} | {r['prefill_tflops_exact_full']:.3g} | "
+            f"{reduction} | {r['select_gflops']:.3g} | {r['vision_ms']:.0f} | {r['select_ms']:.1f} | "
+            f"{r['prefill_ms']:.0f} | {pct} | {r['e2e_ms']:.0f} | {r['kv_cache_mb_full_fp16']:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["method"] != "none"]
+    base = result["rows"][0]
+    budgets = sorted({r["tokens"] for r in rows})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["tokens"])
+        ax1.plot([r["tokens"] for r in mine], [r["e2e_ms"] for r in mine], marker="o", label=method)
+        ax2.plot(
+            [r["tokens"] for r in mine],
+            [max(r["select_pct_of_prefill_full_depth"], 1e-3) for r in mine],
+            marker="o",
+            label=method,
+        )
+    ax1.axhline(base["e2e_ms"], color="k", ls="--", label=f"unpruned ({base['tokens']})")
+    ax1.set(
+        xlabel="visual tokens kept",
+        ylabel="prepare + generate (ms)",
+        title="End-to-end latency",
+        xticks=budgets,
+    )
+    ax2.axhline(5, color="r", ls=":", label="5% target")
+    ax2.set(
+        xlabel="visual tokens kept",
+        ylabel="% of pruned prefill",
+        yscale="log",
+        xticks=budgets,
+        title=f"Selection overhead vs {result['config']['full_layers']}-layer prefill (extrapolated)",
+    )
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        apply_quick(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = run_speed(args)
+    (args.out / "speed.json").write_text(json.dumps(result, indent=2))
+    (args.out / "speed.md").write_text(to_markdown(result))
+    plot(result, args.out / "speed.png")
+    print(to_markdown(result))
+    print(f"wrote {args.out}/speed.json, speed.md, speed.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
