@@ -62,13 +62,18 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--model is required (or use --compare A.json B.json)")
     go_offline_if_local(args.model, args.adapter, args.data_dir is not None or args.split == "dev")
 
-    from owlore.evaluation import evaluate, format_table, load_model, save_results
+    from owlore.evaluation import check_data, evaluate, format_table, load_model, save_results
 
+    subjects = args.tasks.split(",") if args.tasks else None
+    try:  # missing local data: say which file before loading any weights, and without a traceback
+        check_data(suite="mmlu", data_dir=args.data_dir, split=args.split, shots=args.shots, tasks=subjects)
+    except FileNotFoundError as e:
+        parser.exit(2, f"error: {e}\n")
     model, tokenizer = load_model(args.model, adapter=args.adapter, merge_adapter=args.merge_adapter,
                                   dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     result = evaluate(model, tokenizer, suite="mmlu", data_dir=args.data_dir, split=args.split, shots=args.shots,
-                      limit=args.limit, batch_size=args.batch_size, max_length=args.max_length,
-                      tasks=args.tasks.split(",") if args.tasks else None, model_name=args.model)
+                      limit=args.limit, batch_size=args.batch_size, max_length=args.max_length, tasks=subjects,
+                      model_name=args.model)
     if args.adapter:
         result["adapter"] = args.adapter
     print(format_table(result))

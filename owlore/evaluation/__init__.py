@@ -5,7 +5,7 @@
 lm-eval is an optional dependency and is imported only when an evaluation runs.
 """
 
-from owlore.evaluation.harness import DEFAULT_SHOTS, SUITES, evaluate
+from owlore.evaluation.harness import DEFAULT_SHOTS, SUITES, check_data, evaluate
 from owlore.evaluation.loading import load_model
 from owlore.evaluation.mmlu_data import mmlu_dev_items, mmlu_subjects
 from owlore.evaluation.tables import (
@@ -21,6 +21,7 @@ __all__ = [
     "COMMONSENSE_TASKS",
     "DEFAULT_SHOTS",
     "SUITES",
+    "check_data",
     "compare_results",
     "evaluate",
     "format_comparison",

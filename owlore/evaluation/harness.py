@@ -33,6 +33,8 @@ def build_task_set(out_dir: Path, *, suite: Suite, tokenizer: Any = None, data_d
                    split: str = "test", shots: int | None = None, tasks: list[str] | None = None,
                    examples: list[dict[str, Any]] | None = None) -> TaskSet:
     """Write the suite's task YAMLs into ``out_dir`` (see ``evaluate`` for the arguments)."""
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
     shots = DEFAULT_SHOTS[suite] if shots is None else shots
     data = Path(data_dir) if data_dir is not None else None
     if shots < 0:
@@ -43,15 +45,22 @@ def build_task_set(out_dir: Path, *, suite: Suite, tokenizer: Any = None, data_d
         if split != "test":
             raise ValueError("the commonsense suite scores each task's standard split; split must be 'test'")
         return commonsense_tasks(out_dir, tasks or list(COMMONSENSE_TASKS), data_dir=data, shots=shots)
-    if suite == "demo":
-        if examples is None:
-            from owlore.data import build_demo_tasks
+    if examples is None:  # demo
+        from owlore.data import build_demo_tasks
 
-            examples = build_demo_tasks(split, tasks=tasks)
-        elif tasks:
-            examples = [ex for ex in examples if ex["task"] in tasks]
-        return demo_tasks(out_dir, examples, tokenizer)
-    raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
+        examples = build_demo_tasks(split, tasks=tasks)
+    elif tasks:
+        examples = [ex for ex in examples if ex["task"] in tasks]
+    return demo_tasks(out_dir, examples, tokenizer)
+
+
+def check_data(*, suite: Suite, data_dir: str | Path | None = None, split: str = "test", shots: int | None = None,
+               tasks: list[str] | None = None) -> None:
+    """Raise the errors ``evaluate`` would raise for missing data or bad names, before any model is loaded."""
+    if suite == "demo":
+        return
+    with tempfile.TemporaryDirectory(prefix="owlore-eval-check-") as tmp:
+        build_task_set(Path(tmp), suite=suite, data_dir=data_dir, split=split, shots=shots, tasks=tasks)
 
 
 def run_lm_eval(model: Any, tokenizer: Any, task_set: TaskSet, *, limit: int | None = None, batch_size: int = 8,
