@@ -38,13 +38,15 @@ UNITS = [("kilometers", "meters", 1000), ("meters", "centimeters", 100), ("kilog
          ("hours", "minutes", 60), ("minutes", "seconds", 60), ("liters", "milliliters", 1000),
          ("days", "hours", 24), ("weeks", "days", 7), ("feet", "inches", 12), ("dozens", "items", 12)]
 LETTERS = "ABCD"
+# A short system prompt keeps sequences short (SmolLM2's default one is ~20 tokens); the demo runs on a CPU.
+SYSTEM = "Answer briefly."
 
 
 def _item(task: str, key: str, instruction: str, choices: list[str], answer: str) -> dict[str, Any]:
     uniq = list(dict.fromkeys(choices))
     if all(c.isdigit() for c in uniq):  # numeric answers: sorted, so the answer's position carries no signal
         uniq.sort(key=int)
-    return {"task": task, "key": key, "instruction": instruction, "input": "", "output": answer,
+    return {"task": task, "key": key, "system": SYSTEM, "instruction": instruction, "input": "", "output": answer,
             "choices": uniq, "label": uniq.index(answer)}
 
 

@@ -32,14 +32,16 @@ def build_prompt(tokenizer: Any, example: dict[str, Any], *, use_chat_template: 
 
     Args:
         tokenizer: a HF tokenizer; its ``chat_template`` is used when present.
-        example: a dict with ``instruction`` and optionally ``input``.
+        example: a dict with ``instruction`` and optionally ``input`` and ``system`` (a system prompt; without
+            it the chat template's default applies, e.g. SmolLM2's long "You are a helpful AI assistant ...").
         use_chat_template: force (True) or forbid (False) the chat template; default: use it if available.
     """
     if use_chat_template is None:
         use_chat_template = bool(getattr(tokenizer, "chat_template", None))
     if use_chat_template:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_message(example)}], tokenize=False, add_generation_prompt=True
-        )
+        messages = [{"role": "user", "content": user_message(example)}]
+        if example.get("system"):
+            messages.insert(0, {"role": "system", "content": str(example["system"])})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     template = ALPACA_WITH_INPUT if str(example.get("input") or "").strip() else ALPACA_NO_INPUT
     return template.format(instruction=str(example["instruction"]).strip(), input=str(example.get("input", "")))

@@ -1,0 +1,112 @@
+"""train.py: config validation, every shipped config, end to end on the real SmolLM2, kill -9 + resume equality."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import train
+from owlore.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_RUN = ["data.max_seq_length=48", "data.limit=40", "training.per_device_train_batch_size=2",
+             "owlore.gamma=2", "owlore.interval=2", "owlore.rank=8", "owlore.calibration_batches=2",
+             "owlore.cache_dir=null", "eval.demo=false", "training.logging_steps=1", "training.warmup_steps=0"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = train.load_config(path)
+    assert cfg.owlore.gamma >= 1 and "output_dir" in cfg.training
+
+
+def test_config_errors_name_every_problem(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: {name: x, colour: red}\nowlore: {gamma: 0, mode: fancy, rank: -3}\n"
+                 "training: {output_dir: o, max_step: 5}\nextra: {}\n")
+    with pytest.raises(ConfigError) as e:
+        train.load_config(p, ["owlore.interval=abc", "nosection.x=1", "badoverride"])
+    msg = str(e.value)
+    for part in ["model.colour: unknown key", "owlore.gamma=0", "owlore.mode='fancy'", "owlore.rank=-3",
+                 "training.max_step: not a transformers.TrainingArguments field", "extra: unknown section",
+                 "owlore.interval='abc': expected int", "unknown section 'nosection'", "'badoverride'"]:
+        assert part in msg, part
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = train.load_config(ROOT / "configs/smollm2_owlore.yaml",
+                            ["owlore.gamma=3", "owlore.rank=null", "training.learning_rate=1e-3", "eval.suites=[mmlu]"])
+    assert cfg.owlore.gamma == 3 and cfg.owlore.rank is None
+    assert cfg.training["learning_rate"] == 1e-3 and cfg.eval.suites == ["mmlu"]
+
+
+def test_cli_exit_code_on_bad_config(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("owlore: {gamma: -1}\ntraining: {output_dir: o}\n")
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(p)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "owlore.gamma=-1" in r.stderr
+
+
+@pytest.mark.slow
+def test_train_py_end_to_end_on_smollm2(tmp_path):
+    out = tmp_path / "run"
+    summary = train.main(["--config", str(ROOT / "configs/smollm2_owlore.yaml"), *SMALL_RUN,
+                          f"training.output_dir={out}", "training.max_steps=3", "training.save_steps=2"])
+    assert summary["optimizer_steps"] == 3
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "tokenizer.json").is_file()
+    assert list((out / "runs").rglob("events.out.tfevents.*"))  # Trainer's and OwLore's event files
+    assert list((out / "runs" / "owlore").glob("events.out.tfevents.*"))
+    record = json.loads((out / "owlore_record.json").read_text())
+    assert len(record["outlier_ratios"]) == 30 and len(record["history"]) == 2
+    assert abs(sum(record["inclusion_probabilities"]) - 2) < 1e-9
+    assert (out / "layers.png").stat().st_size > 1000
+    assert (out / "checkpoint-2" / "owlore_state.pt").is_file()
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 30
+
+
+def _losses(out_dir: Path) -> list[float]:
+    state = json.loads((out_dir / "trainer_state.json").read_text())
+    return [h["loss"] for h in state["log_history"] if "loss" in h]
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_gives_same_losses(tmp_path):
+    """An uninterrupted run and a run killed with SIGKILL then resumed log the same per-step losses."""
+    args = ["--config", str(ROOT / "configs/smollm2_owlore.yaml"), *SMALL_RUN, "data.max_seq_length=32",
+            "training.max_steps=10", "training.save_steps=2", "training.save_total_limit=null", "training.report_to=[]"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    full = tmp_path / "full"
+    subprocess.run([sys.executable, "train.py", *args, f"training.output_dir={full}"], cwd=ROOT, env=env,
+                   check=True, capture_output=True, timeout=900)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "train.py", *args, f"training.output_dir={cut}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (cut / "checkpoint-4" / "owlore_state.pt").is_file():
+        assert proc.poll() is None, "run ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "final").exists()  # it really was interrupted
+    resume = train.last_complete_checkpoint(cut)
+    assert resume is not None and int(resume.rsplit("-", 1)[1]) < 10
+    subprocess.run([sys.executable, "train.py", *args, f"training.output_dir={cut}",
+                    "training.resume_from_checkpoint=last"], cwd=ROOT, env=env, check=True, capture_output=True,
+                   timeout=900)
+    final_full = _losses(full / "checkpoint-10")
+    final_cut = _losses(cut / "checkpoint-10")
+    assert len(final_full) == 10
+    assert final_cut == final_full
+    rec_full = json.loads((full / "owlore_record.json").read_text())
+    rec_cut = json.loads((cut / "owlore_record.json").read_text())
+    assert rec_cut["history"] == rec_full["history"]
