@@ -5,7 +5,7 @@ for ``model(**inputs)`` / ``model.generate(**inputs)`` with fewer visual tokens.
 selection functions work on plain tensors and are exported for reuse.
 """
 
-from owlore.pruning.divprune import divprune_select, greedy_max_min
+from owlore.pruning.divprune import cosine_similarity_matrix, divprune_select, greedy_max_min
 from owlore.pruning.fopru import fopru_rank_select, fopru_row_select, fopru_significance
 from owlore.pruning.pruner import Method, VisualTokenPruner
 from owlore.pruning.select import random_scores, resolve_keep, topk_select
@@ -24,6 +24,7 @@ __all__ = [
     "VisualTokenPruner",
     "capture_qk",
     "cls_attention_scores",
+    "cosine_similarity_matrix",
     "divprune_select",
     "fopru_rank_select",
     "fopru_row_select",

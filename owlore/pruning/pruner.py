@@ -105,8 +105,9 @@ class VisualTokenPruner:
         self.attn_layer, self.grid, self.position_policy = attn_layer, grid, position_policy
         self._kernel: tuple[tuple, torch.Tensor] | None = None
         self.last_stats: dict[str, Any] = {}
-        """Timings (seconds), token counts and ``keep_indices`` (None if nothing was pruned) of the latest
-        :meth:`prepare` call, for benchmarks and inspection."""
+        """Of the latest :meth:`prepare` call: ``vision_s``, ``select_s`` (scoring + selection),
+        ``project_s`` (projector + prompt shrinking), token counts and ``keep_indices`` (None if
+        nothing was pruned); for benchmarks and inspection."""
 
     def __repr__(self) -> str:
         return f"VisualTokenPruner(method={self.method!r}, keep={self.keep!r})"
@@ -158,21 +159,17 @@ class VisualTokenPruner:
             tokens_per_image=num_tokens,
         )
         k = resolve_keep(self.keep, num_tokens)
-        projected_all = keep_idx = None
-        if k < num_tokens:
-            with torch.no_grad():
-                if self.method in _NEEDS_PROJECTED:
-                    projected_all = projector(enc.features)
-                keep_idx = self.select(enc, projector=projector, projected=projected_all, k=k)
-        selected = time.perf_counter()
+        projected_all, keep_idx, select_s = (
+            self._choose(enc, projector, k) if k < num_tokens else (None, None, 0.0)
+        )
         features = self._kept_features(enc.features, projector, projected_all, keep_idx)
         inputs = self._shrink(input_ids, attention_mask, labels, image_mask, keep_idx, config)
         inputs["mm_encoder_outputs"] = to_mm_encoder_outputs(features)
         done = time.perf_counter()
         self.last_stats = {
             "vision_s": vision_done - start,
-            "select_s": selected - vision_done,
-            "project_s": done - selected,
+            "select_s": select_s,
+            "project_s": done - vision_done - select_s,
             "tokens_per_image": (num_tokens, k),
             "keep_indices": keep_idx,
             "prompt_length": (input_ids.shape[1], inputs["input_ids"].shape[1]),
@@ -187,6 +184,16 @@ class VisualTokenPruner:
             inputs["input_ids"].shape[1],
         )
         return inputs
+
+    def _choose(
+        self, enc: VisionEncoding, projector: nn.Module, k: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor, float]:
+        """Projected features (if the method needs them), kept indices, and the pure selection time."""
+        with torch.no_grad():
+            projected = projector(enc.features) if self.method in _NEEDS_PROJECTED else None
+            start = time.perf_counter()
+            keep_idx = self.select(enc, projector=projector, projected=projected, k=k)
+        return projected, keep_idx, time.perf_counter() - start
 
     def select(
         self, enc: VisionEncoding, *, projector: nn.Module, projected: torch.Tensor | None, k: int
@@ -287,7 +294,9 @@ class VisualTokenPruner:
             token_keep.scatter_(1, keep_idx, True)
             keep = sequence_keep_mask(image_mask, token_keep)
         padded = attention_mask == 0
-        pad = input_ids[padded][0].item() if padded.any() else getattr(config.text_config, "pad_token_id", None)
+        pad = (
+            input_ids[padded][0].item() if padded.any() else getattr(config.text_config, "pad_token_id", None)
+        )
         return shrink_sequences(
             input_ids,
             keep=keep,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from owlore.pruning.divprune import greedy_max_min
+from owlore.pruning.divprune import cosine_similarity_matrix, greedy_max_min
 
 __all__ = [
     "activation_derivative",
@@ -138,4 +138,4 @@ def sads_select(sensitivity: torch.Tensor, projected: torch.Tensor, k: int) -> t
     s = sensitivity.float()
     low, high = s.min(dim=-1, keepdim=True).values, s.max(dim=-1, keepdim=True).values
     s_hat = (s - low) / (high - low + 1e-8)
-    return greedy_max_min(projected, k, first=s_hat.argmax(dim=-1), weight=s_hat)
+    return greedy_max_min(cosine_similarity_matrix(projected), k, first=s_hat.argmax(dim=-1), weight=s_hat)

@@ -1,6 +1,7 @@
 import torch
 
 from owlore.pruning import divprune_select, greedy_max_min
+from owlore.pruning.divprune import cosine_similarity_matrix
 
 from .reference import greedy_loop
 
@@ -31,6 +32,8 @@ def test_greedy_is_batched_independently():
     g = torch.Generator().manual_seed(2)
     feats = torch.randn(2, 30, 6, generator=g)
     first = torch.tensor([3, 7])
-    together = greedy_max_min(feats, 8, first=first)
+    together = greedy_max_min(cosine_similarity_matrix(feats), 8, first=first)
     for b in range(2):
-        assert torch.equal(together[b], greedy_max_min(feats[b : b + 1], 8, first=first[b : b + 1])[0])
+        alone = greedy_max_min(cosine_similarity_matrix(feats[b : b + 1]), 8, first=first[b : b + 1])[0]
+        assert torch.equal(together[b], alone)
+        assert together[b].tolist() == greedy_loop(feats[b], 8, int(first[b]))
