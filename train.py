@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,22 @@ from owlore.config import ConfigError, DataConfig, EvalConfig, ModelConfig, OwLo
 
 logger = logging.getLogger("train")
 SECTIONS = ("model", "data", "owlore", "training", "eval")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` as a string; accept it as the float everyone means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$|^[-+]?(?:\d+\.\d*|\.\d+)$|^[-+]?\.(?:inf|Inf|INF)$"
+               r"|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -49,7 +66,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
         if parts[0] not in SECTIONS:
             problems.append(f"override {item!r}: unknown section {parts[0]!r}; sections: {', '.join(SECTIONS)}")
             continue
-        raw.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(value) if value.strip() else None
+        raw.setdefault(parts[0], {})[parts[1]] = parse_yaml(value) if value.strip() else None
     return problems
 
 
@@ -65,7 +82,7 @@ def training_arguments_problems(training: dict[str, Any]) -> list[str]:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read YAML, apply overrides and validate everything; one ``ConfigError`` lists every problem."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = parse_yaml(Path(path).read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping with sections {', '.join(SECTIONS)}")
     problems = [f"{k}: unknown section; sections: {', '.join(SECTIONS)}" for k in raw if k not in SECTIONS]

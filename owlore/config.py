@@ -133,14 +133,13 @@ def dataclass_from_dict(cls: type, data: dict[str, Any], *, section: str) -> tup
         expected = names[k].type if isinstance(names[k].type, str) else getattr(names[k].type, "__name__", "")
         if not _type_ok(v, expected):
             problems.append(f"{section}.{k}={v!r}: expected {expected}")
-    if problems:
-        return None, problems
-    try:
-        obj = cls(**{k: v for k, v in kwargs.items()})
+    typed_ok = {k: v for k, v in kwargs.items() if not any(p.startswith(f"{section}.{k}=") for p in problems)}
+    try:  # also built when some keys are bad, so value problems of the other keys are reported in the same error
+        obj = cls(**typed_ok)
     except ConfigError as e:
-        lines = [ln.strip()[2:] for ln in str(e).splitlines()[1:]]
-        return None, [f"{section}.{ln}" for ln in lines]
-    return obj, []
+        problems += [f"{section}.{ln.strip()[2:]}" for ln in str(e).splitlines()[1:]]
+        return None, problems
+    return (None, problems) if problems else (obj, [])
 
 
 def _type_ok(value: Any, annotation: str) -> bool:
@@ -159,3 +158,67 @@ def _type_ok(value: Any, annotation: str) -> bool:
     if not known:  # annotation we do not check
         return True
     return any(checks[a](value) for a in known)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and how to load it."""
+
+    name: str = "smollm2-135m-instruct"
+    """HF hub id, local checkpoint directory, or the embedded model's name ``smollm2-135m-instruct``."""
+    dtype: str = "float32"
+    """float32 (CPU/tests), bfloat16 (GPU, paper), float16, or auto."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (non-reentrant) to save memory."""
+    attn_implementation: str | None = None
+    """sdpa, eager, flash_attention_2 ... (None: transformers' default)."""
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off unless you set it."""
+
+
+@dataclass
+class DataConfig:
+    """Fine-tuning data."""
+
+    train: str = "demo"
+    """demo (synthetic demo tasks), a datasets hub name, or a local .json/.jsonl file."""
+    split: str = "train"
+    max_seq_length: int = 512
+    packing: bool = False
+    """Concatenate examples into blocks of max_seq_length (official scripts' grouped texts)."""
+    limit: int | None = None
+    """Use only the first N rows."""
+    skip_bad_rows: bool = False
+    """Skip (and count) unusable rows instead of stopping at the first one."""
+
+    def problems(self, prefix: str = "data.") -> list[str]:
+        out = []
+        if self.max_seq_length < 8:
+            out.append(f"{prefix}max_seq_length={self.max_seq_length}: must be >= 8")
+        if self.limit is not None and self.limit < 1:
+            out.append(f"{prefix}limit={self.limit}: must be >= 1 or null")
+        return out
+
+
+@dataclass
+class EvalConfig:
+    """Evaluations run before/after training (results go to the JSON record and TensorBoard)."""
+
+    demo: bool = False
+    """Held-out accuracy on the synthetic demo tasks, before and after training."""
+    demo_limit: int | None = None
+    """Evaluate only the first N held-out demo items."""
+    suites: list[str] = field(default_factory=list)
+    """After training: any of mmlu, commonsense (lm-eval)."""
+    data_dir: str | None = None
+    """Local JSONL data for the suites (offline); None uses the hub datasets."""
+    mmlu_split: str = "test"
+    """MMLU split: test (hub) or dev (items shipped in lm-eval, offline)."""
+    shots: int | None = None
+    """Few-shot examples (default: 5 for MMLU, 0 for commonsense)."""
+    limit: int | None = None
+    batch_size: int = 8
+
+    def problems(self, prefix: str = "eval.") -> list[str]:
+        bad = [s for s in self.suites if s not in ("mmlu", "commonsense")]
+        return [f"{prefix}suites={self.suites!r}: unknown {bad}; use mmlu and/or commonsense"] if bad else []
