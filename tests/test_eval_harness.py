@@ -16,7 +16,7 @@ from eval_support import DATA_DIR, fixture_rows, tiny_model  # noqa: E402
 
 from owlore.evaluation import COMMONSENSE_TASKS, evaluate, mmlu_dev_items, mmlu_subjects  # noqa: E402
 from owlore.evaluation.mmlu_data import lm_eval_tasks_dir, parse_cot_sample  # noqa: E402
-from owlore.evaluation.tasks import mmlu_tasks  # noqa: E402
+from owlore.evaluation.tasks import commonsense_tasks, mmlu_tasks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +177,24 @@ def test_mmlu_dev_fewshot_excludes_the_scored_item(tmp_path):
             assert ctx.rstrip().endswith("Answer:")
             others = [d for d in docs if d != doc][:k]
             assert all(o["question"].strip() in ctx for o in others)
+
+
+def test_without_data_dir_tasks_are_lm_eval_builtins(tmp_path):
+    """Online mode changes nothing but the task name and shots: same hub dataset, prompt and metrics."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    ours_only = {"task", "tag", "num_fewshot"}
+    ts = commonsense_tasks(tmp_path / "cs", list(COMMONSENSE_TASKS), data_dir=None, shots=0)
+    for name, spec in COMMONSENSE_TASKS.items():
+        ours = load_yaml(ts.directory / f"{ts.tasks[name]}.yaml", resolve_func=False)
+        builtin = load_yaml(lm_eval_tasks_dir() / spec.builtin, resolve_func=False)
+        assert {k: v for k, v in ours.items() if k not in ours_only} == \
+            {k: v for k, v in builtin.items() if k not in ours_only}, name
+    ts = mmlu_tasks(tmp_path / "mmlu", split="test", data_dir=None, shots=5)
+    assert len(ts.tasks) == 57 and set(ts.shots.values()) == {5}
+    ours = load_yaml(ts.directory / "mmlu_anatomy.yaml", resolve_func=False)
+    assert (ours["dataset_path"], ours["dataset_name"], ours["fewshot_split"], ours["test_split"]) == (
+        "cais/mmlu", "anatomy", "dev", "test")
 
 
 def test_evaluate_restores_train_mode(tiny_tokenizer):

@@ -100,17 +100,20 @@ def test_adapter_loading_matches_peft_reference(tiny_model_dir, adapter_dir):
     torch.testing.assert_close(_logits(merged), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_adapter_eval_through_script(tiny_model_dir, adapter_dir, tmp_path):
+def test_adapter_eval_through_script(tiny_model_dir, adapter_dir):
+    """base + adapter via the script = the peft reference model evaluated in memory, and != the base model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    script = load_script("commonsense")
-    common = ["--data-dir", str(DATA_DIR)]
+    from owlore.data import build_demo_tasks
+
+    script = load_script("demo_tasks")
+    common = ["--n", "42"]
     base = script.main(["--model", str(tiny_model_dir), *common])
     with_adapter = script.main(["--model", str(tiny_model_dir), "--adapter", str(adapter_dir), *common])
     merged = script.main(["--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--merge-adapter", *common])
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir).eval()
-    expected = evaluate(reference, support.tokenizer(), suite="commonsense", data_dir=DATA_DIR)
+    expected = evaluate(reference, support.tokenizer(), suite="demo", examples=build_demo_tasks("test", 42))
     assert with_adapter["adapter"] == str(adapter_dir)
     assert with_adapter["results"] == expected["results"]
     assert merged["results"] == expected["results"]
