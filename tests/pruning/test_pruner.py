@@ -255,3 +255,24 @@ def test_non_llava_model_raises(tiny_llava):
             input_ids=torch.tensor([[1]]),
             pixel_values=torch.zeros(1, 3, 32, 32),
         )
+
+
+@pytest.mark.parametrize("method", ["cls", "fopru_rank", "zoo_exact"])
+def test_full_feature_strategy_keeps_cls_as_a_candidate(method):
+    from transformers import LlavaForConditionalGeneration
+
+    from .conftest import tiny_llava_config
+
+    config = tiny_llava_config()
+    config.vision_feature_select_strategy = "full"  # 17 tokens per image: [CLS] + 16 patches
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    ids = torch.tensor([[1, *([IMAGE_TOKEN] * 17), 2]])
+    pruner = VisualTokenPruner(method, 5)
+    inputs = pruner.prepare(model, input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32))
+    assert pruner.last_stats["tokens_per_image"] == (17, 5)
+    assert _logits(model, inputs).shape == (1, 7, 256)
+    with pytest.raises(ValueError, match="square"):
+        VisualTokenPruner("fopru_row", 5).prepare(
+            model, input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32)
+        )
