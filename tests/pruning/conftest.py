@@ -12,6 +12,15 @@ import torch  # noqa: E402
 from .helpers import IMAGE_TOKEN  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box they contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_llava_config():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 

@@ -9,7 +9,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "eval" / "vlm_pruning.py"
 
 def test_speed_quick_writes_json_markdown_and_png(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
-    cmd = [sys.executable, str(SCRIPT), "speed", "--quick", "--out", str(tmp_path), "--budgets", "8", "4"]
+    flags = ["speed", "--quick", "--budgets", "8", "4", "--threads", "1", "--out"]
+    cmd = [sys.executable, str(SCRIPT), *flags, str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
