@@ -213,7 +213,7 @@ def test_missing_local_files_name_task_and_path(tmp_path, tiny_tokenizer):
     assert f"arc_easy: expected {tmp_path / 'arc_easy' / 'test.jsonl'}" in msg
     assert f"hellaswag: expected {tmp_path / 'hellaswag' / 'validation.jsonl'}" in msg
     assert "piqa" not in msg  # present, so not reported
-    with pytest.raises(FileNotFoundError, match=r"piqa: --shots 1 needs few-shot examples; expected .*piqa/train"):
+    with pytest.raises(FileNotFoundError, match=r"piqa: 1-shot needs few-shot examples; expected .*piqa/train"):
         evaluate(tiny_model(), tiny_tokenizer, suite="commonsense", data_dir=tmp_path, tasks=["piqa"], shots=1)
     with pytest.raises(FileNotFoundError, match=rf"mmlu: expected {tmp_path / 'mmlu' / 'test.jsonl'}"):
         evaluate(tiny_model(), tiny_tokenizer, suite="mmlu", data_dir=tmp_path, shots=0)

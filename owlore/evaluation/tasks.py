@@ -31,25 +31,25 @@ class BenchmarkTask:
 
     builtin: str
     """Path of lm-eval's task YAML, relative to ``lm_eval/tasks``."""
-    hub: str
+    hub: tuple[str, ...]
     """HF dataset (and config) the built-in task downloads; shown in error messages."""
     fields: tuple[str, ...]
     """Fields each JSONL row needs (the dataset's HF schema)."""
 
 
 COMMONSENSE_TASKS: dict[str, BenchmarkTask] = {
-    "boolq": BenchmarkTask("super_glue/boolq/default.yaml", "aps/super_glue boolq", ("question", "passage", "label")),
-    "piqa": BenchmarkTask("piqa/piqa.yaml", "baber/piqa", ("goal", "sol1", "sol2", "label")),
-    "siqa": BenchmarkTask("siqa/siqa.yaml", "lighteval/siqa",
+    "boolq": BenchmarkTask("super_glue/boolq/default.yaml", ("aps/super_glue", "boolq"), ("question", "passage", "label")),
+    "piqa": BenchmarkTask("piqa/piqa.yaml", ("baber/piqa",), ("goal", "sol1", "sol2", "label")),
+    "siqa": BenchmarkTask("siqa/siqa.yaml", ("lighteval/siqa",),
                           ("context", "question", "answerA", "answerB", "answerC", "label")),
-    "hellaswag": BenchmarkTask("hellaswag/hellaswag.yaml", "Rowan/hellaswag",
+    "hellaswag": BenchmarkTask("hellaswag/hellaswag.yaml", ("Rowan/hellaswag",),
                                ("activity_label", "ctx_a", "ctx_b", "endings", "label")),
-    "winogrande": BenchmarkTask("winogrande/default.yaml", "allenai/winogrande winogrande_xl",
+    "winogrande": BenchmarkTask("winogrande/default.yaml", ("allenai/winogrande", "winogrande_xl"),
                                 ("sentence", "option1", "option2", "answer")),
-    "arc_easy": BenchmarkTask("arc/arc_easy.yaml", "allenai/ai2_arc ARC-Easy", ("question", "choices", "answerKey")),
-    "arc_challenge": BenchmarkTask("arc/arc_challenge.yaml", "allenai/ai2_arc ARC-Challenge",
+    "arc_easy": BenchmarkTask("arc/arc_easy.yaml", ("allenai/ai2_arc", "ARC-Easy"), ("question", "choices", "answerKey")),
+    "arc_challenge": BenchmarkTask("arc/arc_challenge.yaml", ("allenai/ai2_arc", "ARC-Challenge"),
                                    ("question", "choices", "answerKey")),
-    "openbookqa": BenchmarkTask("openbookqa/openbookqa.yaml", "allenai/openbookqa main",
+    "openbookqa": BenchmarkTask("openbookqa/openbookqa.yaml", ("allenai/openbookqa", "main"),
                                 ("question_stem", "choices", "answerKey")),
 }
 MMLU_FIELDS = ("question", "subject", "choices", "answer")
@@ -100,10 +100,9 @@ def _local_dataset(files: dict[str, Path], cache_dir: Path) -> dict[str, Any]:
     }
 
 
-def _missing(task: str, path: Path, fields: tuple[str, ...], hub: str, split: str) -> str:
+def _missing(task: str, path: Path, fields: tuple[str, ...], hub: tuple[str, ...], split: str) -> str:
     return (f"{task}: expected {path} (JSONL, one row per line with fields {', '.join(fields)}; e.g. "
-            f"datasets.load_dataset({hub.split()[0]!r}{', ' + repr(hub.split()[1]) if ' ' in hub else ''})"
-            f"[{split!r}].to_json({str(path)!r}))")
+            f"datasets.load_dataset({', '.join(map(repr, hub))})[{split!r}].to_json({str(path)!r}))")
 
 
 def commonsense_tasks(out_dir: Path, names: list[str], *, data_dir: Path | None, shots: int) -> TaskSet:
@@ -145,7 +144,7 @@ def commonsense_tasks(out_dir: Path, names: list[str], *, data_dir: Path | None,
             fewshot_source = [s for k in ("training_split", "validation_split", "fewshot_split")
                               if (s := base.get(k)) and s in files and k != eval_key]
             if shots > 0 and not fewshot_source and files:
-                problems.append(f"{name}: --shots {shots} needs few-shot examples; expected "
+                problems.append(f"{name}: {shots}-shot needs few-shot examples; expected "
                                 f"{(Path(data_dir) / name / 'train.jsonl').resolve()}")
             cfg.update(_local_dataset(files, out_dir / "hf_cache"))
         _write_yaml(out_dir / f"{name}.yaml", cfg)
@@ -179,7 +178,7 @@ def mmlu_tasks(out_dir: Path, *, split: str, data_dir: Path | None, shots: int,
     if data_dir is not None:
         needed = ["dev"] if split == "dev" else (["test", "dev"] if shots > 0 else ["test"])
         problems = [_missing("mmlu", (Path(data_dir) / "mmlu" / f"{s}.jsonl").resolve(), MMLU_FIELDS,
-                             "cais/mmlu all", s)
+                             ("cais/mmlu", "all"), s)
                     for s in needed if not (Path(data_dir) / "mmlu" / f"{s}.jsonl").is_file()]
         if problems:
             raise FileNotFoundError("missing local evaluation data:\n  " + "\n  ".join(problems))
@@ -202,7 +201,7 @@ def mmlu_tasks(out_dir: Path, *, split: str, data_dir: Path | None, shots: int,
                 continue  # subject absent from the local file
             k = min(shots, len(rows[split]) - 1) if split == "dev" else shots
             if split == "test" and len(rows.get("dev", [])) < shots:
-                problems.append(f"mmlu: subject {subject} has {len(rows.get('dev', []))} dev rows, --shots {shots}")
+                problems.append(f"mmlu: subject {subject} has {len(rows.get('dev', []))} dev rows, {shots}-shot")
             files = {}
             for s, items in rows.items():
                 files[s] = out_dir / "data" / f"{name}_{s}.jsonl"
