@@ -276,3 +276,14 @@ def test_full_feature_strategy_keeps_cls_as_a_candidate(method):
         VisualTokenPruner("fopru_row", 5).prepare(
             model, input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32)
         )
+
+
+def test_zoo_exact_needs_an_mlp_projector_but_zoo_does_not(fresh_llava, pixels):
+    old = fresh_llava.model.multi_modal_projector
+    fresh_llava.model.multi_modal_projector = torch.nn.Sequential(old.linear_1, old.act, old.linear_2)
+    ids = torch.tensor([make_prompt([1])] * 2)
+    with torch.no_grad(), pytest.raises(ValueError, match="MLP projector"):
+        VisualTokenPruner("zoo_exact", 4).prepare(fresh_llava, input_ids=ids, pixel_values=pixels)
+    with torch.no_grad():
+        inputs = VisualTokenPruner("zoo", 4).prepare(fresh_llava, input_ids=ids, pixel_values=pixels)
+    assert inputs["input_ids"].shape == (2, 5)
