@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup model test demo lint clean
+.PHONY: setup model test demo lint clean bench-optim bench-vlm lod
 
 setup: $(STAMP) $(SMOLLM2)
 
@@ -35,6 +35,15 @@ test: setup lint
 
 demo: setup
 	$(PY) train.py --config configs/smollm2_owlore.yaml
+
+lod: setup
+	$(PY) eval/outliers.py --model smollm2-135m-instruct --out outputs/outliers
+
+bench-optim: setup
+	$(PY) benchmarks/optimizer_step.py
+
+bench-vlm: setup
+	$(PY) eval/vlm_pruning.py speed --out outputs/vlm_pruning
 
 clean:
 	rm -rf $(VENV) .cache outputs

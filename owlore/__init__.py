@@ -23,6 +23,10 @@ def __getattr__(name: str):
         from owlore import trainer
 
         return getattr(trainer, name)
+    if name == "VisualTokenPruner":
+        from owlore.pruning import VisualTokenPruner
+
+        return VisualTokenPruner
     raise AttributeError(f"module 'owlore' has no attribute {name!r}")
 
 
@@ -35,6 +39,7 @@ __all__ = [
     "OwLoreCallback",
     "OwLoreConfig",
     "OwLoreTrainer",
+    "VisualTokenPruner",
     "adamw_update",
     "calibration_batches",
     "compute_outlier_ratios",

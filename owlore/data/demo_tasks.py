@@ -34,10 +34,11 @@ CATEGORIES = {
     "tool": ["hammer", "wrench", "saw", "drill", "shovel", "pliers", "chisel", "rake", "axe", "ladder"],
     "vehicle": ["car", "bus", "truck", "bicycle", "train", "boat", "plane", "tractor", "scooter", "van"],
 }
+# Powers of ten only: the rule (how many zeros to append) is learnable by a 135M model in a few minutes.
 UNITS = [("kilometers", "meters", 1000), ("meters", "centimeters", 100), ("kilograms", "grams", 1000),
-         ("hours", "minutes", 60), ("minutes", "seconds", 60), ("liters", "milliliters", 1000),
-         ("days", "hours", 24), ("weeks", "days", 7), ("feet", "inches", 12), ("dozens", "items", 12)]
-LETTERS = "ABCD"
+         ("centimeters", "millimeters", 10), ("liters", "milliliters", 1000), ("dollars", "cents", 100),
+         ("centuries", "years", 100), ("decades", "years", 10), ("millennia", "years", 1000),
+         ("kilowatts", "watts", 1000)]
 # A short system prompt keeps sequences short (SmolLM2's default one is ~20 tokens); the demo runs on a CPU.
 SYSTEM = "Answer briefly."
 
@@ -50,26 +51,19 @@ def _item(task: str, key: str, instruction: str, choices: list[str], answer: str
             "choices": uniq, "label": uniq.index(answer)}
 
 
-def _letter_mc(rng: random.Random, question: str, correct: str, wrong: list[str]) -> tuple[str, list[str], str]:
-    options = [correct, *rng.sample(wrong, 3)]
-    rng.shuffle(options)
-    body = "\n".join(f"{L}) {o}" for L, o in zip(LETTERS, options, strict=True))
-    answer = LETTERS[options.index(correct)]
-    return f"{question}\n{body}\nAnswer with the letter only.", list(LETTERS), answer
-
-
 def _arithmetic(rng: random.Random) -> dict[str, Any]:
-    a, b = rng.randint(2, 49), rng.randint(2, 49)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
     s = a + b
-    distract = [s + d for d in (-10, -1, 1, 10) if s + d > 0]
-    choices = [str(s), *map(str, rng.sample(distract, 3))]
+    choices = [str(s + d) for d in (-2, -1, 0, 1, 2) if s + d > 0][:4]
+    if str(s) not in choices:
+        choices[-1] = str(s)
     return _item("arithmetic", f"add:{a}:{b}", f"What is {a} + {b}? Answer with the number only.", choices, str(s))
 
 
 def _unit(rng: random.Random) -> dict[str, Any]:
     big, small, f = rng.choice(UNITS)
-    n = rng.randint(2, 30)
-    choices = [str(n * f), str(n), str(n * f * 10), str(n + f)]
+    n = rng.randint(2, 99)
+    choices = [str(n * f), str(n), str(n * f * 10), str(n * f // 10)]
     return _item("unit_conversion", f"unit:{big}:{n}", f"Convert {n} {big} to {small}. Answer with the number only.",
                  choices, str(n * f))
 
@@ -89,11 +83,19 @@ def _compare(rng: random.Random) -> dict[str, Any]:
 def _next_in_cycle(rng: random.Random) -> dict[str, Any]:
     seq, kind = (DAYS, "day of the week") if rng.random() < 0.5 else (MONTHS, "month")
     i = rng.randrange(len(seq))
-    ans = seq[(i + 1) % len(seq)]
-    wrong = [s for s in seq if s not in (ans, seq[i])]
-    choices = [ans, seq[i - 1], *rng.sample(wrong, 2)]
-    return _item("next_in_cycle", f"next:{seq[i]}", f"Which {kind} comes right after {seq[i]}? Answer with one word.",
-                 choices, ans)
+    after = rng.random() < 0.5
+    ans, other = (seq[(i + 1) % len(seq)], seq[i - 1]) if after else (seq[i - 1], seq[(i + 1) % len(seq)])
+    wrong = [s for s in seq if s not in (ans, other, seq[i])]
+    word = "after" if after else "before"
+    return _item("next_in_cycle", f"{word}:{seq[i]}",
+                 f"Which {kind} comes right {word} {seq[i]}? Answer with one word.",
+                 sorted([ans, other, *rng.sample(wrong, 2)]), ans)
+
+
+def _word_mc(rng: random.Random, correct: str, wrong: list[str]) -> list[str]:
+    options = [correct, *rng.sample(wrong, 3)]
+    rng.shuffle(options)
+    return options
 
 
 def _antonym(rng: random.Random) -> dict[str, Any]:
@@ -101,21 +103,23 @@ def _antonym(rng: random.Random) -> dict[str, Any]:
     if rng.random() < 0.5:
         word, opp = opp, word
     wrong = sorted({w for pair in ANTONYMS for w in pair} - {word, opp})
-    q, choices, ans = _letter_mc(rng, f"Which word means the opposite of '{word}'?", opp, wrong)
-    return _item("antonym_mc", f"ant:{word}", q, choices, ans)
+    options = _word_mc(rng, opp, wrong)
+    q = f"Which word means the opposite of '{word}': {', '.join(options)}? Answer with the word only."
+    return _item("antonym", f"ant:{word}", q, options, opp)
 
 
 def _category(rng: random.Random) -> dict[str, Any]:
     cat = rng.choice(sorted(CATEGORIES))
     correct = rng.choice(CATEGORIES[cat])
     wrong = [w for c, ws in CATEGORIES.items() if c != cat for w in ws]
-    q, choices, ans = _letter_mc(rng, f"Which of these is a {cat}?", correct, wrong)
-    return _item("category_mc", f"cat:{cat}:{correct}", q, choices, ans)
+    options = _word_mc(rng, correct, wrong)
+    q = f"Which of these is a {cat}: {', '.join(options)}? Answer with the word only."
+    return _item("category", f"cat:{cat}:{correct}", q, options, correct)
 
 
 DEMO_TASKS: dict[str, Callable[[random.Random], dict[str, Any]]] = {
     "arithmetic": _arithmetic, "unit_conversion": _unit, "parity": _parity, "compare": _compare,
-    "next_in_cycle": _next_in_cycle, "antonym_mc": _antonym, "category_mc": _category,
+    "next_in_cycle": _next_in_cycle, "antonym": _antonym, "category": _category,
 }
 
 
