@@ -11,8 +11,8 @@ Implementation notes:
   inputs per input channel (fp64), so memory is O(channels), not O(activations). Nothing is pruned during the
   LOD pass, so this equals OWL's layer-by-layer pass.
 * Padding positions (``attention_mask == 0``) do not count.
-* The pooled vector is never materialised: its mean and the count above ``M * mean`` are computed per linear in
-  row chunks (fp32 scores, fp64 sums), which keeps 7B layers (~200 M weights) cheap.
+* The pooled vector is never concatenated: scores live per linear (fp32, one layer at a time), their mean is
+  summed in fp64, then the count above ``M * mean`` is taken per linear.
 """
 
 from __future__ import annotations
@@ -61,24 +61,22 @@ def _dequantized_weight(module: nn.Module) -> torch.Tensor:
     return w.t() if is_conv1d(module) else w
 
 
-def _layer_ratio(linears: list[tuple[nn.Module, _ChannelStats]], threshold: float, chunk: int = 4096) -> float:
-    """Outlier ratio (percent) of one layer from its linears' weights and input statistics."""
-    norms = []
-    total, n = torch.zeros((), dtype=torch.float64), 0
+def _layer_ratio(linears: list[tuple[nn.Module, _ChannelStats]], threshold: float) -> float:
+    """Outlier ratio (percent) of one layer from its linears' weights and input statistics.
+
+    Scores are materialised one layer at a time in fp32 (a 7B layer: ~0.8 GB), summed in fp64.
+    """
+    scores = []
     for module, stats in linears:
         if stats.sum_sq is None or stats.count == 0:
             raise RuntimeError(f"linear {type(module).__name__} saw no calibration tokens (is it used in forward?)")
         w = _dequantized_weight(module)
         norm = (stats.sum_sq / stats.count).sqrt().to(device=w.device, dtype=torch.float32)
-        norms.append((w, norm))
-        for rows in torch.split(w, chunk):
-            total += (rows.float().abs() * norm).sum(dtype=torch.float64).cpu()
-        n += w.numel()
-    cutoff = threshold * (total / n).item()
-    above = 0
-    for w, norm in norms:
-        for rows in torch.split(w, chunk):
-            above += int(((rows.float().abs() * norm) > cutoff).sum().item())
+        scores.append(w.float().abs().mul_(norm))
+    n = sum(s.numel() for s in scores)
+    mean = sum(s.sum(dtype=torch.float64) for s in scores) / n
+    cutoff = threshold * mean.item()
+    above = sum(int((s > cutoff).sum()) for s in scores)
     return 100.0 * above / n
 
 
