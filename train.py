@@ -228,6 +228,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "plot": str(png),
     }
     record.update(summary=summary)
+    from owlore.evaluation import save_results
+
+    for when, res in (("before", before), ("after", after)):
+        for suite, r in res.items():
+            save_results(r, out_dir / f"eval_{suite}_{when}.json")
     (out_dir / "owlore_record.json").write_text(json.dumps(record, indent=1, default=str))
     if "tensorboard" in (training_args.report_to or []):
         tb = OwLoreLogger(os.path.join(os.environ.get("TENSORBOARD_LOGGING_DIR") or out_dir / "runs", "owlore"))

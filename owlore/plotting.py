@@ -45,6 +45,10 @@ def plot_layer_statistics(
         ax.bar(range(len(values)), values, color=color)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
+    if counts is not None:
+        from matplotlib.ticker import MaxNLocator
+
+        axes[-1].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1].set_xlabel("decoder layer")
     if title:
         axes[0].set_title(title)

@@ -91,6 +91,8 @@ def test_demo_tasks_are_deterministic_and_disjoint(tmp_path):
     assert not {x["key"] for x in train} & {x["key"] for x in test}
     assert len({x["key"] for x in test}) == len(test)
     assert all(x["choices"][x["label"]] == x["output"] for x in train + test)
+    # Log-likelihood scoring needs choices that are not prefixes of one another.
+    assert not any(a != b and b.startswith(a) for x in train + test for a in x["choices"] for b in x["choices"])
     assert {x["task"] for x in test} == {x["task"] for x in train}
     assert build_demo_tasks("train", seed=1) != train
     paths = write_demo_tasks(tmp_path, n_train=10, n_test=5)

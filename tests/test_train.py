@@ -57,8 +57,22 @@ def test_cli_exit_code_on_bad_config(tmp_path):
 def test_train_py_end_to_end_on_smollm2(tmp_path):
     out = tmp_path / "run"
     summary = train.main(["--config", str(ROOT / "configs/smollm2_owlore.yaml"), *SMALL_RUN,
-                          f"training.output_dir={out}", "training.max_steps=3", "training.save_steps=2"])
+                          f"training.output_dir={out}", "training.max_steps=3", "training.save_steps=2",
+                          "eval.demo=true", "eval.demo_limit=2", "eval.suites=[mmlu]", "eval.mmlu_split=dev",
+                          "eval.shots=0", "eval.limit=1"])
     assert summary["optimizer_steps"] == 3
+    # eval section: demo before/after and MMLU-dev after, in the record, JSON files and TensorBoard
+    assert summary["eval_before"]["demo"]["results"]["overall"]["n"] == 14  # 2 per task type
+    assert set(summary["eval_after"]) == {"demo", "mmlu"}
+    assert summary["eval_after"]["mmlu"]["results"]["mmlu"]["n"] == 57  # one item per subject
+    assert (out / "eval_mmlu_after.json").is_file() and (out / "eval_demo_before.json").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "runs" / "owlore"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"eval/demo_before", "eval/demo_after", "eval/mmlu_after", "owlore/optimizer_state_bytes",
+            "owlore/svd_seconds", "owlore/peak_memory_bytes", "owlore/layer_count/00"} <= set(tags)
     assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "tokenizer.json").is_file()
     assert list((out / "runs").rglob("events.out.tfevents.*"))  # Trainer's and OwLore's event files
     assert list((out / "runs" / "owlore").glob("events.out.tfevents.*"))

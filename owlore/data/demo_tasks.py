@@ -47,6 +47,10 @@ def _item(task: str, key: str, instruction: str, choices: list[str], answer: str
     uniq = list(dict.fromkeys(choices))
     if all(c.isdigit() for c in uniq):  # numeric answers: sorted, so the answer's position carries no signal
         uniq.sort(key=int)
+    # Log-likelihood scoring without an end marker can never pick a choice that another choice is a prefix of.
+    clash = [(a, b) for a in uniq for b in uniq if a != b and b.startswith(a)]
+    if clash:
+        raise AssertionError(f"{task}: choice {clash[0][0]!r} is a prefix of {clash[0][1]!r}")
     return {"task": task, "key": key, "system": SYSTEM, "instruction": instruction, "input": "", "output": answer,
             "choices": uniq, "label": uniq.index(answer)}
 
@@ -63,9 +67,9 @@ def _arithmetic(rng: random.Random) -> dict[str, Any]:
 def _unit(rng: random.Random) -> dict[str, Any]:
     big, small, f = rng.choice(UNITS)
     n = rng.randint(2, 99)
-    choices = [str(n * f), str(n), str(n * f * 10), str(n * f // 10)]
-    return _item("unit_conversion", f"unit:{big}:{n}", f"Convert {n} {big} to {small}. Answer with the number only.",
-                 choices, str(n * f))
+    # The unit follows the number so no choice is a prefix of another ("63" would always out-score "63000").
+    choices = [f"{v} {small}" for v in sorted({n * f, n, n * f * 10, n * f // 10})]
+    return _item("unit_conversion", f"unit:{big}:{n}", f"Convert {n} {big} to {small}.", choices, f"{n * f} {small}")
 
 
 def _parity(rng: random.Random) -> dict[str, Any]:
@@ -75,7 +79,7 @@ def _parity(rng: random.Random) -> dict[str, Any]:
 
 
 def _compare(rng: random.Random) -> dict[str, Any]:
-    a, b = rng.sample(range(10, 1000), 2)
+    a, b = rng.sample(range(100, 1000), 2)  # same digit count: no choice is a prefix of the other
     return _item("compare", f"cmp:{min(a, b)}:{max(a, b)}",
                  f"Which number is larger, {a} or {b}? Answer with the number only.", [str(a), str(b)], str(max(a, b)))
 
