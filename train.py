@@ -167,7 +167,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return run(cfg)
+    from owlore.data.sft import DataError
+
+    try:
+        return run(cfg)
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

@@ -45,6 +45,18 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.training["learning_rate"] == 1e-3 and cfg.eval.suites == ["mmlu"]
 
 
+@pytest.mark.slow
+def test_cli_data_error_names_the_row(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "ok", "output": "fine"}\n{"instruction": "no answer"}\n')
+    r = subprocess.run([sys.executable, "train.py", "--config", "configs/smollm2_owlore.yaml", f"data.train={data}",
+                        f"training.output_dir={tmp_path / 'o'}", "eval.demo=false"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 2
+    assert "data error: row 1: field 'output' is missing or empty" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_cli_exit_code_on_bad_config(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("owlore: {gamma: -1}\ntraining: {output_dir: o}\n")
@@ -80,7 +92,8 @@ def test_train_py_end_to_end_on_smollm2(tmp_path):
     assert len(record["outlier_ratios"]) == 30 and len(record["history"]) == 2
     assert abs(sum(record["inclusion_probabilities"]) - 2) < 1e-9
     assert (out / "layers.png").stat().st_size > 1000
-    assert (out / "checkpoint-2" / "owlore_state.pt").is_file()
+    ckpts = list(out.glob("checkpoint-*"))  # save_total_limit=1 in the config: only the newest is kept
+    assert ckpts and all((c / "owlore_state.pt").is_file() for c in ckpts)
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 30
@@ -94,7 +107,7 @@ def _losses(out_dir: Path) -> list[float]:
 @pytest.mark.slow
 def test_kill_9_and_resume_gives_same_losses(tmp_path):
     """An uninterrupted run and a run killed with SIGKILL then resumed log the same per-step losses."""
-    args = ["--config", str(ROOT / "configs/smollm2_owlore.yaml"), *SMALL_RUN, "data.max_seq_length=32",
+    args = ["--config", str(ROOT / "configs/smollm2_owlore.yaml"), *SMALL_RUN,
             "training.max_steps=10", "training.save_steps=2", "training.save_total_limit=null", "training.report_to=[]"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     full = tmp_path / "full"
