@@ -95,6 +95,7 @@ class OwLoreCallback(TrainerCallback):
         self.layers = find_decoder_layers(model, self.config.layers_path)
         self._peft = hasattr(model, "peft_config")
         self._output_dir = Path(args.output_dir)
+        self._check_distributed(args)
         if self.config.gamma > len(self.layers):
             raise ValueError(f"owlore.gamma={self.config.gamma} exceeds the model's {len(self.layers)} decoder "
                              f"layers; set owlore.gamma <= {len(self.layers)}")
@@ -118,6 +119,17 @@ class OwLoreCallback(TrainerCallback):
         logger.info("OwLore: %s, %d decoder layers, gamma=%d, interval=%d, state_policy=%s", self.sampler,
                     len(self.layers), self.config.gamma, self.config.interval, self.config.state_policy)
         self._write_record()
+
+    def _check_distributed(self, args) -> None:
+        ds = getattr(args, "hf_deepspeed_config", None)
+        stage = (ds.config.get("zero_optimization", {}) or {}).get("stage", 0) if ds is not None else 0
+        if stage and self.config.rank is not None:
+            raise NotImplementedError(
+                f"DeepSpeed ZeRO stage {stage} hands the optimizer flattened 1-D partitions, so GaLore cannot project "
+                "them (GaLore #2/#23). Use ZeRO stage 0 / no DeepSpeed, or owlore.rank=null (full-rank layers).")
+        if args.world_size > 1:
+            logger.warning("OwLore under %d processes is untested: every rank draws the same layers from the same "
+                           "seed, but DDP needs find_unused_parameters for frozen layers.", args.world_size)
 
     def _check_optimizer_covers_layers(self) -> None:
         in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}

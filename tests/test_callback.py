@@ -158,3 +158,13 @@ def test_lisa_with_plain_adamw(tmp_path):
     Trainer(model=model, args=_args(tmp_path, max_steps=5), train_dataset=RandomLM(),
             optimizers=(torch.optim.AdamW(model.parameters(), lr=1e-3), None), callbacks=[cb, probe]).train()
     assert all(len(s) <= 1 for s in probe.with_state)
+
+
+def test_zero_partitioning_with_galore_is_refused():
+    from types import SimpleNamespace
+
+    zero2 = SimpleNamespace(hf_deepspeed_config=SimpleNamespace(config={"zero_optimization": {"stage": 2}}),
+                            world_size=1)
+    with pytest.raises(NotImplementedError, match="ZeRO stage 2.*owlore.rank=null"):
+        OwLoreCallback(OwLoreConfig(rank=8))._check_distributed(zero2)
+    OwLoreCallback(OwLoreConfig(rank=None))._check_distributed(zero2)  # full-rank layers are fine
