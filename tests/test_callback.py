@@ -168,3 +168,19 @@ def test_zero_partitioning_with_galore_is_refused():
     with pytest.raises(NotImplementedError, match="ZeRO stage 2.*owlore.rank=null"):
         OwLoreCallback(OwLoreConfig(rank=8))._check_distributed(zero2)
     OwLoreCallback(OwLoreConfig(rank=None))._check_distributed(zero2)  # full-rank layers are fine
+
+
+def test_peft_lora_trains_only_sampled_layers_lora_weights(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model(4), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                                   init_lora_weights=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = OwLoreConfig(gamma=1, interval=2, rank=None, seed=2)
+    cb = OwLoreCallback(cfg)
+    Trainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=RandomLM(),
+            optimizers=(create_owlore_optimizer(model, cfg, lr=1e-2), None), callbacks=[cb]).train()
+    sampled = {i for _, ls in cb.history for i in ls}
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all("lora_" in n for n in changed)  # base weights and embeddings stay frozen
+    assert {int(n.split("layers.")[1].split(".")[0]) for n in changed} == sampled
