@@ -102,7 +102,7 @@ def calibration_batches(tokenizer: Any, spec: CalibrationSpec, *, batch_size: in
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """Identity of a model for caching: its name/path, shape and a checksum of a few weights.
+    """Identity of a model for caching: its name/path, shapes and a checksum of every weight tensor.
 
     The checksum makes a fine-tuned model saved under the same path a different cache entry.
     """
@@ -110,9 +110,10 @@ def model_fingerprint(model: nn.Module) -> str:
     name = getattr(cfg, "_name_or_path", "") or type(model).__name__
     h = hashlib.sha256(name.encode())
     params = list(model.parameters())
-    for p in params[:2] + params[-2:]:
-        h.update(str(tuple(p.shape)).encode())
-        h.update(f"{p.detach().float().sum().item():.6e}".encode())
+    with torch.no_grad():
+        sums = torch.stack([p.detach().float().abs().sum().cpu() for p in params]) if params else torch.zeros(0)
+    h.update(str([tuple(p.shape) for p in params]).encode())
+    h.update(" ".join(f"{v:.6e}" for v in sums.tolist()).encode())
     h.update(str(sum(p.numel() for p in params)).encode())
     return h.hexdigest()[:16]
 
@@ -161,6 +162,7 @@ def outlier_ratios_from_spec(
     cache_dir: str | Path | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    layers: nn.ModuleList | None = None,
 ) -> torch.Tensor:
     """Outlier ratios from a calibration dataset given by name or local file, through the cache if given."""
     from owlore.outliers import compute_outlier_ratios
@@ -170,7 +172,7 @@ def outlier_ratios_from_spec(
     if cache and (hit := cache.get(key)) is not None:
         return hit
     batches = calibration_batches(tokenizer, spec, batch_size=batch_size)
-    ratios = compute_outlier_ratios(model, batches, threshold=threshold, progress=progress)
+    ratios = compute_outlier_ratios(model, batches, threshold=threshold, progress=progress, layers=layers)
     if cache:
         cache.put(key, ratios)
     return ratios

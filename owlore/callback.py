@@ -14,11 +14,13 @@ OwLore, arXiv 2405.18380; the callback pattern follows LISA (arXiv 2403.17919, O
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,7 @@ class OwLoreCallback(TrainerCallback):
         self.active: list[int] = []
         self.history: list[tuple[int, list[int]]] = []
         self.last_switch_step = -1
+        self.last_saved_step = 0
         self.layers: nn.ModuleList | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._tb: OwLoreLogger | None = None
@@ -89,6 +92,9 @@ class OwLoreCallback(TrainerCallback):
 
     # ----------------------------------------------------------------------------------------------- set-up
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        if self.tokenizer is None and kwargs.get("processing_class") is not None:
+            proc = kwargs["processing_class"]
+            self.tokenizer = getattr(proc, "tokenizer", proc)  # a multimodal processor wraps its tokenizer
         if model is None or optimizer is None:
             raise RuntimeError("OwLoreCallback needs the Trainer's model and optimizer in on_train_begin")
         self.optimizer = unwrap_optimizer(optimizer)
@@ -109,7 +115,7 @@ class OwLoreCallback(TrainerCallback):
             self.sampler = self._new_sampler()
         if restored is not None and restored is not False:
             self.sampler.load_state_dict(restored["sampler"])
-        self._freeze_outside_layers(model)
+        self._freeze_outside_layers(model, args)
         self._apply_active(self.active)
         if self.config.state_policy == "offload":  # a resumed optimizer loads every state onto the param device
             move_state(self.optimizer, self._params_of(set(range(len(self.layers))) - set(self.active)), "cpu")
@@ -127,9 +133,13 @@ class OwLoreCallback(TrainerCallback):
             raise NotImplementedError(
                 f"DeepSpeed ZeRO stage {stage} hands the optimizer flattened 1-D partitions, so GaLore cannot project "
                 "them (GaLore #2/#23). Use ZeRO stage 0 / no DeepSpeed, or owlore.rank=null (full-rank layers).")
+        if getattr(args, "fsdp", None):
+            raise NotImplementedError("OwLore with FSDP is not supported yet (the optimizer must see unsharded "
+                                      "2-D weights and all decoder layers); train without fsdp.")
         if args.world_size > 1:
             logger.warning("OwLore under %d processes is untested: every rank draws the same layers from the same "
-                           "seed, but DDP needs find_unused_parameters for frozen layers.", args.world_size)
+                           "seed; set ddp_find_unused_parameters=true since frozen layers get no gradient.",
+                           args.world_size)
 
     def _check_optimizer_covers_layers(self) -> None:
         in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
@@ -154,14 +164,20 @@ class OwLoreCallback(TrainerCallback):
         if c.mode not in ("owl", "owl_reverse"):
             return torch.ones(len(self.layers), dtype=torch.float64)  # modes that ignore the ratios
         if c.calibration_source:
+            if self.tokenizer is None:
+                raise ValueError("owlore.calibration_source needs a tokenizer: pass tokenizer= to OwLoreCallback or "
+                                 "processing_class= to the Trainer")
             spec = CalibrationSpec(c.calibration_source, c.calibration_samples, c.calibration_seqlen, c.seed)
-            return outlier_ratios_from_spec(model, self.tokenizer, spec, threshold=c.threshold,
+            return outlier_ratios_from_spec(model, self.tokenizer, spec, threshold=c.threshold, layers=self.layers,
                                             cache_dir=c.cache_dir, progress=True)
         batches = self.calibration_batches or self._first_batches(args, train_dataloader)
         cache = OutlierCache(c.cache_dir) if c.cache_dir else None
-        n_tokens = sum(int((b["attention_mask"] if isinstance(b, dict) and "attention_mask" in b else
-                            (b["input_ids"] if isinstance(b, dict) else b)).numel()) for b in batches)
-        spec = CalibrationSpec(source="train-batches", nsamples=len(batches), seqlen=n_tokens, seed=c.seed)
+        digest = hashlib.sha256()  # the cache key must change with the calibration tokens themselves
+        for b in batches:
+            ids = b["input_ids"] if isinstance(b, Mapping) else b
+            digest.update(ids.detach().cpu().numpy().tobytes())
+        spec = CalibrationSpec(source=f"train-batches:{digest.hexdigest()[:16]}", nsamples=len(batches),
+                               seqlen=0, seed=c.seed)
         if cache and (hit := cache.get(OutlierCache.key(model, c.threshold, spec))) is not None:
             return hit
         t0 = time.perf_counter()
@@ -183,26 +199,49 @@ class OwLoreCallback(TrainerCallback):
             out.append({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
         return out
 
-    def _freeze_outside_layers(self, model: nn.Module) -> None:
+    def _language_model_root(self, model: nn.Module) -> nn.Module:
+        """The module that owns the decoder layers (e.g. ``LlamaModel``, or LLaVA's ``language_model``)."""
+        for _, module in model.named_modules():
+            if any(child is self.layers for child in module.children()):
+                return module
+        return model
+
+    def _freeze_outside_layers(self, model: nn.Module, args) -> None:
+        """Parameters outside the decoder layers train per config; anything not part of the language model
+        (a LLaVA vision tower and projector) is frozen."""
         c = self.config
+        if self._peft:  # peft already froze the base model; leave its choices alone outside the layers
+            return
         inside = {id(p) for p in self.layers.parameters()}
+        root = self._language_model_root(model)
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         emb_ids = {id(p) for p in emb.parameters()} if emb is not None else set()
         head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-        if self._peft:  # peft already froze the base model; leave its choices alone outside the layers
-            return
+        lm_emb = {id(p) for m in root.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        lm_norm = {id(p) for m in root.modules() if "norm" in type(m).__name__.lower() for p in m.parameters()}
+        frozen_other = 0
         for p in model.parameters():
             if id(p) in inside:
                 continue
             if id(p) in emb_ids or id(p) in head_ids:
-                # A tied head is the embedding: it trains if either flag says so.
+                # A tied head is the embedding matrix: it trains if either flag asks for it.
                 on = (id(p) in emb_ids and c.train_embeddings) or (id(p) in head_ids and c.train_lm_head)
-            else:
+            elif id(p) in lm_emb:  # e.g. GPT-2's position embeddings
+                on = c.train_embeddings
+            elif id(p) in lm_norm:
                 on = c.train_norms
+            else:
+                on = False
+                frozen_other += p.numel()
             p.requires_grad_(on)
-        if not c.train_embeddings and hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()  # keeps (reentrant) gradient checkpointing working
+        if frozen_other:
+            logger.info("froze %d parameters outside the language model (e.g. a vision tower)", frozen_other)
+        reentrant = (args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False)
+        if not c.train_embeddings and args.gradient_checkpointing and reentrant:
+            # Reentrant checkpointing needs an input that requires grad; otherwise backward may stop at the
+            # lowest sampled layer, which is the point of freezing the embeddings.
+            model.enable_input_require_grads()
 
     # ------------------------------------------------------------------------------------------ switching
     def _params_of(self, layer_ids) -> list[torch.Tensor]:
@@ -272,6 +311,7 @@ class OwLoreCallback(TrainerCallback):
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: tensors, ints and lists only (``torch.load(weights_only=True)``)."""
         return {
+            "global_step": self.last_saved_step,
             "sampler": self.sampler.state_dict(),
             "active": torch.tensor(self.active, dtype=torch.long),
             "last_switch_step": self.last_switch_step,
@@ -280,12 +320,20 @@ class OwLoreCallback(TrainerCallback):
             "history_layers": torch.tensor([ls for _, ls in self.history], dtype=torch.long).reshape(-1, self.config.gamma),
         }
 
-    def on_save(self, args, state, control, **kwargs):
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if args.process_index != 0 or not ckpt.is_dir():
-            return
+    def save_to(self, checkpoint_dir: str | Path, global_step: int) -> None:
+        """Write ``owlore_state.pt`` atomically into a checkpoint directory."""
+        self.last_saved_step = global_step
         payload = self.state_dict()
-        _atomic_write(ckpt / STATE_FILE, lambda tmp: torch.save(payload, tmp))
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        _atomic_write(Path(checkpoint_dir) / STATE_FILE, lambda tmp: torch.save(payload, tmp))
+
+    def on_save(self, args, state, control, **kwargs):
+        # OwLoreTrainer writes the state *before* the Trainer's files (so a checkpoint is never complete without
+        # it); with the stock Trainer it is written here, right after them.
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not args.should_save or not ckpt.is_dir() or (ckpt / STATE_FILE).is_file():
+            return
+        self.save_to(ckpt, state.global_step)
 
     def _restore(self, args, state) -> dict[str, Any] | None:
         candidates = [self.resume_dir, Path(args.output_dir) / f"checkpoint-{state.global_step}"]
@@ -294,6 +342,10 @@ class OwLoreCallback(TrainerCallback):
         for c in candidates:
             if c and (Path(c) / STATE_FILE).is_file():
                 data = torch.load(Path(c) / STATE_FILE, weights_only=True)
+                if int(data.get("global_step", state.global_step)) != state.global_step:
+                    raise ValueError(f"{Path(c) / STATE_FILE} is from step {data['global_step']} but the Trainer "
+                                     f"resumes at step {state.global_step}; pass OwLoreCallback(resume_dir=<the "
+                                     "checkpoint you resume from>)")
                 self.scores = data["scores"].double()
                 self.sampler = self._new_sampler()
                 self.active = data["active"].tolist()
@@ -303,7 +355,8 @@ class OwLoreCallback(TrainerCallback):
                 return data
         raise FileNotFoundError(
             f"resuming at step {state.global_step} but no {STATE_FILE} found in {[str(c) for c in candidates if c]}; "
-            "the checkpoint is incomplete (interrupted while saving?). Resume from the previous checkpoint.")
+            "the checkpoint is incomplete (interrupted while saving?) or lives elsewhere: resume from the previous "
+            "checkpoint, or pass OwLoreCallback(resume_dir=<checkpoint dir>).")
 
     def on_train_end(self, args, state, control, **kwargs):
         self._write_record()

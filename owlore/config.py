@@ -44,6 +44,8 @@ class OwLoreConfig:
     """GaLore scale α applied to the back-projected update."""
     proj_type: str = "std"
     """GaLore side: std, reverse_std, left, right."""
+    convention: str = "torch"
+    """Adam eps / weight-decay order: torch (torch.optim.AdamW) or hf (galore-torch, the official OwLore code)."""
     target_modules: str | list[str] = "decoder-linear"
     """Which linears are projected: decoder-linear, all-linear, or a list of regexes on module names."""
     threshold: float = 5.0
@@ -56,7 +58,7 @@ class OwLoreConfig:
     train_embeddings: bool = True
     """Train the input embeddings (paper: yes)."""
     train_lm_head: bool = True
-    """Train the output head (paper: yes; tied heads follow the embeddings)."""
+    """Train the output head (paper: yes). A tied head is the embedding matrix: it trains if either flag is on."""
     train_norms: bool = True
     """Train norms outside decoder layers, e.g. the final norm (paper: yes)."""
     layers_path: str | None = None
@@ -104,6 +106,8 @@ class OwLoreConfig:
             bad("update_proj_gap", "must be an integer >= 1")
         if not self.scale > 0:
             bad("scale", "must be > 0")
+        if self.convention not in ("torch", "hf"):
+            bad("convention", "must be torch or hf")
         if self.proj_type not in PROJ_TYPES:
             bad("proj_type", f"must be one of {', '.join(PROJ_TYPES)}")
         if not self.threshold > 0:

@@ -127,15 +127,17 @@ def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def linear_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+def linear_modules(module: nn.Module, *, exclude: tuple[str, ...] = ("lora_",)) -> list[tuple[str, nn.Module]]:
     """All ``nn.Linear``-like modules (anything with a 2-D ``weight`` used as ``x @ W.T``) inside ``module``.
 
     Includes ``nn.Linear`` and its subclasses (e.g. bitsandbytes ``Linear4bit``) and GPT-2's ``Conv1D`` (which
-    stores the weight transposed: ``x @ W``); callers check ``is_conv1d`` to orient the weight.
+    stores the weight transposed: ``x @ W``); callers check ``is_conv1d`` to orient the weight. Modules whose name
+    contains one of ``exclude`` are skipped: by default peft's LoRA adapters, which are not base weights (their
+    ``base_layer`` is kept).
     """
     out = []
     for name, m in module.named_modules():
-        if isinstance(m, nn.Linear) or is_conv1d(m):
+        if (isinstance(m, nn.Linear) or is_conv1d(m)) and not any(e in name for e in exclude):
             out.append((name, m))
     return out
 

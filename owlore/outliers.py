@@ -112,8 +112,9 @@ def compute_outlier_ratios(
             mask = current_mask["mask"]
             if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
                 x = x[mask]
-            x = x.reshape(-1, x.shape[-1]).double()
-            sq = (x * x).sum(0)
+            x = x.reshape(-1, x.shape[-1])
+            # Reduce in fp32 without an fp64 copy of the activations; accumulate across batches in fp64.
+            sq = torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).double().pow(2)
             stats.sum_sq = sq if stats.sum_sq is None else stats.sum_sq + sq
             stats.count += x.shape[0]
 
@@ -140,7 +141,10 @@ def compute_outlier_ratios(
         for batch in iterator:
             input_ids, mask = _as_batch(batch, device)
             current_mask["mask"] = None if mask is None else mask.bool()
-            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            try:  # only the layers' inputs matter: skip the [B, T, vocab] logits (GBs at 7B, 2048 tokens)
+                model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+            except TypeError:
+                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
             n_batches += 1
     model.train(was_training)
     if n_batches == 0:

@@ -61,7 +61,8 @@ def capped_inclusion(p: torch.Tensor, gamma: int) -> torch.Tensor:
     capped = torch.zeros_like(p, dtype=torch.bool)
     positive = p > 0
     if int(positive.sum()) < gamma:
-        raise ValueError(f"only {int(positive.sum())} layers have non-zero probability, cannot draw gamma={gamma}")
+        raise ValueError(f"only {int(positive.sum())} layers have non-zero probability, cannot draw gamma={gamma}; "
+                         "use floor > 0, a lower threshold, or a smaller gamma")
     for _ in range(p.numel() + 1):
         free = ~capped
         rest = gamma - int(capped.sum())
@@ -120,6 +121,7 @@ class LayerSampler:
         self.scheme = scheme
         self.probabilities = sampling_weights(scores, mode, temperature=temperature, floor=floor)
         self._pi = capped_inclusion(self.probabilities, gamma)
+        self._estimates: dict[int, torch.Tensor] = {}
         self.generator = torch.Generator().manual_seed(seed)
         self.counts = torch.zeros(scores.numel(), dtype=torch.long)
         self.num_draws = 0
@@ -136,9 +138,11 @@ class LayerSampler:
         """
         if self.scheme == "exact":
             return self._pi.clone()
-        gen = torch.Generator().manual_seed(12345)
-        draws = self._gumbel_topk(num_draws, gen)
-        return torch.bincount(draws.flatten(), minlength=self.num_layers).double() / num_draws
+        if num_draws not in self._estimates:
+            gen = torch.Generator().manual_seed(12345)
+            draws = self._gumbel_topk(num_draws, gen)
+            self._estimates[num_draws] = torch.bincount(draws.flatten(), minlength=self.num_layers).double() / num_draws
+        return self._estimates[num_draws].clone()
 
     def _gumbel_topk(self, n: int, gen: torch.Generator) -> torch.Tensor:
         logp = self.probabilities.log()

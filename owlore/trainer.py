@@ -14,11 +14,13 @@ One class::
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from owlore.callback import OwLoreCallback
 from owlore.config import OwLoreConfig
@@ -35,15 +37,17 @@ def create_owlore_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-6,
-    convention: str = "torch",
+    convention: str | None = None,
 ) -> GaLoreAdamW:
     """``GaLoreAdamW`` over *all* parameters: decoder linears projected with the config's GaLore settings.
 
     Every parameter is included, frozen or not, because ``OwLoreCallback`` unfreezes sampled layers later. With
     ``config.rank=None`` the decoder linears are trained full-rank ("OwLore (Full-Rank)").
-    ``convention="hf"`` reproduces galore-torch's order of eps and weight decay (the official OwLore code).
+    ``convention`` (default ``config.convention``): ``"hf"`` reproduces galore-torch's order of eps and weight
+    decay (the official OwLore code), ``"torch"`` follows ``torch.optim.AdamW``.
     """
     config = config or OwLoreConfig()
+    convention = convention or config.convention
     groups = make_param_groups(
         model,
         target_modules=config.target_modules,
@@ -91,11 +95,22 @@ class OwLoreTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             a = self.args
+            if a.optim not in ("adamw_torch", "adamw_torch_fused"):
+                logger.warning("TrainingArguments.optim=%s is ignored: OwLoreTrainer always uses GaLoreAdamW", a.optim)
             self.optimizer = create_owlore_optimizer(
-                self.model, self.owlore_config, lr=a.learning_rate, weight_decay=a.weight_decay,
+                model or self.model, self.owlore_config, lr=a.learning_rate, weight_decay=a.weight_decay,
                 betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
             )
         return self.optimizer
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # OwLore's state goes in first: the Trainer writes trainer_state.json last and then deletes older
+        # checkpoints, so a checkpoint that looks complete always has owlore_state.pt too.
+        if self.args.should_save and self.owlore_callback.sampler is not None:
+            run_dir = self._get_output_dir(trial=trial)
+            ckpt = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            self.owlore_callback.save_to(ckpt, self.state.global_step)
+        super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if isinstance(resume_from_checkpoint, str):

@@ -108,12 +108,51 @@ def test_owlore_trainer_with_gradient_checkpointing_and_frozen_embeddings(tmp_pa
     cfg = OwLoreConfig(gamma=2, interval=3, rank=4, train_embeddings=False, train_lm_head=True)
     args = _args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
     trainer = OwLoreTrainer(model=model, args=args, train_dataset=RandomLM(), owlore_config=cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = trainer.train()
     assert torch.isfinite(torch.tensor(out.training_loss))
     assert torch.equal(emb, model.model.embed_tokens.weight)
-    changed = [i for i, layer in enumerate(find_decoder_layers(model)) if layer.self_attn.q_proj.weight.grad is None]
-    assert len(changed) == 4  # grads freed after the last step
+    sampled = {i for _, ls in trainer.owlore_callback.history for i in ls}
+    for i in range(4):  # reentrant checkpointing still trains the sampled layers (and only those)
+        changed = not torch.equal(before[f"model.layers.{i}.self_attn.q_proj.weight"],
+                                  model.model.layers[i].self_attn.q_proj.weight)
+        assert changed == (i in sampled)
     assert trainer.owlore_callback.history[0][0] == 0
+
+
+def test_frozen_embeddings_stop_backward_at_lowest_sampled_layer(tmp_path):
+    model = _model(4)
+    layers = find_decoder_layers(model)
+    seen = []
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda m, a, out, i=i: seen.append((i, out[0].requires_grad)) if m.training else None)
+    cfg = OwLoreConfig(gamma=1, interval=1, rank=4, train_embeddings=False, train_lm_head=False, seed=4)
+    cb = OwLoreCallback(cfg)
+    Trainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=RandomLM(),
+            optimizers=(create_owlore_optimizer(model, cfg, lr=1e-2), None), callbacks=[cb]).train()
+    for step, (_, active) in enumerate(cb.history):
+        flags = dict(seen[4 * step: 4 * step + 4])
+        # Below the sampled layer nothing needs a gradient, so autograd never goes there.
+        assert all(not flags[i] for i in range(active[0])) and all(flags[i] for i in range(active[0], 4))
+    assert any(active[0] > 0 for _, active in cb.history)
+
+
+def test_llava_trains_language_model_layers_only(tmp_path):
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, image_size=32, patch_size=8),
+                      text_config=tiny_llama_config(3, vocab_size=256), image_token_id=255)
+    model = LlavaForConditionalGeneration(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ocfg = OwLoreConfig(gamma=1, interval=2, rank=4)
+    cb = OwLoreCallback(ocfg)
+    Trainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=RandomLM(vocab=200),
+            optimizers=(create_owlore_optimizer(model, ocfg, lr=1e-2), None), callbacks=[cb]).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert not any("vision_tower" in n or "multi_modal_projector" in n for n in changed)
+    assert any("language_model.layers" in n for n in changed) and any("embed_tokens" in n for n in changed)
 
 
 def test_resume_gives_same_losses(tmp_path):

@@ -83,6 +83,8 @@ def test_local_json_and_jsonl(tmp_path):
     with pytest.raises(DataError, match="line 2 is not valid JSON"):
         load_rows(str(tmp_path / "bad.jsonl"))
     assert len(load_rows("demo", limit=5)) == 5
+    with pytest.raises(DataError, match="does not exist"):  # a file named demo_* is not the demo set
+        load_rows(str(tmp_path / "demo_mine.jsonl"))
 
 
 def test_demo_tasks_are_deterministic_and_disjoint(tmp_path):

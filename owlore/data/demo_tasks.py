@@ -26,7 +26,13 @@ ANTONYMS = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"
             ("young", "old"), ("strong", "weak"), ("rich", "poor"), ("wet", "dry"), ("loud", "quiet"),
             ("thick", "thin"), ("clean", "dirty"), ("long", "short"), ("heavy", "light"), ("push", "pull"),
             ("win", "lose"), ("buy", "sell"), ("up", "down"), ("inside", "outside"), ("day", "night"),
-            ("begin", "end"), ("true", "false"), ("friend", "enemy"), ("arrive", "leave"), ("remember", "forget")]
+            ("begin", "end"), ("true", "false"), ("friend", "enemy"), ("arrive", "leave"), ("remember", "forget"),
+            ("above", "below"), ("accept", "refuse"), ("add", "subtract"), ("alive", "dead"), ("always", "never"),
+            ("asleep", "awake"), ("brave", "afraid"), ("cheap", "expensive"), ("deep", "shallow"), ("easy", "difficult"),
+            ("enter", "exit"), ("first", "last"), ("give", "take"), ("good", "bad"), ("guilty", "innocent"),
+            ("laugh", "cry"), ("lend", "borrow"), ("major", "minor"), ("near", "far"), ("north", "south"),
+            ("east", "west"), ("polite", "rude"), ("question", "answer"), ("raise", "drop"), ("safe", "dangerous"),
+            ("smooth", "rough"), ("sweet", "sour"), ("tall", "short"), ("wide", "narrow"), ("ancient", "modern")]
 CATEGORIES = {
     "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum"],
     "animal": ["horse", "tiger", "rabbit", "eagle", "whale", "sheep", "zebra", "camel", "otter", "wolf"],
@@ -61,7 +67,9 @@ def _arithmetic(rng: random.Random) -> dict[str, Any]:
     choices = [str(s + d) for d in (-2, -1, 0, 1, 2) if s + d > 0][:4]
     if str(s) not in choices:
         choices[-1] = str(s)
-    return _item("arithmetic", f"add:{a}:{b}", f"What is {a} + {b}? Answer with the number only.", choices, str(s))
+    # The key is order-free: "3 + 5" and "5 + 3" are the same fact and land in the same split.
+    return _item("arithmetic", f"add:{min(a, b)}:{max(a, b)}", f"What is {a} + {b}? Answer with the number only.",
+                 choices, str(s))
 
 
 def _unit(rng: random.Random) -> dict[str, Any]:
@@ -91,7 +99,8 @@ def _next_in_cycle(rng: random.Random) -> dict[str, Any]:
     ans, other = (seq[(i + 1) % len(seq)], seq[i - 1]) if after else (seq[i - 1], seq[(i + 1) % len(seq)])
     wrong = [s for s in seq if s not in (ans, other, seq[i])]
     word = "after" if after else "before"
-    return _item("next_in_cycle", f"{word}:{seq[i]}",
+    pair = (seq[i], seq[(i + 1) % len(seq)]) if after else (seq[i - 1], seq[i])  # "after X" == "before next(X)"
+    return _item("next_in_cycle", f"adj:{pair[0]}:{pair[1]}",
                  f"Which {kind} comes right {word} {seq[i]}? Answer with one word.",
                  sorted([ans, other, *rng.sample(wrong, 2)]), ans)
 
@@ -106,10 +115,11 @@ def _antonym(rng: random.Random) -> dict[str, Any]:
     word, opp = rng.choice(ANTONYMS)
     if rng.random() < 0.5:
         word, opp = opp, word
-    wrong = sorted({w for pair in ANTONYMS for w in pair} - {word, opp})
+    partners = {b for a, b in ANTONYMS if a == word} | {a for a, b in ANTONYMS if b == word}  # "light": dark, heavy
+    wrong = sorted({w for pair in ANTONYMS for w in pair} - {word, opp} - partners)
     options = _word_mc(rng, opp, wrong)
     q = f"Which word means the opposite of '{word}': {', '.join(options)}? Answer with the word only."
-    return _item("antonym", f"ant:{word}", q, options, opp)
+    return _item("antonym", f"ant:{':'.join(sorted((word, opp)))}", q, options, opp)  # hot->cold == cold->hot
 
 
 def _category(rng: random.Random) -> dict[str, Any]:

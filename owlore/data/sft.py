@@ -31,12 +31,15 @@ def load_rows(source: str, *, split: str = "train", limit: int | None = None) ->
 
     ``source="demo"`` (or ``demo:train`` / ``demo:test``) is the synthetic demo task set (``owlore.data.demo_tasks``).
     """
-    if source.startswith("demo"):
+    path = Path(source)
+    if source == "demo" or source.startswith("demo:"):
         from owlore.data.demo_tasks import build_demo_tasks
 
         rows = build_demo_tasks(source.split(":", 1)[1] if ":" in source else split)
-    elif (path := Path(source)).exists():
+    elif path.exists():
         rows = _read_json_rows(path)
+    elif path.suffix in (".json", ".jsonl"):
+        raise DataError(f"data file {source} does not exist")
     else:
         from datasets import load_dataset
 
@@ -107,6 +110,8 @@ def _encode_chat(tokenizer: Any, row: dict[str, Any]) -> tuple[list[int], list[i
         text_ids, labels = [], []
         for m in msgs:
             ids = _tokens(tokenizer, f"{m['role']}: {m['content']}\n")
+            if m["role"] == "assistant" and tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)  # so the model learns where its turn ends
             text_ids += ids
             labels += ids if m["role"] == "assistant" else [IGNORE_INDEX] * len(ids)
         return text_ids, labels
