@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     try:
         return run(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -194,7 +197,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if cfg.model.gradient_checkpointing:
         training.setdefault("gradient_checkpointing", True)
         training.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-    training_args = TrainingArguments(**training)
+    try:  # value checks that depend on the machine (e.g. bf16 on a CPU) happen here, not in load_config
+        training_args = TrainingArguments(**training)
+    except (ValueError, TypeError, ImportError) as e:
+        raise ConfigError(f"training: {str(e).strip().splitlines()[0]}") from e
     set_seed(training_args.seed)
     t_start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(cfg.model)

@@ -89,6 +89,7 @@ class OwLoreCallback(TrainerCallback):
         self._tb: OwLoreLogger | None = None
         self._output_dir: Path | None = None
         self._peft = False
+        self._peft_ids: set[int] | None = None
 
     # ----------------------------------------------------------------------------------------------- set-up
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -100,6 +101,9 @@ class OwLoreCallback(TrainerCallback):
         self.optimizer = unwrap_optimizer(optimizer)
         self.layers = find_decoder_layers(model, self.config.layers_path)
         self._peft = hasattr(model, "peft_config")
+        if self._peft and self._peft_ids is None:
+            # Whatever the adapter type (LoRA, IA3, VeRA, modules_to_save ...), train what peft left trainable.
+            self._peft_ids = {id(p) for p in self.layers.parameters() if p.requires_grad}
         self._output_dir = Path(args.output_dir)
         self._check_distributed(args)
         if self.config.gamma > len(self.layers):
@@ -143,8 +147,8 @@ class OwLoreCallback(TrainerCallback):
 
     def _check_optimizer_covers_layers(self) -> None:
         in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        missing = [i for i, layer in enumerate(self.layers) if any(id(p) not in in_opt for p in layer.parameters()
-                                                                     if not self._peft or p.requires_grad)]
+        missing = [i for i, layer in enumerate(self.layers) if any(
+            id(p) not in in_opt for p in layer.parameters() if not self._peft or id(p) in self._peft_ids)]
         if missing:
             raise RuntimeError(
                 f"decoder layers {missing} have parameters that are not in the optimizer, so they could never be "
@@ -248,7 +252,7 @@ class OwLoreCallback(TrainerCallback):
         return [p for i in sorted(layer_ids) for p in self.layers[i].parameters()]
 
     def _apply_active(self, active: list[int]) -> None:
-        set_layers_trainable(self.layers, active, param_filter=["lora_"] if self._peft else None)
+        set_layers_trainable(self.layers, active, param_ids=self._peft_ids if self._peft else None)
 
     def on_step_begin(self, args, state, control, **kwargs):
         step = state.global_step

@@ -127,8 +127,8 @@ class OwLoreConfig:
 def dataclass_from_dict(cls: type, data: dict[str, Any], *, section: str) -> tuple[Any | None, list[str]]:
     """Build a config dataclass from a mapping, collecting (not raising) unknown keys and invalid values.
 
-    Returns the instance (or None if it could not be built) and the list of problems, each naming
-    ``section.key``.
+    Returns the instance built from the valid keys (None if even that failed) and the list of problems, each
+    naming ``section.key``; the instance is only meaningful when the list is empty.
     """
     names = {f.name: f for f in dataclasses.fields(cls)}
     problems = [f"{section}.{k}: unknown key; valid keys: {', '.join(sorted(names))}" for k in data if k not in names]
@@ -143,7 +143,7 @@ def dataclass_from_dict(cls: type, data: dict[str, Any], *, section: str) -> tup
     except ConfigError as e:
         problems += [f"{section}.{ln.strip()[2:]}" for ln in str(e).splitlines()[1:]]
         return None, problems
-    return (None, problems) if problems else (obj, [])
+    return obj, problems  # obj (from the valid keys) lets callers run further checks; use it only if no problems
 
 
 def _type_ok(value: Any, annotation: str) -> bool:
@@ -178,6 +178,11 @@ class ModelConfig:
     """sdpa, eager, flash_attention_2 ... (None: transformers' default)."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off unless you set it."""
+
+
+    def problems(self, prefix: str = "model.") -> list[str]:
+        ok = ("float32", "bfloat16", "float16", "auto")
+        return [] if self.dtype in ok else [f"{prefix}dtype={self.dtype!r}: must be one of {', '.join(ok)}"]
 
 
 @dataclass

@@ -92,6 +92,7 @@ def set_layers_trainable(
     active: Iterable[int],
     *,
     param_filter: Sequence[str] | None = None,
+    param_ids: set[int] | None = None,
 ) -> int:
     """Make exactly the blocks in ``active`` trainable and freeze every other block.
 
@@ -111,7 +112,8 @@ def set_layers_trainable(
     n = 0
     for i, layer in enumerate(layers):
         for name, p in layer.named_parameters():
-            on = i in active and (param_filter is None or any(s in name for s in param_filter))
+            on = (i in active and (param_filter is None or any(s in name for s in param_filter))
+                  and (param_ids is None or id(p) in param_ids))
             p.requires_grad_(on)
             if on:
                 n += p.numel()

@@ -27,14 +27,15 @@ def test_shipped_configs_validate(path):
 
 def test_config_errors_name_every_problem(tmp_path):
     p = tmp_path / "bad.yaml"
-    p.write_text("model: {name: x, colour: red}\nowlore: {gamma: 0, mode: fancy, rank: -3}\n"
+    p.write_text("model: {name: x, colour: red, dtype: bf16}\nowlore: {gamma: 0, mode: fancy, rank: -3}\n"
                  "training: {output_dir: o, max_step: 5}\nextra: {}\n")
     with pytest.raises(ConfigError) as e:
         train.load_config(p, ["owlore.interval=abc", "nosection.x=1", "badoverride"])
     msg = str(e.value)
     for part in ["model.colour: unknown key", "owlore.gamma=0", "owlore.mode='fancy'", "owlore.rank=-3",
                  "training.max_step: not a transformers.TrainingArguments field", "extra: unknown section",
-                 "owlore.interval='abc': expected int", "unknown section 'nosection'", "'badoverride'"]:
+                 "owlore.interval='abc': expected int", "unknown section 'nosection'", "'badoverride'",
+                 "model.dtype='bf16'"]:
         assert part in msg, part
 
 
@@ -54,6 +55,14 @@ def test_cli_data_error_names_the_row(tmp_path):
                        cwd=ROOT, timeout=300)
     assert r.returncode == 2
     assert "data error: row 1: field 'output' is missing or empty" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_training_value_error_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", "configs/smollm2_owlore.yaml",
+                        "training.lr_scheduler_type=bogus", f"training.output_dir={tmp_path}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "config error: training:" in r.stderr and "bogus" in r.stderr
     assert "Traceback" not in r.stderr
 
 
