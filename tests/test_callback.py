@@ -90,7 +90,14 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
 
 
 @pytest.mark.parametrize("policy", ["keep", "offload"])
-def test_state_policies(tmp_path, policy):
+def test_state_policies(tmp_path, policy, monkeypatch):
+    import owlore.callback as callback_mod
+
+    moves = []
+    real_move = callback_mod.move_state
+    monkeypatch.setattr(callback_mod, "move_state",
+                        lambda opt, params, device: (moves.append((len(list(params)), str(device))),
+                                                     real_move(opt, params, device)))
     model = _model(4)
     cfg = OwLoreConfig(gamma=1, interval=1, rank=4, state_policy=policy, mode="uniform", seed=1)
     probe = Probe(find_decoder_layers(model))
@@ -100,6 +107,10 @@ def test_state_policies(tmp_path, policy):
     visited = {i for _, ls in cb.history for i in ls}
     # keep/offload: every layer ever visited still has state (offload only moves it).
     assert set(probe.with_state[-1]) == visited and len(visited) > 1
+    if policy == "offload":  # layers leaving go to the CPU, layers entering go back to their parameters' device
+        assert any(dev == "cpu" and n > 0 for n, dev in moves) and len(moves) >= 2
+    else:
+        assert not moves
 
 
 def test_owlore_trainer_with_gradient_checkpointing_and_frozen_embeddings(tmp_path):
@@ -155,22 +166,26 @@ def test_llava_trains_language_model_layers_only(tmp_path):
     assert any("language_model.layers" in n for n in changed) and any("embed_tokens" in n for n in changed)
 
 
-def test_resume_gives_same_losses(tmp_path):
+@pytest.mark.parametrize(("policy", "save_steps"), [("reset", 3), ("reset", 2), ("keep", 2), ("offload", 3)])
+def test_resume_gives_same_losses(tmp_path, policy, save_steps):
+    """Resume mid-interval (3) and exactly where a switch is pending (2), for every state policy."""
+
     def run(out, max_steps, resume=None):
         model = _model(4)
-        cfg = OwLoreConfig(gamma=2, interval=2, rank=4, update_proj_gap=3, seed=5)
-        t = OwLoreTrainer(model=model, args=_args(out, max_steps=max_steps, save_strategy="steps", save_steps=3),
+        cfg = OwLoreConfig(gamma=2, interval=2, rank=4, update_proj_gap=3, seed=5, state_policy=policy)
+        t = OwLoreTrainer(model=model, args=_args(out, max_steps=max_steps, save_strategy="steps",
+                                                  save_steps=save_steps),
                           train_dataset=RandomLM(), owlore_config=cfg)
         t.train(resume_from_checkpoint=resume)
         return [h["loss"] for h in t.state.log_history if "loss" in h], t.owlore_callback
 
     full, cb_full = run(tmp_path / "a", 8)
-    resumed, cb_res = run(tmp_path / "b", 8, resume=str(tmp_path / "a" / "checkpoint-3"))
-    assert (tmp_path / "a" / "checkpoint-3" / "owlore_state.pt").is_file()
+    resumed, cb_res = run(tmp_path / "b", 8, resume=str(tmp_path / "a" / f"checkpoint-{save_steps * 2}"))
+    assert (tmp_path / "a" / f"checkpoint-{save_steps}" / "owlore_state.pt").is_file()
     assert resumed == full  # history restored from the checkpoint + bit-identical losses after it
     assert cb_res.history == cb_full.history
-    state = torch.load(tmp_path / "a" / "checkpoint-3" / "owlore_state.pt", weights_only=True)
-    assert state["active"].numel() == 2
+    state = torch.load(tmp_path / "a" / f"checkpoint-{save_steps}" / "owlore_state.pt", weights_only=True)
+    assert state["active"].numel() == 2 and state["global_step"] == save_steps
 
 
 def test_errors(tmp_path):
