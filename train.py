@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import os
 import re
 import sys
 import time
@@ -185,7 +183,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     from owlore import OwLoreTrainer
     from owlore.data.sft import load_rows, tokenize_rows
-    from owlore.metrics import OwLoreLogger, peak_memory_bytes
+    from owlore.metrics import OwLoreLogger, owlore_tensorboard_dir, peak_memory_bytes
     from owlore.plotting import layer_table, plot_layer_statistics
 
     training = dict(cfg.training)
@@ -239,19 +237,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "model_dir": str(final_dir),
         "plot": str(png),
     }
-    record.update(summary=summary)
+    cb.write_record(summary=summary)
     from owlore.evaluation import save_results
 
+    tb = OwLoreLogger(owlore_tensorboard_dir(out_dir)) if "tensorboard" in (training_args.report_to or []) else None
     for when, res in (("before", before), ("after", after)):
         for suite, r in res.items():
             save_results(r, out_dir / f"eval_{suite}_{when}.json")
-    (out_dir / "owlore_record.json").write_text(json.dumps(record, indent=1, default=str))
-    if "tensorboard" in (training_args.report_to or []):
-        tb = OwLoreLogger(os.path.join(os.environ.get("TENSORBOARD_LOGGING_DIR") or out_dir / "runs", "owlore"))
-        for when, res in (("before", before), ("after", after)):
-            for suite, r in res.items():
-                if r.get("average") is not None:
-                    tb.scalars(trainer.state.global_step, {f"eval/{suite}_{when}": r["average"]})
+            if tb and r.get("average") is not None:
+                tb.scalars(trainer.state.global_step, {f"eval/{suite}_{when}": r["average"]})
+    if tb:
         tb.close()
     rows_out = [("train loss", f"{result.training_loss:.4f}"), ("optimizer steps", str(trainer.state.global_step)),
                 ("steps/s", f"{summary['steps_per_second']:.3f}"), ("train time", f"{train_seconds:.0f} s"),

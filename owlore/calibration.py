@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from owlore.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -144,13 +145,8 @@ class OutlierCache:
 
     def put(self, key: dict[str, Any], ratios: torch.Tensor) -> Path:
         """Write atomically (temp file + rename), so a crash never leaves a half-written entry."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self._path(key)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"key": key, "ratios": ratios.tolist()}, f, indent=1)
-        os.replace(tmp, path)
-        return path
+        text = json.dumps({"key": key, "ratios": ratios.tolist()}, indent=1)
+        return atomic_write(self._path(key), lambda tmp: Path(tmp).write_text(text))
 
 
 def outlier_ratios_from_spec(
@@ -163,16 +159,24 @@ def outlier_ratios_from_spec(
     batch_size: int = 8,
     progress: bool = False,
     layers: nn.ModuleList | None = None,
+    batches: list[Any] | None = None,
 ) -> torch.Tensor:
-    """Outlier ratios from a calibration dataset given by name or local file, through the cache if given."""
+    """Outlier ratios from a calibration dataset given by name or local file, through the cache if given.
+
+    With ``batches`` the windows are not built from ``spec`` (``tokenizer`` may be None); ``spec`` then only
+    names the data in the cache key, so it must identify those batches.
+    """
     from owlore.outliers import compute_outlier_ratios
 
     cache = OutlierCache(cache_dir) if cache_dir else None
     key = OutlierCache.key(model, threshold, spec) if cache else None
     if cache and (hit := cache.get(key)) is not None:
         return hit
-    batches = calibration_batches(tokenizer, spec, batch_size=batch_size)
+    if batches is None:
+        batches = calibration_batches(tokenizer, spec, batch_size=batch_size)
+    t0 = time.perf_counter()
     ratios = compute_outlier_ratios(model, batches, threshold=threshold, progress=progress, layers=layers)
+    logger.info("outlier ratios from %d batches (%s) in %.1f s", len(batches), spec.source, time.perf_counter() - t0)
     if cache:
         cache.put(key, ratios)
     return ratios

@@ -17,9 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,8 +26,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from owlore.config import OwLoreConfig
+from owlore.fileio import atomic_write
 from owlore.layers import find_decoder_layers, set_layers_trainable
-from owlore.metrics import OwLoreLogger, peak_memory_bytes
+from owlore.metrics import OwLoreLogger, owlore_tensorboard_dir, peak_memory_bytes
 from owlore.optim_state import drop_state, move_state, state_bytes, unwrap_optimizer
 from owlore.sampler import LayerSampler
 
@@ -38,17 +36,6 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "owlore_state.pt"
 RECORD_FILE = "owlore_record.json"
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class OwLoreCallback(TrainerCallback):
@@ -83,7 +70,6 @@ class OwLoreCallback(TrainerCallback):
         self.active: list[int] = []
         self.history: list[tuple[int, list[int]]] = []
         self.last_switch_step = -1
-        self.last_saved_step = 0
         self.layers: nn.ModuleList | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._tb: OwLoreLogger | None = None
@@ -110,25 +96,24 @@ class OwLoreCallback(TrainerCallback):
             raise ValueError(f"owlore.gamma={self.config.gamma} exceeds the model's {len(self.layers)} decoder "
                              f"layers; set owlore.gamma <= {len(self.layers)}")
         self._check_optimizer_covers_layers()
-        restored = state.global_step > 0 and self._restore(args, state)
+        restored = self._restore(args, state) if state.global_step > 0 else None
         if self.scores is None:
             self.scores = self._compute_scores(model, args, train_dataloader)
         if len(self.scores) != len(self.layers):
             raise ValueError(f"got {len(self.scores)} outlier scores for {len(self.layers)} decoder layers")
         if self.sampler is None:
             self.sampler = self._new_sampler()
-        if restored is not None and restored is not False:
+        if restored is not None:
             self.sampler.load_state_dict(restored["sampler"])
         self._freeze_outside_layers(model, args)
         self._apply_active(self.active)
         if self.config.state_policy == "offload":  # a resumed optimizer loads every state onto the param device
             move_state(self.optimizer, self._params_of(set(range(len(self.layers))) - set(self.active)), "cpu")
         if args.process_index == 0 and "tensorboard" in (args.report_to or []):
-            tb_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs")
-            self._tb = OwLoreLogger(os.path.join(tb_dir, "owlore"))
+            self._tb = OwLoreLogger(owlore_tensorboard_dir(args.output_dir))
         logger.info("OwLore: %s, %d decoder layers, gamma=%d, interval=%d, state_policy=%s", self.sampler,
                     len(self.layers), self.config.gamma, self.config.interval, self.config.state_policy)
-        self._write_record()
+        self.write_record()
 
     def _check_distributed(self, args) -> None:
         ds = getattr(args, "hf_deepspeed_config", None)
@@ -161,8 +146,7 @@ class OwLoreCallback(TrainerCallback):
                             seed=c.seed, scheme=c.scheme)
 
     def _compute_scores(self, model, args, train_dataloader) -> torch.Tensor:
-        from owlore.calibration import CalibrationSpec, OutlierCache, outlier_ratios_from_spec
-        from owlore.outliers import compute_outlier_ratios
+        from owlore.calibration import CalibrationSpec, outlier_ratios_from_spec
 
         c = self.config
         if c.mode not in ("owl", "owl_reverse"):
@@ -175,21 +159,13 @@ class OwLoreCallback(TrainerCallback):
             return outlier_ratios_from_spec(model, self.tokenizer, spec, threshold=c.threshold, layers=self.layers,
                                             cache_dir=c.cache_dir, progress=True)
         batches = self.calibration_batches or self._first_batches(args, train_dataloader)
-        cache = OutlierCache(c.cache_dir) if c.cache_dir else None
         digest = hashlib.sha256()  # the cache key must change with the calibration tokens themselves
         for b in batches:
-            ids = b["input_ids"] if isinstance(b, Mapping) else b
-            digest.update(ids.detach().cpu().numpy().tobytes())
+            digest.update((b["input_ids"] if isinstance(b, Mapping) else b).detach().cpu().numpy().tobytes())
         spec = CalibrationSpec(source=f"train-batches:{digest.hexdigest()[:16]}", nsamples=len(batches),
                                seqlen=0, seed=c.seed)
-        if cache and (hit := cache.get(OutlierCache.key(model, c.threshold, spec))) is not None:
-            return hit
-        t0 = time.perf_counter()
-        scores = compute_outlier_ratios(model, batches, threshold=c.threshold, layers=self.layers, progress=True)
-        logger.info("outlier ratios from %d training batches in %.1f s", len(batches), time.perf_counter() - t0)
-        if cache:
-            cache.put(OutlierCache.key(model, c.threshold, spec), scores)
-        return scores
+        return outlier_ratios_from_spec(model, None, spec, threshold=c.threshold, layers=self.layers,
+                                        cache_dir=c.cache_dir, progress=True, batches=batches)
 
     def _first_batches(self, args, dl) -> list[dict[str, torch.Tensor]]:
         if dl is None:
@@ -277,7 +253,7 @@ class OwLoreCallback(TrainerCallback):
         logger.info("step %d: training decoder layers %s", step, new)
         if self._tb:
             self._tb.switch(step, new, self.sampler.counts)
-        self._write_record()
+        self.write_record()
 
     # ------------------------------------------------------------------------------- logging / saving
     def metrics(self) -> dict[str, float]:
@@ -305,17 +281,16 @@ class OwLoreCallback(TrainerCallback):
             "history": [{"step": st, "layers": ls} for st, ls in self.history],
         }
 
-    def _write_record(self) -> None:
+    def write_record(self, **extra: Any) -> None:
+        """Write ``record()`` (plus ``extra`` top-level entries) to ``<output_dir>/owlore_record.json`` atomically."""
         if self._output_dir is None:
             return
-        self._output_dir.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.record(), indent=1)
-        _atomic_write(self._output_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
+        text = json.dumps({**self.record(), **extra}, indent=1, default=str)
+        atomic_write(self._output_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: tensors, ints and lists only (``torch.load(weights_only=True)``)."""
         return {
-            "global_step": self.last_saved_step,
             "sampler": self.sampler.state_dict(),
             "active": torch.tensor(self.active, dtype=torch.long),
             "last_switch_step": self.last_switch_step,
@@ -325,11 +300,9 @@ class OwLoreCallback(TrainerCallback):
         }
 
     def save_to(self, checkpoint_dir: str | Path, global_step: int) -> None:
-        """Write ``owlore_state.pt`` atomically into a checkpoint directory."""
-        self.last_saved_step = global_step
-        payload = self.state_dict()
-        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        _atomic_write(Path(checkpoint_dir) / STATE_FILE, lambda tmp: torch.save(payload, tmp))
+        """Write ``owlore_state.pt`` (``state_dict()`` and the step it belongs to) atomically into a checkpoint."""
+        payload = {**self.state_dict(), "global_step": global_step}
+        atomic_write(Path(checkpoint_dir) / STATE_FILE, lambda tmp: torch.save(payload, tmp))
 
     def on_save(self, args, state, control, **kwargs):
         # OwLoreTrainer writes the state *before* the Trainer's files (so a checkpoint is never complete without
@@ -351,7 +324,6 @@ class OwLoreCallback(TrainerCallback):
                                      f"resumes at step {state.global_step}; pass OwLoreCallback(resume_dir=<the "
                                      "checkpoint you resume from>)")
                 self.scores = data["scores"].double()
-                self.sampler = self._new_sampler()
                 self.active = data["active"].tolist()
                 self.last_switch_step = int(data["last_switch_step"])
                 self.history = list(zip(data["history_steps"].tolist(), data["history_layers"].tolist(), strict=True))
@@ -363,7 +335,7 @@ class OwLoreCallback(TrainerCallback):
             "checkpoint, or pass OwLoreCallback(resume_dir=<checkpoint dir>).")
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._write_record()
+        self.write_record()
         if self._tb:
             self._tb.scalars(state.global_step, self.metrics())
             self._tb.close()

@@ -81,12 +81,6 @@ def find_decoder_layers(model: nn.Module, path: str | None = None) -> nn.ModuleL
     )
 
 
-def layer_index_of_parameters(model: nn.Module, layers: nn.ModuleList | None = None) -> dict[int, int]:
-    """Map ``id(param)`` -> decoder-layer index for every parameter inside a decoder block."""
-    layers = find_decoder_layers(model) if layers is None else layers
-    return {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
-
-
 def set_layers_trainable(
     layers: nn.ModuleList,
     active: Iterable[int],
@@ -123,10 +117,6 @@ def set_layers_trainable(
 def active_layer_indices(layers: nn.ModuleList) -> list[int]:
     """Indices of blocks with at least one trainable parameter."""
     return [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
-
-
-def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def linear_modules(module: nn.Module, *, exclude: tuple[str, ...] = ("lora_",)) -> list[tuple[str, nn.Module]]:

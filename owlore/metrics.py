@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
@@ -14,6 +15,12 @@ def peak_memory_bytes() -> int:
         return int(torch.cuda.max_memory_allocated())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def owlore_tensorboard_dir(output_dir: str | os.PathLike) -> str:
+    """Where OwLore's scalars go: beside the Trainer's TensorBoard logs, in an ``owlore`` subdirectory."""
+    root = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(output_dir, "runs")
+    return os.path.join(root, "owlore")
 
 
 class OwLoreLogger:

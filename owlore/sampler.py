@@ -13,7 +13,6 @@ behaviour (in distribution) for paper comparisons, via Gumbel-top-k, which is eq
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -182,15 +181,7 @@ class LayerSampler:
         self.counts = state["counts"].clone().long()
         self.num_draws = int(state["num_draws"])
 
-    def expected_draws_per_layer(self, num_draws: int) -> torch.Tensor:
-        return self.inclusion_probabilities() * num_draws
-
     def __repr__(self) -> str:
         return (f"LayerSampler(L={self.num_layers}, gamma={self.gamma}, mode={self.mode!r}, scheme={self.scheme!r}, "
                 f"max/min p={self.probabilities.max() / max(self.probabilities.min(), 1e-12):.3g})")
 
-
-def entropy_bits(p: torch.Tensor) -> float:
-    """Shannon entropy of a distribution, for logging how peaked the sampling is."""
-    q = p[p > 0].double()
-    return float(-(q * q.log2()).sum()) if q.numel() else math.nan
