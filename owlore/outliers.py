@@ -11,12 +11,15 @@ Implementation notes:
   inputs per input channel (fp64), so memory is O(channels), not O(activations). Nothing is pruned during the
   LOD pass, so this equals OWL's layer-by-layer pass.
 * Padding positions (``attention_mask == 0``) do not count.
+* ``logits_to_keep=1`` (skip the ``[B, T, vocab]`` logits) is passed only when ``forward`` names it; a forward
+  is never retried, since the hooks already counted whatever ran before an exception.
 * The pooled vector is never concatenated: scores live per linear (fp32, one layer at a time), their mean is
   summed in fp64, then the count above ``M * mean`` is taken per linear.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
@@ -46,6 +49,27 @@ def _as_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.T
         raise ValueError(f"calibration batch dict needs 'input_ids'; got keys {sorted(batch)}")
     mask = batch.get("attention_mask")
     return batch["input_ids"].to(device), None if mask is None else mask.to(device)
+
+
+def _forward_kwargs(model: nn.Module) -> dict[str, object]:
+    """Extra forward arguments, decided once from the signature (not by trying a forward and catching TypeError).
+
+    ``logits_to_keep`` (``num_logits_to_keep`` before transformers 4.45) only when named explicitly: ``**kwargs``
+    alone does not show that the model honours it. ``use_cache=False`` when named or ``**kwargs`` is there.
+    """
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no introspectable signature: plain call
+        return {}
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs: dict[str, object] = {}
+    if "use_cache" in params or var_kw:
+        kwargs["use_cache"] = False
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params and params[name].kind is not inspect.Parameter.VAR_KEYWORD:
+            kwargs[name] = 1
+            break
+    return kwargs
 
 
 def _dequantized_weight(module: nn.Module) -> torch.Tensor:
@@ -123,6 +147,7 @@ def compute_outlier_ratios(
     was_training = model.training
     model.eval()
     with ExitStack() as stack:
+        stack.callback(model.train, was_training)  # also when a forward raises
         for layer in layers:
             entries = []
             for _, module in linear_modules(layer):
@@ -137,16 +162,14 @@ def compute_outlier_ratios(
             from tqdm.auto import tqdm
 
             iterator = tqdm(batches, desc="outlier ratios", unit="batch")
+        # Only the layers' inputs matter: skip the [B, T, vocab] logits (GBs at 7B, 2048 tokens) where possible.
+        extra = _forward_kwargs(model)
         n_batches = 0
         for batch in iterator:
             input_ids, mask = _as_batch(batch, device)
             current_mask["mask"] = None if mask is None else mask.bool()
-            try:  # only the layers' inputs matter: skip the [B, T, vocab] logits (GBs at 7B, 2048 tokens)
-                model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
-            except TypeError:
-                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            model(input_ids=input_ids, attention_mask=mask, **extra)
             n_batches += 1
-    model.train(was_training)
     if n_batches == 0:
         raise ValueError("compute_outlier_ratios got no calibration batches")
     ratios = torch.tensor([_layer_ratio(entries, threshold) for entries in per_layer], dtype=torch.float64)

@@ -9,10 +9,14 @@ time, not 60 %). ``scheme="exact"`` instead realises the inclusion probabilities
 summing to γ) exactly, by randomised systematic sampling (Madow, 1949): permute the layers, lay the π's end to end
 on ``[0, γ)`` and take the layers hit by ``u, u+1, ..., u+γ-1``. ``scheme="sequential"`` keeps the official
 behaviour (in distribution) for paper comparisons, via Gumbel-top-k, which is equivalent to successive sampling.
+
+The systematic draw runs in integers (π in units of 2^-52, summing to exactly γ·2^52): in floats the cumulative
+sum can end at γ - 1e-15 and ``u + j`` can round up to an integer, so a layer could be hit twice.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -74,6 +78,30 @@ def capped_inclusion(p: torch.Tensor, gamma: int) -> torch.Tensor:
     return pi
 
 
+def inclusion_units(pi: torch.Tensor, gamma: int, bits: int) -> torch.Tensor:
+    """``π`` as int64 multiples of ``2^-bits``, each in ``[0, 2^bits]``, summing to exactly ``γ·2^bits``.
+
+    Floors ``π·2^bits`` (exact: a power-of-two scale), then hands the few units that float round-off left over (or
+    took too many) to the layers with the largest (smallest) remainders, so no layer moves by more than ~1 unit.
+    """
+    one = 1 << bits
+    scaled = pi.double() * float(one)
+    units = scaled.floor().long().clamp_(0, one)
+    remainder = scaled - units.double()
+    deficit = gamma * one - int(units.sum())
+    step = 1 if deficit > 0 else -1
+    while deficit:
+        eligible = units < one if step > 0 else units > 0
+        candidates = torch.nonzero(eligible & (pi > 0) if step > 0 else eligible).flatten()
+        if candidates.numel() == 0:
+            raise ValueError(f"inclusion probabilities {pi.tolist()} cannot sum to gamma={gamma}")
+        ranked = candidates[torch.argsort(remainder[candidates], descending=step > 0, stable=True)]
+        take = ranked[: abs(deficit)]
+        units[take] += step
+        deficit -= step * take.numel()
+    return units
+
+
 class LayerSampler:
     """Draws γ distinct decoder-layer indices per call, from its own ``torch.Generator``.
 
@@ -120,6 +148,9 @@ class LayerSampler:
         self.scheme = scheme
         self.probabilities = sampling_weights(scores, mode, temperature=temperature, floor=floor)
         self._pi = capped_inclusion(self.probabilities, gamma)
+        # γ·2^bits must fit in int64; 52 bits is the resolution of torch.rand's float64 output.
+        self._bits = min(52, 62 - scores.numel().bit_length())
+        self._units = inclusion_units(self._pi, gamma, self._bits)
         self._estimates: dict[int, torch.Tensor] = {}
         self.generator = torch.Generator().manual_seed(seed)
         self.counts = torch.zeros(scores.numel(), dtype=torch.long)
@@ -149,12 +180,19 @@ class LayerSampler:
         return torch.topk(logp - (-u.log()).log(), self.gamma, dim=1).indices
 
     def _systematic(self) -> list[int]:
+        """Madow's draw in exact integer arithmetic, so it always hits γ distinct layers.
+
+        Layer ``order[k]`` owns ``[cum[k-1], cum[k])``, at most one unit ``2^bits`` long; the points
+        ``u + j·2^bits`` are one unit apart, so each interval holds at most one, and ``cum[-1] = γ·2^bits``
+        exactly, so all γ of them land.
+        """
         order = torch.randperm(self.num_layers, generator=self.generator)
-        cum = torch.cumsum(self._pi[order], 0)
+        cum = torch.cumsum(self._units[order], 0)
         u = torch.rand((), generator=self.generator, dtype=torch.float64).item()
-        points = torch.tensor([u + j for j in range(self.gamma)], dtype=torch.float64)
-        # Guard float round-off at the top end (cum[-1] may be γ - 1e-15).
-        hits = torch.searchsorted(cum, points, right=True).clamp_max(self.num_layers - 1)
+        one = 1 << self._bits
+        u_units = min(math.floor(u * one), one - 1)  # exact: u has 53 bits, the scale is a power of two
+        points = torch.arange(self.gamma, dtype=torch.long) * one + u_units
+        hits = torch.searchsorted(cum, points, right=True)
         return order[hits].tolist()
 
     def sample(self) -> list[int]:
@@ -164,7 +202,7 @@ class LayerSampler:
         else:
             picked = self._gumbel_topk(1, self.generator)[0].tolist()
         picked = sorted(set(picked))
-        if len(picked) != self.gamma:  # only reachable through float round-off; fail loudly, never silently
+        if len(picked) != self.gamma:  # a bug, not round-off: both schemes draw γ distinct layers by construction
             raise RuntimeError(f"sampler drew {picked}, expected {self.gamma} distinct layers")
         self.counts[picked] += 1
         self.num_draws += 1

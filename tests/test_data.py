@@ -63,8 +63,9 @@ def test_truncation_and_packing(tok):
 
 def test_bad_rows_named_or_skipped(tok, caplog):
     rows = [{"instruction": "ok", "output": "fine"}, {"instruction": "no answer", "output": ""}, {"foo": 1}]
-    with pytest.raises(DataError, match=r"row 1: field 'output' is missing or empty.*skip_bad_rows"):
-        tokenize_rows(rows, tok)
+    with pytest.raises(DataError, match=r"(?s)^row 1: field 'output' is missing or empty\nrow 2: has none of the "
+                       r"fields.*\n2 bad rows\. Fix them, or set data\.skip_bad_rows=true to skip such rows\.$"):
+        tokenize_rows(rows, tok)  # every bad row, one a line (the CLI prints 'data error: row 1: ...')
     ds = tokenize_rows(rows, tok, skip_bad_rows=True)
     assert len(ds) == 1
     assert "skipped 2 bad rows" in caplog.text
@@ -101,3 +102,79 @@ def test_demo_tasks_are_deterministic_and_disjoint(tmp_path):
     assert len(paths["train"].read_text().splitlines()) == 10
     with pytest.raises(ValueError, match="unknown demo tasks"):
         build_demo_tasks("train", tasks=["nope"])
+
+
+@pytest.mark.parametrize(("name", "content", "why"), [
+    ("x.jsonl", "", "the file is empty"),
+    ("x.jsonl", "\n  \n\n", "the file is empty"),
+    ("x.json", "", "the file is empty"),
+    ("x.json", "[]", "the JSON list is empty"),
+    ("x.json", '{"data": []}', "the JSON list is empty"),
+])
+def test_empty_data_file_is_named(tmp_path, name, content, why):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as e:
+        load_rows(str(path))
+    assert str(e.value) == f"{path}: no rows ({why})"
+
+
+def test_no_usable_rows_names_the_source(tok, tmp_path):
+    bad = [{"instruction": "no answer"}, {"foo": 1}]
+    with pytest.raises(DataError, match=r"^data/x\.jsonl: no usable rows \(all 2 rows were bad and skipped\)$"):
+        tokenize_rows(bad, tok, skip_bad_rows=True, source="data/x.jsonl")
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in bad) + "\n")
+    with pytest.raises(DataError, match=rf"^{path}: no usable rows"):  # load_rows' rows remember their file
+        tokenize_rows(load_rows(str(path)), tok, skip_bad_rows=True)
+
+
+def test_jsonl_reports_bad_rows_and_unparsable_lines_together(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "ok", "output": "fine"}\n{"instruction": "no answer"}\n'
+                    '{"text": "fine"}\n{broken\n\n[1, 2]\nnot json either\n')
+    with pytest.raises(DataError) as e:
+        load_rows(str(path))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: 2 lines are not valid JSON and 2 rows are bad")
+    lines = msg.splitlines()
+    assert lines[1:5] == [
+        "row 1: field 'output' is missing or empty (line 2)",
+        "line 4 is not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+        "row 4: expected a JSON object, got list (line 6)",  # row numbers count every non-blank line
+        "line 7 is not valid JSON (Expecting value at column 1)",
+    ]
+    assert msg.count("skip_bad_rows") == 1
+
+
+def test_every_bad_row_listed_once_with_line_numbers_and_a_cap(tok, tmp_path):
+    rows = [{"instruction": "ok", "output": "fine"}] + [{"instruction": f"q{i}", "output": ""} for i in range(30)]
+    path = tmp_path / "many.jsonl"
+    path.write_text("\n\n".join(json.dumps(r) for r in rows) + "\n")  # blank lines: line != row + 1
+    with pytest.raises(DataError) as e:
+        tokenize_rows(load_rows(str(path)), tok)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "row 1: field 'output' is missing or empty (line 3)"
+    assert lines[19] == "row 20: field 'output' is missing or empty (line 41)"
+    assert lines[20] == "... and 10 more"
+    assert lines[21] == f"30 bad rows in {path}. Fix them, or set data.skip_bad_rows=true to skip such rows."
+    assert len(lines) == 22
+    assert len(tokenize_rows(load_rows(str(path)), tok, skip_bad_rows=True)) == 1
+
+
+def test_invalid_json_file_names_file_and_position(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[{"text": "a"},\n {text: "b"}]')
+    with pytest.raises(DataError, match=rf"^{path}: not valid JSON at line 2 column 3 \(Expecting property name"):
+        load_rows(str(path))
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"line 2 column 1 \(Extra data\).*\.jsonl"):  # JSON Lines named .json
+        load_rows(str(path))
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+    rows = [{"text": "a\u2028b\x85c"}, {"text": "d"}]
+    path = tmp_path / "u.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    assert load_rows(str(path)) == rows
+    assert load_rows(str(path)).lines == [1, 2]

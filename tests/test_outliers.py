@@ -134,3 +134,59 @@ def test_smollm2_gives_30_distinct_ratios(smollm2_path):
     assert ratios.shape == (30,)
     assert len(set(ratios.tolist())) == 30
     assert (ratios > 0).all() and (ratios < 100).all()
+
+
+class _FailsAfterLayers(torch.nn.Module):
+    """Accepts ``**kwargs``, runs the whole LM, then rejects ``logits_to_keep`` (like a head that cannot take it)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask)
+        if "logits_to_keep" in kwargs or "num_logits_to_keep" in kwargs:
+            raise TypeError("forward() got an unexpected keyword argument 'logits_to_keep'")
+        return out
+
+
+def _count_layer_calls(model):
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
+             for i, layer in enumerate(find_decoder_layers(model))]
+    return calls, hooks
+
+
+def test_late_type_error_is_not_retried_into_double_counting(tiny_llama):
+    """A TypeError raised after the decoder layers ran must not trigger a second forward over the same batch."""
+    batches = _batches()
+    plain = compute_outlier_ratios(tiny_llama, batches, threshold=1.5)
+    wrapped = _FailsAfterLayers(tiny_llama)
+    calls, hooks = _count_layer_calls(tiny_llama)
+    ours = compute_outlier_ratios(wrapped, batches, threshold=1.5, layers=find_decoder_layers(tiny_llama))
+    for h in hooks:
+        h.remove()
+    assert len(calls) == len(batches) * 4  # each layer saw each batch once (the old retry ran every batch twice)
+    assert torch.equal(ours, plain)
+
+
+def test_logits_to_keep_passed_only_when_forward_names_it(tiny_llama):
+    seen = []
+
+    class Explicit(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask=None, use_cache=None, logits_to_keep=0):
+            seen.append(logits_to_keep)
+            if logits_to_keep:
+                raise TypeError("boom from deep inside")  # a real error: propagate it, never retry
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask)
+
+    model = Explicit(tiny_llama).train()
+    with pytest.raises(TypeError, match="boom from deep inside"):
+        compute_outlier_ratios(model, _batches(), layers=find_decoder_layers(tiny_llama))
+    assert seen == [1]  # called once, with logits_to_keep=1, and not called again without it
+    assert model.training and tiny_llama.training  # train mode restored although the forward raised
+    assert not any(m._forward_pre_hooks for m in tiny_llama.modules())  # hooks removed too

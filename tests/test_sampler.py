@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from owlore.sampler import LayerSampler, capped_inclusion, sampling_weights
+from owlore.sampler import LayerSampler, capped_inclusion, inclusion_units, sampling_weights
 
 # Shaped like the shipped LLaMA2-7B LOD file: high first layers, low middle, a bump at the end.
 SCORES = torch.tensor([0.27, 0.29, 0.20, 0.17, 0.15, 0.14, 0.12, 0.11, 0.10, 0.09, 0.08, 0.07, 0.06, 0.05, 0.04,
@@ -129,3 +129,51 @@ def test_invalid_arguments_all_reported():
         LayerSampler(torch.tensor([1.0, -1.0]), gamma=1)
     with pytest.raises(ValueError, match="non-zero probability"):
         LayerSampler(torch.tensor([1.0, 0.0, 0.0]), gamma=2)
+
+
+# A real LOD-like case whose float cumsum of inclusion probabilities, in the seed-0 permutation, ends at
+# γ - 8.9e-16 with a capped (π = 1) layer last.
+AWKWARD = torch.tensor([0.0379, 0.0003, 0.0521, 0.0001, 0.3439, 0.2187, 0.5359, 0.0254, 0.026, 0.0, 0.7019, 0.6415,
+                        0.7239, 0.5665, 0.2074, 0.3426, 0.3021, 0.0198], dtype=torch.float64)
+TOP_OF_RAND = 1.0 - 2.0**-53  # the largest double torch.rand can return
+
+
+@pytest.mark.parametrize("u", [TOP_OF_RAND, 0.0, 0.5])
+def test_systematic_draw_distinct_when_float_cumsum_falls_short_of_gamma(monkeypatch, u):
+    sampler = LayerSampler(AWKWARD, gamma=7, seed=0)
+    order = torch.randperm(len(AWKWARD), generator=torch.Generator().manual_seed(0))  # the sampler's first draw
+    cum = torch.cumsum(sampler.inclusion_probabilities()[order], 0)
+    assert cum[-1] < 7 and sampler.inclusion_probabilities()[order[-1]] == 1.0  # the case really is awkward
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(u, dtype=torch.float64))
+    draw = sampler.sample()  # the old float search drew the last layer twice here and raised "sampler drew ..."
+    assert len(draw) == len(set(draw)) == 7
+    assert AWKWARD[draw].gt(0).all()  # never the zero-probability layer
+    pi = sampler.inclusion_probabilities()
+    assert set(torch.nonzero(pi == 1.0).flatten().tolist()) <= set(draw)  # capped layers are always drawn
+
+
+def test_systematic_draw_distinct_for_extreme_uniforms(monkeypatch):
+    """γ = L (every π = 1) and u at the top of its range: u + j rounds to an integer in floats."""
+    for u in (TOP_OF_RAND, 0.0):
+        monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.tensor(u, dtype=torch.float64))
+        for L, gamma, mode in [(3, 3, "uniform"), (6, 6, "owl"), (32, 5, "owl"), (32, 31, "increase")]:
+            s = LayerSampler(SCORES[:L], gamma=gamma, mode=mode, seed=L)
+            for _ in range(5):
+                draw = s.sample()
+                assert len(draw) == len(set(draw)) == gamma, (L, gamma, u, draw)
+
+
+def test_inclusion_units_sum_to_gamma_exactly():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        L = int(torch.randint(2, 64, (), generator=g))
+        gamma = int(torch.randint(1, L + 1, (), generator=g))
+        p = torch.rand(L, generator=g, dtype=torch.float64).pow(6)
+        p[torch.rand(L, generator=g) < 0.2] = 0.0
+        if int((p > 0).sum()) < gamma:
+            continue
+        pi = capped_inclusion(p / p.sum(), gamma)
+        units = inclusion_units(pi, gamma, 52)
+        assert int(units.sum()) == gamma * 2**52
+        assert (units >= 0).all() and (units <= 2**52).all() and (units[p == 0] == 0).all()
+        assert (units.double() / 2**52 - pi).abs().max() < 1e-13
