@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,13 @@ from transformers import TrainerCallback
 from owlore.config import OwLoreConfig
 from owlore.fileio import atomic_write
 from owlore.layers import find_decoder_layers, set_layers_trainable
+from owlore.methods.base import LAYER_STATE_FILE as STATE_FILE
 from owlore.metrics import OwLoreLogger, owlore_tensorboard_dir, peak_memory_bytes
 from owlore.optim_state import drop_state, move_state, state_bytes, unwrap_optimizer
 from owlore.sampler import LayerSampler
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "owlore_state.pt"
 RECORD_FILE = "owlore_record.json"
 
 
@@ -49,7 +49,10 @@ class OwLoreCallback(TrainerCallback):
             the dataset, so the shuffled training order is not disturbed), or ``config.calibration_source``.
         tokenizer: needed only with ``config.calibration_source``.
         resume_dir: checkpoint directory to restore OwLore's state from when resuming, if it is not
-            ``<output_dir>/checkpoint-<global_step>`` (``OwLoreTrainer`` sets this for you).
+            ``<output_dir>/checkpoint-<global_step>`` or ``TrainingArguments.resume_from_checkpoint``.
+        schedule: ``num_layers -> schedule`` factory replacing the outlier-weighted ``LayerSampler`` (BAdam's
+            block order, say). A schedule has ``sample() -> list[int]``, ``counts``, ``state_dict()`` and
+            ``load_state_dict()``; no outlier ratios are computed for it.
     """
 
     def __init__(
@@ -60,13 +63,15 @@ class OwLoreCallback(TrainerCallback):
         calibration_batches: list[Any] | None = None,
         tokenizer: Any = None,
         resume_dir: str | None = None,
+        schedule: Callable[[int], Any] | None = None,
     ) -> None:
         self.config = config or OwLoreConfig()
         self.scores = None if scores is None else torch.as_tensor(scores, dtype=torch.float64)
         self.calibration_batches = calibration_batches
         self.tokenizer = tokenizer
         self.resume_dir = resume_dir
-        self.sampler: LayerSampler | None = None
+        self.schedule_factory = schedule
+        self.sampler: Any = None
         self.active: list[int] = []
         self.history: list[tuple[int, list[int]]] = []
         self.last_switch_step = -1
@@ -76,6 +81,7 @@ class OwLoreCallback(TrainerCallback):
         self._output_dir: Path | None = None
         self._peft = False
         self._peft_ids: set[int] | None = None
+        self._is_main = True
 
     # ----------------------------------------------------------------------------------------------- set-up
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -91,15 +97,16 @@ class OwLoreCallback(TrainerCallback):
             # Whatever the adapter type (LoRA, IA3, VeRA, modules_to_save ...), train what peft left trainable.
             self._peft_ids = {id(p) for p in self.layers.parameters() if p.requires_grad}
         self._output_dir = Path(args.output_dir)
+        self._is_main = args.process_index == 0
         self._check_distributed(args)
-        if self.config.gamma > len(self.layers):
+        if self.schedule_factory is None and self.config.gamma > len(self.layers):
             raise ValueError(f"owlore.gamma={self.config.gamma} exceeds the model's {len(self.layers)} decoder "
                              f"layers; set owlore.gamma <= {len(self.layers)}")
         self._check_optimizer_covers_layers()
         restored = self._restore(args, state) if state.global_step > 0 else None
-        if self.scores is None:
+        if self.scores is None and self._uses_scores():
             self.scores = self._compute_scores(model, args, train_dataloader)
-        if len(self.scores) != len(self.layers):
+        if self.scores is not None and len(self.scores) != len(self.layers):
             raise ValueError(f"got {len(self.scores)} outlier scores for {len(self.layers)} decoder layers")
         if self.sampler is None:
             self.sampler = self._new_sampler()
@@ -140,17 +147,21 @@ class OwLoreCallback(TrainerCallback):
                 "trained when sampled. Build the optimizer before freezing layers (owlore.create_owlore_optimizer "
                 "includes every parameter), and do not freeze decoder layers yourself.")
 
-    def _new_sampler(self) -> LayerSampler:
+    def _uses_scores(self) -> bool:
+        return self.schedule_factory is None and self.config.mode in ("owl", "owl_reverse")
+
+    def _new_sampler(self) -> Any:
+        if self.schedule_factory is not None:
+            return self.schedule_factory(len(self.layers))
         c = self.config
-        return LayerSampler(self.scores, gamma=c.gamma, mode=c.mode, temperature=c.temperature, floor=c.floor,
+        scores = self.scores if self.scores is not None else torch.ones(len(self.layers), dtype=torch.float64)
+        return LayerSampler(scores, gamma=c.gamma, mode=c.mode, temperature=c.temperature, floor=c.floor,
                             seed=c.seed, scheme=c.scheme)
 
     def _compute_scores(self, model, args, train_dataloader) -> torch.Tensor:
         from owlore.calibration import CalibrationSpec, outlier_ratios_from_spec
 
         c = self.config
-        if c.mode not in ("owl", "owl_reverse"):
-            return torch.ones(len(self.layers), dtype=torch.float64)  # modes that ignore the ratios
         if c.calibration_source:
             if self.tokenizer is None:
                 raise ValueError("owlore.calibration_source needs a tokenizer: pass tokenizer= to OwLoreCallback or "
@@ -272,41 +283,54 @@ class OwLoreCallback(TrainerCallback):
     def record(self) -> dict[str, Any]:
         """The JSON record: ratios, sampling probabilities, inclusion probabilities, history, counts."""
         s = self.sampler
+        probs = getattr(s, "probabilities", None)
+        inclusion = s.inclusion_probabilities() if hasattr(s, "inclusion_probabilities") else None
         return {
             "config": self.config.to_dict(),
+            "schedule": repr(s) if s is not None else None,
+            # None when the schedule does not use them (uniform / increase / decrease modes, BAdam)
             "outlier_ratios": self.scores.tolist() if self.scores is not None else None,
-            "sampling_probabilities": s.probabilities.tolist() if s else None,
-            "inclusion_probabilities": s.inclusion_probabilities().tolist() if s else None,
-            "activation_counts": s.counts.tolist() if s else None,
+            "sampling_probabilities": probs.tolist() if probs is not None else None,
+            "inclusion_probabilities": inclusion.tolist() if inclusion is not None else None,
+            "activation_counts": s.counts.tolist() if s is not None else None,
             "history": [{"step": st, "layers": ls} for st, ls in self.history],
         }
 
     def write_record(self, **extra: Any) -> None:
         """Write ``record()`` (plus ``extra`` top-level entries) to ``<output_dir>/owlore_record.json`` atomically."""
-        if self._output_dir is None:
+        if self._output_dir is None or not self._is_main:  # one writer under DDP
             return
         text = json.dumps({**self.record(), **extra}, indent=1, default=str)
         atomic_write(self._output_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: tensors, ints and lists only (``torch.load(weights_only=True)``)."""
-        return {
+        out = {
             "sampler": self.sampler.state_dict(),
             "active": torch.tensor(self.active, dtype=torch.long),
             "last_switch_step": self.last_switch_step,
-            "scores": self.scores.clone(),
             "history_steps": torch.tensor([s for s, _ in self.history], dtype=torch.long),
-            "history_layers": torch.tensor([ls for _, ls in self.history], dtype=torch.long).reshape(-1, self.config.gamma),
+            # flat + sizes: a BAdam block order may have a shorter last block
+            "history_layers": torch.tensor([i for _, ls in self.history for i in ls], dtype=torch.long),
+            "history_sizes": torch.tensor([len(ls) for _, ls in self.history], dtype=torch.long),
         }
+        if self.scores is not None:
+            out["scores"] = self.scores.clone()
+        return out
 
     def save_to(self, checkpoint_dir: str | Path, global_step: int) -> None:
         """Write ``owlore_state.pt`` (``state_dict()`` and the step it belongs to) atomically into a checkpoint."""
         payload = {**self.state_dict(), "global_step": global_step}
         atomic_write(Path(checkpoint_dir) / STATE_FILE, lambda tmp: torch.save(payload, tmp))
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # The Trainer saves right after on_step_end, and writes trainer_state.json last (then deletes older
+        # checkpoints). Writing our state first means a checkpoint that looks complete always has it.
+        if control.should_save and args.should_save and self.sampler is not None:
+            self.save_to(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+
     def on_save(self, args, state, control, **kwargs):
-        # OwLoreTrainer writes the state *before* the Trainer's files (so a checkpoint is never complete without
-        # it); with the stock Trainer it is written here, right after them.
+        # Fallback for saves decided after on_step_end (e.g. save_strategy=epoch): right after the Trainer's files.
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not args.should_save or not ckpt.is_dir() or (ckpt / STATE_FILE).is_file():
             return
@@ -323,10 +347,16 @@ class OwLoreCallback(TrainerCallback):
                     raise ValueError(f"{Path(c) / STATE_FILE} is from step {data['global_step']} but the Trainer "
                                      f"resumes at step {state.global_step}; pass OwLoreCallback(resume_dir=<the "
                                      "checkpoint you resume from>)")
-                self.scores = data["scores"].double()
+                if "scores" in data:
+                    self.scores = data["scores"].double()
                 self.active = data["active"].tolist()
                 self.last_switch_step = int(data["last_switch_step"])
-                self.history = list(zip(data["history_steps"].tolist(), data["history_layers"].tolist(), strict=True))
+                flat = data["history_layers"].tolist()
+                chunks, start = [], 0
+                for n in data["history_sizes"].tolist():
+                    chunks.append(flat[start : start + n])
+                    start += n
+                self.history = list(zip(data["history_steps"].tolist(), chunks, strict=True))
                 logger.info("OwLore state restored from %s (active layers %s)", c, self.active)
                 return data
         raise FileNotFoundError(

@@ -7,10 +7,12 @@ Defaults follow the official scripts of OwLore (arXiv 2405.18380, pixeli99/OwLor
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from owlore.sampler import MODES, SCHEMES
+from owlore.typecheck import coerce, suggest
 
 STATE_POLICIES = ("reset", "keep", "offload")
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -124,44 +126,38 @@ class OwLoreConfig:
         return dataclasses.asdict(self)
 
 
-def dataclass_from_dict(cls: type, data: dict[str, Any], *, section: str) -> tuple[Any | None, list[str]]:
+def dataclass_from_dict(
+    cls: type, data: dict[str, Any], *, section: str, raw: dict[str, str] | None = None
+) -> tuple[Any | None, list[str]]:
     """Build a config dataclass from a mapping, collecting (not raising) unknown keys and invalid values.
+
+    Values are read against each field's type (``owlore.typecheck.coerce``): a string field gets a string, a float
+    field accepts ``3e-4``. ``raw`` maps keys to their original override text.
 
     Returns the instance built from the valid keys (None if even that failed) and the list of problems, each
     naming ``section.key``; the instance is only meaningful when the list is empty.
     """
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    problems = [f"{section}.{k}: unknown key; valid keys: {', '.join(sorted(names))}" for k in data if k not in names]
-    kwargs = {k: v for k, v in data.items() if k in names}
-    for k, v in kwargs.items():
-        expected = names[k].type if isinstance(names[k].type, str) else getattr(names[k].type, "__name__", "")
-        if not _type_ok(v, expected):
-            problems.append(f"{section}.{k}={v!r}: expected {expected}")
-    typed_ok = {k: v for k, v in kwargs.items() if not any(p.startswith(f"{section}.{k}=") for p in problems)}
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    problems = [f"{section}.{k}: unknown key{suggest(k, names)}; valid keys: {', '.join(sorted(names))}"
+                for k in data if k not in names]
+    typed_ok: dict[str, Any] = {}
+    for k, v in data.items():
+        if k not in names:
+            continue
+        value, why = coerce(v, hints[k], raw=(raw or {}).get(k))
+        if why:
+            problems.append(f"{section}.{k}={v!r}: {why}")
+        else:
+            typed_ok[k] = value
     try:  # also built when some keys are bad, so value problems of the other keys are reported in the same error
         obj = cls(**typed_ok)
     except ConfigError as e:
         problems += [f"{section}.{ln.strip()[2:]}" for ln in str(e).splitlines()[1:]]
         return None, problems
+    if hasattr(obj, "problems") and not isinstance(obj, OwLoreConfig):  # OwLoreConfig checks in __post_init__
+        problems += obj.problems(prefix=f"{section}.")
     return obj, problems  # obj (from the valid keys) lets callers run further checks; use it only if no problems
-
-
-def _type_ok(value: Any, annotation: str) -> bool:
-    """Check a YAML value against a dataclass annotation string (``int``, ``float | None``, ...)."""
-    allowed = {a.strip() for a in annotation.replace("list[str]", "list").split("|")}
-    checks = {
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-        "str": lambda v: isinstance(v, str),
-        "bool": lambda v: isinstance(v, bool),
-        "None": lambda v: v is None,
-        "list": lambda v: isinstance(v, list),
-        "dict[str, Any]": lambda v: isinstance(v, dict),
-    }
-    known = [a for a in allowed if a in checks]
-    if not known:  # annotation we do not check
-        return True
-    return any(checks[a](value) for a in known)
 
 
 @dataclass

@@ -8,39 +8,43 @@ from pathlib import Path
 import torch
 
 
-def layer_table(ratios: Sequence[float], inclusion: Sequence[float], counts: Sequence[int] | None = None) -> str:
-    """Markdown table, one row per layer."""
-    head = "| layer | outlier ratio (%) | P(in a draw) |" + (" times trained |" if counts is not None else "")
-    sep = "|---:|---:|---:|" + ("---:|" if counts is not None else "")
-    rows = [head, sep]
-    for i, (r, p) in enumerate(zip(ratios, inclusion, strict=True)):
-        row = f"| {i} | {float(r):.3f} | {float(p):.3f} |"
-        if counts is not None:
-            row += f" {int(counts[i])} |"
-        rows.append(row)
+def layer_table(ratios: Sequence[float] | None, inclusion: Sequence[float] | None,
+                counts: Sequence[int] | None = None) -> str:
+    """Markdown table, one row per layer; columns that are None (e.g. no outlier ratios for LISA) are left out."""
+    cols = [(name, vals, fmt) for name, vals, fmt in (("outlier ratio (%)", ratios, "{:.3f}"),
+                                                      ("P(in a draw)", inclusion, "{:.3f}"),
+                                                      ("times trained", counts, "{}")) if vals is not None]
+    n = len(cols[0][1]) if cols else 0
+    rows = ["| layer | " + " | ".join(c[0] for c in cols) + " |", "|---:|" + "---:|" * len(cols)]
+    for i in range(n):
+        cells = [fmt.format(int(v[i]) if fmt == "{}" else float(v[i])) for _, v, fmt in cols]
+        rows.append(f"| {i} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def plot_layer_statistics(
     path: str | Path,
-    ratios: Sequence[float] | torch.Tensor,
-    inclusion: Sequence[float] | torch.Tensor,
+    ratios: Sequence[float] | torch.Tensor | None,
+    inclusion: Sequence[float] | torch.Tensor | None,
     counts: Sequence[int] | torch.Tensor | None = None,
     *,
     title: str = "",
 ) -> Path:
-    """Bar charts of per-layer outlier ratio, inclusion probability and (optionally) times trained, as a PNG."""
+    """Bar charts of per-layer outlier ratio, inclusion probability and times trained (those given), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("outlier ratio (%)", list(map(float, ratios)), "tab:red"),
-              ("P(layer in a draw)", list(map(float, inclusion)), "tab:blue")]
+    panels = [(label, [float(v) for v in vals], color) for label, vals, color in (
+        ("outlier ratio (%)", ratios, "tab:red"), ("P(layer in a draw)", inclusion, "tab:blue")) if vals is not None]
     if counts is not None:
         panels.append(("times trained", [int(c) for c in counts], "tab:green"))
+    if not panels:
+        raise ValueError("plot_layer_statistics: nothing to plot (ratios, inclusion and counts are all None)")
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.28 * len(panels[0][1]) + 2), 2.3 * len(panels)),
-                             sharex=True)
+                             sharex=True, squeeze=False)
+    axes = axes[:, 0]
     for ax, (label, values, color) in zip(axes, panels, strict=True):
         ax.bar(range(len(values)), values, color=color)
         ax.set_ylabel(label)

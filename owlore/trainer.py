@@ -14,13 +14,11 @@ One class::
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from owlore.callback import OwLoreCallback
 from owlore.config import OwLoreConfig
@@ -38,13 +36,15 @@ def create_owlore_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-6,
     convention: str | None = None,
+    **optimizer_kwargs: Any,
 ) -> GaLoreAdamW:
     """``GaLoreAdamW`` over *all* parameters: decoder linears projected with the config's GaLore settings.
 
     Every parameter is included, frozen or not, because ``OwLoreCallback`` unfreezes sampled layers later. With
     ``config.rank=None`` the decoder linears are trained full-rank ("OwLore (Full-Rank)").
     ``convention`` (default ``config.convention``): ``"hf"`` reproduces galore-torch's order of eps and weight
-    decay (the official OwLore code), ``"torch"`` follows ``torch.optim.AdamW``.
+    decay (the official OwLore code), ``"torch"`` follows ``torch.optim.AdamW``. ``optimizer_kwargs`` go to
+    ``GaLoreAdamW`` (``state_bits=8``, ``state_dtype``, ``master_weights``).
     """
     config = config or OwLoreConfig()
     convention = convention or config.convention
@@ -62,7 +62,8 @@ def create_owlore_optimizer(
         for g in groups:
             for k in ("rank", "update_proj_gap", "scale", "proj_type"):
                 g.pop(k, None)
-    return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention)
+    return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention,
+                       **optimizer_kwargs)
 
 
 class OwLoreTrainer(Trainer):
@@ -102,15 +103,6 @@ class OwLoreTrainer(Trainer):
                 betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
             )
         return self.optimizer
-
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        # OwLore's state goes in first: the Trainer writes trainer_state.json last and then deletes older
-        # checkpoints, so a checkpoint that looks complete always has owlore_state.pt too.
-        if self.args.should_save and self.owlore_callback.sampler is not None:
-            run_dir = self._get_output_dir(trial=trial)
-            ckpt = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            self.owlore_callback.save_to(ckpt, self.state.global_step)
-        super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if isinstance(resume_from_checkpoint, str):

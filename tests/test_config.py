@@ -26,7 +26,7 @@ def test_from_dict_reports_unknown_and_mistyped_keys():
     obj, problems = dataclass_from_dict(OwLoreConfig, {"gama": 3, "rank": "big", "interval": 0}, section="owlore")
     assert obj is None  # interval=0 is invalid, so not even the valid keys build an OwLoreConfig
     assert any("owlore.gama: unknown key" in p for p in problems)
-    assert any("owlore.rank='big': expected int | None" in p for p in problems)
+    assert any("owlore.rank='big': expected int | null" in p for p in problems)
     assert any(p.startswith("owlore.interval=0") for p in problems)
     obj, problems = dataclass_from_dict(OwLoreConfig, {"rank": None, "gamma": 2}, section="owlore")
     assert problems == [] and obj.rank is None and obj.gamma == 2

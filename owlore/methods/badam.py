@@ -1,0 +1,151 @@
+"""BAdam (arXiv 2404.02827, https://arxiv.org/abs/2404.02827): block-coordinate Adam over decoder layers.
+
+The decoder layers are cut into blocks of ``block_size`` consecutive layers. One block trains at a time, in
+ascending, descending or random-permutation order (a fresh permutation each pass, as BAdam's ``random`` mode), and
+the next block takes over every ``switch_every`` optimizer steps; the Adam state is reset on a switch. Everything
+outside the blocks (embeddings, head, final norm) stays frozen, as in BAdam's default block list. bf16/fp16
+weights get fp32 master copies while their block trains (BAdam keeps them for the active block only); our
+optimizer keeps them in its state, which the switch frees.
+
+Not implemented: BAdam's optional embedding / lm_head blocks and its DeepSpeed ZeRO-3 path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from owlore.config import OwLoreConfig
+from owlore.methods.base import LAYER_STATE_FILE, BuildContext, Method, MethodParts, adam_kwargs
+
+SWITCH_MODES = ("ascending", "descending", "random")
+
+
+@dataclass
+class BAdamConfig:
+    """BAdam's knobs (defaults: the BAdam README's one layer per block, switch every 100 steps, random order)."""
+
+    block_size: int = 1
+    """Consecutive decoder layers per block (the last block may be shorter)."""
+    switch_every: int = 100
+    """Optimizer steps per block (README: min(max(n / (batch · blocks), 50), 100))."""
+    switch_mode: str = "random"
+    """ascending, descending, or random (a new random permutation of the blocks every pass)."""
+    start_block: int | None = None
+    """Block to start from in ascending/descending order (default: the first of that order)."""
+    seed: int = 0
+    """Seed of the schedule's own generator (random mode)."""
+    layers_path: str | None = None
+    """Attribute path of the decoder layers when auto-discovery fails."""
+
+    def problems(self, prefix: str = "badam.") -> list[str]:
+        out = []
+        if self.block_size < 1:
+            out.append(f"{prefix}block_size={self.block_size}: must be >= 1 (decoder layers per block)")
+        if self.switch_every < 1:
+            out.append(f"{prefix}switch_every={self.switch_every}: must be >= 1 (BAdam README: 50-100)")
+        if self.switch_mode not in SWITCH_MODES:
+            out.append(f"{prefix}switch_mode={self.switch_mode!r}: must be one of {', '.join(SWITCH_MODES)}")
+        if self.start_block is not None and self.start_block < 0:
+            out.append(f"{prefix}start_block={self.start_block}: must be >= 0 or null")
+        return out
+
+
+class BlockSchedule:
+    """Which block trains next: pure, with its own generator and a ``weights_only``-loadable state.
+
+    Same interface as ``LayerSampler`` (``sample``, ``counts``, ``state_dict``, ``load_state_dict``), so the
+    layer-switching callback runs it unchanged.
+    """
+
+    def __init__(self, num_layers: int, *, block_size: int = 1, mode: str = "random", start_block: int | None = None,
+                 seed: int = 0) -> None:
+        if mode not in SWITCH_MODES:
+            raise ValueError(f"mode={mode!r} must be one of {SWITCH_MODES}")
+        if not 1 <= block_size <= num_layers:
+            raise ValueError(f"block_size={block_size} must be in [1, {num_layers}] (decoder layers)")
+        self.blocks = [list(range(i, min(i + block_size, num_layers))) for i in range(0, num_layers, block_size)]
+        if start_block is not None and not 0 <= start_block < len(self.blocks):
+            raise ValueError(f"start_block={start_block} must be in [0, {len(self.blocks) - 1}]")
+        self.mode = mode
+        self.block_size = block_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.counts = torch.zeros(num_layers, dtype=torch.long)
+        self.num_draws = 0
+        n = len(self.blocks)
+        base = list(range(n)) if mode != "descending" else list(range(n - 1, -1, -1))
+        if start_block is not None and mode != "random":
+            k = base.index(start_block)
+            base = base[k:] + base[:k]
+        self._order = torch.tensor(base, dtype=torch.long)
+        self._position = 0
+
+    def sample(self) -> list[int]:
+        """The next block's layer indices; a new pass starts (re-permuted in random mode) after the last block."""
+        if self._position == 0 and self.mode == "random":
+            self._order = torch.randperm(len(self.blocks), generator=self.generator)
+        block = self.blocks[int(self._order[self._position])]
+        self._position = (self._position + 1) % len(self.blocks)
+        self.counts[block] += 1
+        self.num_draws += 1
+        return list(block)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "counts": self.counts.clone(), "num_draws": self.num_draws,
+                "order": self._order.clone(), "position": self._position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["counts"].numel() != self.counts.numel():
+            raise ValueError(f"schedule state is for {state['counts'].numel()} layers, this one has "
+                             f"{self.counts.numel()}")
+        self.generator.set_state(state["generator"])
+        self.counts = state["counts"].clone().long()
+        self.num_draws = int(state["num_draws"])
+        self._order = state["order"].clone().long()
+        self._position = int(state["position"])
+
+    def __repr__(self) -> str:
+        return f"BlockSchedule(blocks={len(self.blocks)}, block_size={self.block_size}, mode={self.mode!r})"
+
+
+def build(ctx: BuildContext) -> MethodParts:
+    from owlore.callback import OwLoreCallback
+    from owlore.trainer import create_owlore_optimizer
+
+    c: BAdamConfig = ctx.section("badam")
+    switching = OwLoreConfig(gamma=c.block_size, interval=c.switch_every, mode="uniform", rank=None,
+                             state_policy="reset", seed=c.seed, train_embeddings=False, train_lm_head=False,
+                             train_norms=False, layers_path=c.layers_path)
+    opt_kwargs = {**ctx.section("optimizer").optimizer_kwargs(), "master_weights": True}
+    optimizer = create_owlore_optimizer(ctx.model, switching, **adam_kwargs(ctx.args), **opt_kwargs)
+
+    def schedule(num_layers: int) -> BlockSchedule:
+        return BlockSchedule(num_layers, block_size=c.block_size, mode=c.switch_mode, start_block=c.start_block,
+                             seed=c.seed)
+
+    callback = OwLoreCallback(switching, schedule=schedule, tokenizer=ctx.tokenizer)
+    return MethodParts(ctx.model, optimizer, [callback], layer_callback=callback)
+
+
+def preflight(cfg, num_layers: int) -> list[str]:
+    c = cfg.sections["badam"]
+    out = []
+    if c.block_size > num_layers:
+        out.append(f"badam.block_size={c.block_size}: the model has only {num_layers} decoder layers")
+    blocks = -(-num_layers // max(c.block_size, 1))
+    if c.start_block is not None and c.start_block >= blocks:
+        out.append(f"badam.start_block={c.start_block}: there are {blocks} blocks; use 0..{blocks - 1}")
+    return out
+
+
+METHOD = Method(
+    name="badam",
+    summary="one block of decoder layers at a time in a fixed or permuted order, Adam state reset on a switch",
+    build=build,
+    sections={"badam": BAdamConfig},
+    own_optimizer=True,
+    preflight=preflight,
+    state_files=(LAYER_STATE_FILE,),
+)

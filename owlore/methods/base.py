@@ -1,0 +1,110 @@
+"""What a training method is: a name, its config sections, and a ``build`` that returns what a stock Trainer needs.
+
+A method never runs the training loop. ``train.py`` (or your own script) loads the model, asks the method for
+``MethodParts`` (the possibly wrapped model, an optimizer or None for the Trainer's own ``training.optim``, and
+callbacks), and hands them to ``transformers.Trainer(model=..., optimizers=(optimizer, None), callbacks=...)``.
+Adding a method is one module exporting ``METHOD`` plus one line in ``owlore.methods.REGISTRY``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer options of the methods that build their own ``GaLoreAdamW`` (owlore, galore, lisa, badam).
+
+    full, lora and qlora use the Trainer's optimizer instead: choose it with ``training.optim``.
+    """
+
+    state_bits: int = 32
+    """32, or 8 for bitsandbytes blockwise-quantised Adam moments (CPU and CUDA), low-rank and full-rank alike."""
+    state_dtype: str = "float32"
+    """dtype of the moments and GaLore bases: float32 (default; they are small) or auto (follow the gradient,
+    i.e. bf16 in a pure-bf16 run, as galore-torch and the official OwLore code do)."""
+    master_weights: bool = False
+    """Keep fp32 master copies of bf16/fp16 weights while they train. The copies live in the optimizer state, so
+    under layer sampling (state dropped on a switch) only the active layers have one."""
+
+    def problems(self, prefix: str = "optimizer.") -> list[str]:
+        out = []
+        if self.state_bits not in (8, 32):
+            out.append(f"{prefix}state_bits={self.state_bits!r}: must be 32 or 8")
+        if self.state_dtype not in ("float32", "auto"):
+            out.append(f"{prefix}state_dtype={self.state_dtype!r}: must be float32 or auto")
+        return out
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``GaLoreAdamW``."""
+        return {"state_bits": self.state_bits, "master_weights": self.master_weights,
+                "state_dtype": torch.float32 if self.state_dtype == "float32" else None}
+
+
+@dataclass
+class BuildContext:
+    """Everything a method may read when it builds its parts."""
+
+    model: nn.Module
+    """The loaded model (quantised already if the method asked for it in ``model_kwargs``)."""
+    config: Any
+    """The whole ``owlore.recipe.RunConfig`` (method sections in ``config.sections``)."""
+    args: Any
+    """The ``transformers.TrainingArguments``."""
+    tokenizer: Any = None
+
+    def section(self, name: str) -> Any:
+        return self.config.sections[name]
+
+
+@dataclass
+class MethodParts:
+    """What the Trainer gets from a method."""
+
+    model: nn.Module
+    """The model to train (e.g. a ``PeftModel`` wrapping the loaded one)."""
+    optimizer: torch.optim.Optimizer | None = None
+    """None: the Trainer builds its own from ``training.optim``."""
+    callbacks: list[Any] = field(default_factory=list)
+    layer_callback: Any = None
+    """The layer-switching callback (``OwLoreCallback``) if the method switches layers: train.py takes the per-layer
+    record and plot from it and checks its state file when it picks a checkpoint to resume from."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered training method."""
+
+    name: str
+    summary: str
+    """One line for the docs' method table."""
+    build: Callable[[BuildContext], MethodParts]
+    sections: dict[str, type] = field(default_factory=dict)
+    """Config sections this method reads, name -> dataclass (each validated, each field a ``section.key``)."""
+    own_optimizer: bool = False
+    """True: the method builds ``GaLoreAdamW`` and reads the ``optimizer`` section; ``training.optim`` must stay
+    at its default. False: the Trainer's ``training.optim`` is used (adamw_torch, adamw_bnb_8bit, ...)."""
+    model_kwargs: Callable[[Any], dict[str, Any]] | None = None
+    """Extra ``from_pretrained`` keyword arguments (QLoRA: ``quantization_config``)."""
+    preflight: Callable[[Any, int], list[str]] | None = None
+    """Checks against the model's decoder-layer count (read from ``config.json``, before any weights load)."""
+    state_files: tuple[str, ...] = ()
+    """Files a checkpoint of this method must hold to be complete (besides the Trainer's own)."""
+
+    def all_sections(self) -> dict[str, type]:
+        return {**self.sections, "optimizer": OptimizerConfig} if self.own_optimizer else dict(self.sections)
+
+
+LAYER_STATE_FILE = "owlore_state.pt"
+"""The layer-switching callback's checkpoint file (sampler/schedule state, active layers, history)."""
+
+
+def adam_kwargs(args: Any) -> dict[str, Any]:
+    """``lr``, ``weight_decay``, ``betas`` and ``eps`` from ``TrainingArguments``, for a method's own optimizer."""
+    return {"lr": args.learning_rate, "weight_decay": args.weight_decay,
+            "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}

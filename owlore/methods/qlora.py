@@ -1,0 +1,83 @@
+"""QLoRA (arXiv 2305.14314, https://arxiv.org/abs/2305.14314): LoRA on a base loaded in 4-bit NF4.
+
+The base is quantised at load time by bitsandbytes (``BitsAndBytesConfig``), prepared with peft's
+``prepare_model_for_kbit_training`` (norms in fp32, inputs require grad), then wrapped with LoRA as in
+``owlore.methods.lora``. bitsandbytes 4-bit runs on CUDA and, since bitsandbytes 0.46, on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from owlore.config import ConfigError
+from owlore.methods.base import BuildContext, Method, MethodParts
+from owlore.methods.lora import LoraSettings, wrap_with_lora
+
+
+@dataclass
+class QuantizationConfig:
+    """How the frozen base is stored (QLoRA paper: NF4, double quantisation, bf16 compute)."""
+
+    quant_type: str = "nf4"
+    """nf4 or fp4."""
+    double_quant: bool = True
+    """Quantise the quantisation constants too (~0.4 bit/param saved)."""
+    compute_dtype: str = "auto"
+    """dtype of the 4-bit matmuls: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32."""
+
+    def problems(self, prefix: str = "quantization.") -> list[str]:
+        out = []
+        if self.quant_type not in ("nf4", "fp4"):
+            out.append(f"{prefix}quant_type={self.quant_type!r}: must be nf4 or fp4")
+        if self.compute_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            out.append(f"{prefix}compute_dtype={self.compute_dtype!r}: must be auto, bfloat16, float16 or float32")
+        return out
+
+    def torch_compute_dtype(self) -> torch.dtype:
+        if self.compute_dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return getattr(torch, self.compute_dtype)
+
+
+def check_bitsandbytes_4bit(device: str) -> None:
+    """Fail before loading weights if bitsandbytes cannot quantise to 4 bits on ``device``."""
+    try:
+        import bitsandbytes.functional as bnbf
+
+        bnbf.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4")
+    except Exception as e:  # ImportError, or a backend without 4-bit kernels for this device
+        raise ConfigError(
+            f"method=qlora: bitsandbytes cannot quantise to 4 bits on {device} ({type(e).__name__}: {e}). Install a "
+            "bitsandbytes build for this device (pip install 'bitsandbytes>=0.46'; CPU support needs >= 0.46), or "
+            "use method=lora (same adapters on an unquantised base).") from None
+
+
+def model_kwargs(cfg: Any) -> dict[str, Any]:
+    from transformers import BitsAndBytesConfig
+
+    q: QuantizationConfig = cfg.sections["quantization"]
+    check_bitsandbytes_4bit("cuda" if torch.cuda.is_available() and not cfg.training.get("use_cpu") else "cpu")
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=q.torch_compute_dtype())}
+
+
+def build(ctx: BuildContext) -> MethodParts:
+    from peft import prepare_model_for_kbit_training
+
+    gc = bool(ctx.args.gradient_checkpointing)
+    model = prepare_model_for_kbit_training(ctx.model, use_gradient_checkpointing=gc,
+                                            gradient_checkpointing_kwargs=ctx.args.gradient_checkpointing_kwargs)
+    return MethodParts(wrap_with_lora(model, ctx.section("lora"), gradient_checkpointing=gc))
+
+
+METHOD = Method(
+    name="qlora",
+    summary="LoRA adapters on a 4-bit NF4 base (bitsandbytes), the Trainer's optimizer",
+    build=build,
+    sections={"lora": LoraSettings, "quantization": QuantizationConfig},
+    model_kwargs=model_kwargs,
+)

@@ -1,0 +1,261 @@
+"""A run's configuration: YAML files (composable), ``key=value`` overrides, and one validation pass.
+
+A config file has a top-level ``method:`` (default ``owlore``; see ``owlore.methods.REGISTRY``), the common
+sections ``model``, ``data``, ``training`` (``transformers.TrainingArguments``) and ``eval``, and the sections of
+its method (``owlore``, ``lora``, ``galore``, ``lisa``, ``badam``, ``quantization``, ``optimizer`` ...).
+
+Composition: a file may say ``include: base.yaml`` (or a list; paths relative to the file), and several files may
+be given; later ones override earlier ones key by key, and a section set to ``null`` is removed. ``${method}`` in
+any string value is replaced by the method's name (e.g. ``output_dir: outputs/smollm2_${method}``).
+
+Everything is checked before any weights load, and one ``ConfigError`` lists every problem, each naming
+``section.key``, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from owlore.config import ConfigError, DataConfig, EvalConfig, ModelConfig, dataclass_from_dict
+from owlore.typecheck import coerce, suggest
+
+COMMON_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig}
+TOP_KEYS = ("method", "include")
+DEFAULT_METHOD = "owlore"
+_OWN_OPTIMIZER_DEFAULT = "adamw_torch"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans (only true/false: ``no``, ``on``, ``off`` stay strings, so HF's
+    ``save_strategy: no`` means what HF documents) and with ``3e-4`` read as the float everyone means."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$|^[-+]?(?:\d+\.\d*|\.\d+)$|^[-+]?\.(?:inf|Inf|INF)$"
+               r"|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+@dataclass
+class RunConfig:
+    """A validated run: the method's name, the common sections and the method's own sections."""
+
+    method: str
+    model: ModelConfig
+    data: DataConfig
+    training: dict[str, Any]
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sections: dict[str, Any] = field(default_factory=dict)
+    """The method's sections by name, e.g. ``{"owlore": OwLoreConfig(...), "optimizer": OptimizerConfig(...)}``."""
+    sources: list[str] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> Any:  # cfg.owlore, cfg.lora ... for the method's sections
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"RunConfig has no section {name!r} (method {self.__dict__.get('method')!r} reads "
+                             f"{', '.join(sections) or 'no own section'})")
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_config_files(paths: list[str | Path], _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Merge YAML files in order, each after the files it ``include``s."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            where = f" (included from {_chain[-1]})" if _chain else ""
+            raise ConfigError(f"config file {path} not found{where}; shipped configs are in configs/, e.g. "
+                              "configs/smollm2_owlore.yaml")
+        resolved = path.resolve()
+        if resolved in _chain:
+            raise ConfigError(f"{path}: include cycle {' -> '.join(map(str, (*_chain, resolved)))}")
+        try:
+            data = parse_yaml(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        includes = data.pop("include", None) or []
+        includes = [includes] if isinstance(includes, str) else includes
+        if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+            raise ConfigError(f"{path}: include must be a file name or a list of file names, got {includes!r}")
+        base = read_config_files([path.parent / i for i in includes], (*_chain, resolved)) if includes else {}
+        merged = _merge(merged, _merge(base, data))
+    return {k: v for k, v in merged.items() if v is not None or k == "method"}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[list[str], dict[tuple[str, str], str]]:
+    """Set ``section.key=value`` (or ``method=name``) in place; values are YAML, read later against field types.
+
+    Returns the problems and the original text of every override value (so a string field gets it verbatim).
+    """
+    problems, texts = [], {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts) or (len(parts) == 1 and parts[0] != "method"):
+            problems.append(f"override {item!r}: expected section.key=value (e.g. owlore.gamma=2) or method=NAME")
+            continue
+        parsed = parse_yaml(value) if value.strip() else None
+        if parts == ["method"]:
+            raw["method"] = value.strip()
+            continue
+        node = raw.setdefault(parts[0], {})
+        if not isinstance(node, dict):
+            problems.append(f"override {item!r}: section {parts[0]!r} is not a mapping")
+            continue
+        for p in parts[1:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = parsed
+        if len(parts) == 2:
+            texts[(parts[0], parts[1])] = value.strip()
+    return problems, texts
+
+
+def _substitute(value: Any, method: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("${method}", method)
+    if isinstance(value, dict):
+        return {k: _substitute(v, method) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, method) for v in value]
+    return value
+
+
+def training_problems(training: dict[str, Any], texts: dict[str, str], *, own_optimizer: bool,
+                      method: str) -> tuple[dict[str, Any], list[str]]:
+    """Check ``training:`` against ``TrainingArguments``' fields and types (without building it)."""
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    names = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+    out, problems = {}, []
+    for k, v in training.items():
+        if k not in names:
+            problems.append(f"training.{k}: not a transformers.TrainingArguments field{suggest(k, names)}")
+            continue
+        value, why = coerce(v, hints.get(k, Any), raw=texts.get(k))
+        if why:
+            problems.append(f"training.{k}={v!r}: {why}")
+        out[k] = value
+    if "output_dir" not in training:
+        problems.append("training.output_dir: required (where checkpoints, logs and the model go)")
+    optim = out.get("optim", _OWN_OPTIMIZER_DEFAULT)
+    if own_optimizer and str(optim) not in (_OWN_OPTIMIZER_DEFAULT, "adamw_torch_fused"):
+        problems.append(f"training.optim={optim!r}: method {method} builds its own GaLoreAdamW, so training.optim "
+                        "is not used; remove it (8-bit states: optimizer.state_bits=8)")
+    return out, problems
+
+
+def load_config(paths: str | Path | list[str | Path], overrides: list[str] | None = None) -> RunConfig:
+    """Read and merge YAML files, apply overrides, validate everything; one ``ConfigError`` lists every problem."""
+    from owlore.methods import REGISTRY, all_methods
+
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
+    raw = read_config_files(paths)
+    problems, texts = apply_overrides(raw, overrides or [])
+    method_name = raw.get("method") or DEFAULT_METHOD
+    if method_name not in REGISTRY:
+        problems.append(f"method={method_name!r}: unknown method{suggest(str(method_name), REGISTRY)}; methods: "
+                        f"{', '.join(REGISTRY)}")
+        method_name = DEFAULT_METHOD
+    raw = {k: _substitute(v, method_name) for k, v in raw.items()}
+    methods = all_methods()
+    method = methods[method_name]
+    own = method.all_sections()
+    users: dict[str, list[str]] = {}
+    for name, m in methods.items():
+        for s in m.all_sections():
+            users.setdefault(s, []).append(name)
+    known = [*TOP_KEYS, *COMMON_SECTIONS, "training", *users]
+    for key in raw:
+        if key in TOP_KEYS or key in COMMON_SECTIONS or key == "training" or key in own:
+            continue
+        if key in users:
+            problems.append(f"{key}: section of method {' / '.join(users[key])}, but this run's method is "
+                            f"{method_name}; remove the section or set method: {users[key][0]}")
+        else:
+            problems.append(f"{key}: unknown section{suggest(key, known)}; sections: {', '.join(known[2:])}")
+    built: dict[str, Any] = {}
+    for name, cls in {**COMMON_SECTIONS, **own}.items():
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            problems.append(f"{name}: must be a mapping of keys, got {type(section).__name__}")
+            continue
+        section_texts = {k: t for (s, k), t in texts.items() if s == name}
+        obj, errs = dataclass_from_dict(cls, section, section=name, raw=section_texts)
+        problems += errs
+        built[name] = obj
+    training = raw.get("training") or {}
+    if not isinstance(training, dict):
+        problems.append(f"training: must be a mapping of TrainingArguments fields, got {type(training).__name__}")
+        training = {}
+    training, errs = training_problems(training, {k: t for (s, k), t in texts.items() if s == "training"},
+                                       own_optimizer=method.own_optimizer, method=method_name)
+    problems += errs
+    if problems:
+        where = ", ".join(map(str, paths))
+        raise ConfigError(f"{where}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    return RunConfig(method=method_name, model=built["model"], data=built["data"], eval=built["eval"],
+                     training=training, sections={k: built[k] for k in own}, sources=[str(p) for p in paths])
+
+
+def decoder_layer_count(model_name: str, *, trust_remote_code: bool = False) -> int | None:
+    """Decoder layers of a model from its ``config.json`` alone (no weights), or None if unknown."""
+    from transformers import AutoConfig
+
+    from owlore.assets import resolve_model_name
+
+    try:
+        cfg = AutoConfig.from_pretrained(resolve_model_name(model_name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None  # the weights loader reports a missing model with its own message
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return None
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Checks that need the model's ``config.json`` (e.g. ``owlore.gamma`` vs the layer count), before weights."""
+    from owlore.methods import get_method
+
+    method = get_method(cfg.method)
+    if method.preflight is None:
+        return
+    layers = decoder_layer_count(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    if layers is None:
+        return
+    problems = method.preflight(cfg, layers)
+    if problems:
+        raise ConfigError(f"{cfg.model.name} has {layers} decoder layers:\n" + "\n".join(f"  - {p}" for p in problems))
