@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from owlore.layers import find_decoder_layers, linear_modules
+from owlore.param_groups import make_param_groups
 from owlore.projector import (
     LEFT,
     PROJ_TYPES,
@@ -31,6 +30,7 @@ from owlore.projector import (
     project_back,
     projected_shape,
 )
+from owlore.quant_state import CodeMaps, check_state_options, load_moments, store_moments, update_target
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def adamw_update(
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
-    """AdamW with GaLore projection for param groups that carry ``rank``.
+    """AdamW with GaLore projection for groups that carry ``rank``; optional fp32 master weights and 8-bit state.
 
     Groups with ``rank`` (plus optional ``update_proj_gap``, ``scale``, ``proj_type`` in ``std`` / ``reverse_std``
     / ``left`` / ``right``; defaults 200 / 0.25 / ``std``) project their 2-D weights; the rank is clamped to
@@ -117,13 +117,38 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     The basis is recomputed on a param's first step and then every ``update_proj_gap`` of *its own* steps (steps
     with ``grad is None`` do not count, so frozen layers keep their schedule). Moments carry over a basis refresh
-    unchanged, as in GaLore. If the gradient is non-finite or the SVD fails, the previous basis is kept and a
-    warning is logged; with no previous basis that param's update is skipped for the step. Finiteness is only
-    checked on refresh steps (one host sync per SVD, none per ordinary step); skipping inf/NaN steps in general is
-    the job of the loss scaler or the training loop, as with ``torch.optim.AdamW``.
+    unchanged, as in GaLore. If the SVD fails, the previous basis is kept and a warning is logged; with no previous
+    basis that param's update is skipped for the step.
 
-    State per param: ``step`` (int), ``exp_avg``, ``exp_avg_sq`` and, when projected, ``basis`` (tensor) and
-    ``side`` (int). ``svd_seconds`` accumulates SVD wall time (not part of the state) for training logs.
+    A param whose gradient holds an inf or NaN skips its *whole* update for that step, on every step: moments,
+    step count, basis and weight stay as they were, so one bad batch cannot poison its moments for the rest of the
+    run, and the other params step normally. The check is one ``torch._foreach_norm`` over all gradients and one
+    host sync per ``step()`` (per device). ``skipped_updates`` counts the skips; the first is logged with the
+    param's group, index and shape, later ones at every power of two. A loss scaler that skips whole steps (fp16
+    ``GradScaler``) works as before.
+
+    Precision options (keyword-only, each also a per-group key of the same name):
+
+    - ``state_dtype`` (default ``torch.float32``): dtype of ``exp_avg``, ``exp_avg_sq`` and the GaLore basis, and
+      the dtype the update is computed in (the gradient is upcast; the result is written into the param in the
+      param's own dtype). fp32 is cheap because GaLore's moments are low-rank, and bf16 moments round small
+      gradients away (and fp16 ones overflow). ``None`` follows the gradient's dtype (the old behaviour, as in
+      galore-torch). With fp32 params the default changes nothing; fp64 params get fp32 state unless ``None``.
+    - ``master_weights`` (default False): for bf16/fp16 params keep an fp32 copy in ``state["master"]``, apply the
+      update to it and round it into the param; otherwise an update below half a bf16 ulp of the weight (lr 1e-4 on
+      weights ~1) is lost entirely. The copy is made lazily from the param at its first step and, like all state,
+      is dropped by ``drop_state``: under OwLore's layer sampling only the *active* layers hold master copies
+      (4 extra bytes per weight of γ layers), and a re-activated layer restarts from its current bf16 weight.
+      While a copy exists, change the weight only through the optimizer (or drop its state first).
+    - ``state_bits`` (default 32): 8 stores the moments, low-rank and full-rank alike, 8-bit blockwise quantised
+      with bitsandbytes (``owlore.quant_state``; about 4x less moment memory), on CPU and CUDA; moments with
+      fewer than ``quant_state.MIN_8BIT_SIZE`` (4096) elements stay unquantised. bitsandbytes is imported only
+      when a group uses 8 bits.
+
+    State per param: ``step`` (int); ``exp_avg`` and ``exp_avg_sq`` (``state_dtype``; or uint8 codes with
+    fp32 per-block scales ``exp_avg_absmax`` / ``exp_avg_sq_absmax``); when projected ``basis`` (tensor) and
+    ``side`` (int); with master weights ``master`` (fp32). Tensors and ints only, and ``load_state_dict`` keeps
+    their dtypes. ``svd_seconds`` (SVD wall time) and ``skipped_updates`` are not part of the state.
 
     Args:
         params: params or param-group dicts (see ``make_param_groups``).
@@ -134,6 +159,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         convention: ``"torch"`` (default; eps after bias correction, decay before the update, the order
             ``torch.optim.AdamW`` and the OwLore notes recommend) or ``"hf"`` (galore-torch's order, to reproduce
             the official OwLore runs). See ``adamw_update``.
+        state_dtype: dtype of moments and basis, and of the update math; ``None`` follows the gradient.
+        master_weights: keep fp32 master copies of bf16/fp16 params.
+        state_bits: 32, or 8 for 8-bit blockwise quantised moments (needs bitsandbytes).
     """
 
     def __init__(
@@ -145,6 +173,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         *,
         convention: Convention = "torch",
+        state_dtype: torch.dtype | None = torch.float32,
+        master_weights: bool = False,
+        state_bits: int = 32,
     ) -> None:
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
             if not value >= 0.0:
@@ -152,15 +183,18 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"Invalid betas: {betas}; both must be in [0, 1)")
         self.svd_seconds = 0.0
+        self.skipped_updates = 0
+        self._code_maps = CodeMaps()
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention)
+        defaults.update(state_dtype=state_dtype, master_weights=master_weights, state_bits=state_bits)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Fill GaLore defaults into groups with ``rank`` and validate them here, not inside ``step``."""
+        where = f"param group {param_group.get('name', len(self.param_groups))!r}"
         if "rank" in param_group:
             for key, value in GALORE_GROUP_DEFAULTS.items():
                 param_group.setdefault(key, value)
-            where = f"param group {param_group.get('name', len(self.param_groups))!r}"
             rank, gap = param_group["rank"], param_group["update_proj_gap"]
             if not (isinstance(rank, int) and rank >= 1):
                 raise ValueError(f"{where}: rank must be a positive int, got {rank!r}")
@@ -173,27 +207,35 @@ class GaLoreAdamW(torch.optim.Optimizer):
         convention = param_group.get("convention", self.defaults["convention"])
         if convention not in ("torch", "hf"):
             raise ValueError(f"convention must be 'torch' or 'hf', got {convention!r}")
+        check_state_options({**self.defaults, **param_group}, where)
         super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Update every param that has a gradient; params with ``grad is None`` are left alone."""
+        """Update every param with a finite gradient; params with ``grad is None`` are left alone."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group_index, group in enumerate(self.param_groups):
-            for index, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
-                self._step_param(p, group, (group_index, index))
+        todo = [
+            (p, group, (group_index, index))
+            for group_index, group in enumerate(self.param_groups)
+            for index, p in enumerate(group["params"])
+            if p.grad is not None
+        ]
+        if any(p.grad.is_sparse for p, _, _ in todo):
+            raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+        for (p, group, where), finite in zip(todo, _finite_flags([p.grad for p, _, _ in todo])):
+            if finite:
+                self._step_param(p, group, where)
+            else:
+                self._skip_non_finite(p, group, where)
         return loss
 
     def _step_param(self, p: Tensor, group: dict[str, Any], where: tuple[int, int]) -> None:
         state = self.state[p]
-        grad = p.grad
+        dtype = group["state_dtype"] or p.grad.dtype
+        grad = p.grad.to(dtype)  # no copy when the gradient already has the state dtype
         projected = "rank" in group and p.dim() == 2
         step = state.get("step", 0)
         refresh = projected and ("basis" not in state or step % group["update_proj_gap"] == 0)
@@ -201,17 +243,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if not state:
                 del self.state[p]  # a skipped first step leaves no trace; the next step is a first step
             return
-        if "exp_avg" not in state:
-            shape = projected_shape(grad.shape, state["basis"], state["side"]) if projected else grad.shape
-            state["exp_avg"] = torch.zeros(shape, dtype=grad.dtype, device=grad.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=grad.dtype, device=grad.device)
+        basis = state["basis"].to(dtype) if projected else None
+        shape = projected_shape(grad.shape, basis, state["side"]) if basis is not None else grad.shape
+        exp_avg, exp_avg_sq = load_moments(state, shape, dtype, grad.device, self._code_maps)
+        target = update_target(p, state, master_weights=group["master_weights"])
         state["step"] = step + 1
         beta1, beta2 = group["betas"]
         adamw_update(
-            p,
+            target,
             grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
+            exp_avg,
+            exp_avg_sq,
             state["step"],
             lr=group["lr"],
             beta1=beta1,
@@ -219,42 +261,77 @@ class GaLoreAdamW(torch.optim.Optimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             convention=group["convention"],
-            basis=state["basis"] if projected else None,
+            basis=basis,
             side=state.get("side", LEFT),
             scale=group["scale"] if projected else 1.0,
         )
+        store_moments(state, (exp_avg, exp_avg_sq), bits=group["state_bits"], maps=self._code_maps)
+        if target is not p:
+            p.copy_(target)  # round the fp32 master into the low-precision weight
+
+    def _skip_non_finite(self, p: Tensor, group: dict[str, Any], where: tuple[int, int]) -> None:
+        """Count a skipped update and log it, rate-limited so that a diverged run cannot flood the log."""
+        self.skipped_updates += 1
+        count = self.skipped_updates
+        if count & (count - 1) == 0:  # 1, 2, 4, 8, ...
+            logger.warning(
+                "GaLoreAdamW: gradient is not finite for %s; skipping its update (moments, step count, basis and "
+                "weight unchanged). %d update(s) skipped so far; next report at %d.",
+                _describe(p.shape, group, where),
+                count,
+                2 * count,
+            )
 
     def _refresh_basis(
         self, grad: Tensor, group: dict[str, Any], state: dict[str, Any], where: tuple[int, int]
     ) -> bool:
-        """Recompute the basis; on failure keep the old one. Returns False if there is no basis to step with."""
+        """Recompute the basis (in ``grad``'s dtype, the state dtype); if the SVD fails, keep the old one.
+
+        Returns:
+            False if there is no basis to step with.
+        """
         side = choose_side(group["proj_type"], grad.shape)
-        reason = None
-        if not bool(torch.isfinite(grad).all()):
-            reason = "gradient is not finite"
-        else:
-            start = time.perf_counter()
-            try:
-                basis = compute_basis(grad, group["rank"], side)
-            except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
-                reason = f"SVD failed ({err})"
+        start = time.perf_counter()
+        try:
+            basis = compute_basis(grad, group["rank"], side)
+        except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
             self.svd_seconds += time.perf_counter() - start
-        if reason is None:
-            state["basis"], state["side"] = basis, side
-            return True
-        what = f"param {where[1]} {tuple(grad.shape)} of group {group.get('name', where[0])!r}"
-        if "basis" in state:
-            logger.warning("GaLore basis refresh: %s for %s; keeping the previous basis.", reason, what)
-            return True
-        logger.warning(
-            "GaLore basis refresh: %s for %s and no previous basis; skipping its update.", reason, what
-        )
-        return False
+            keep = "basis" in state
+            outcome = "keeping the previous basis" if keep else "no previous basis, skipping its update"
+            logger.warning(
+                "GaLore basis refresh: SVD failed (%s) for %s; %s.",
+                err,
+                _describe(grad.shape, group, where),
+                outcome,
+            )
+            return keep
+        self.svd_seconds += time.perf_counter() - start
+        state["basis"], state["side"] = basis, side
+        return True
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict``, except that every state tensor keeps the dtype it was saved with.
+
+        torch casts all state tensors of a floating-point param to the param's dtype, which would round the fp32
+        moments and master copies of bf16 params to bf16 and turn 8-bit codes into floats. Groups saved before an
+        option existed get its default.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for param_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(param_id, {}).items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     def drop_state(self, params: Iterable[Tensor]) -> int:
         """Forget the state of ``params`` (e.g. layers the sampler switched off), so memory stays O(active layers).
 
-        The next step of a dropped param is a first step again: fresh moments, step count 1, new basis.
+        The next step of a dropped param is a first step again: fresh moments, step count 1, new basis, and a new
+        master copy made from the current (rounded) weight.
 
         Returns:
             The number of state bytes freed.
@@ -268,9 +345,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def move_state(
         self, params: Iterable[Tensor], device: torch.device | str, *, non_blocking: bool = False
     ) -> None:
-        """Move the state tensors of ``params`` to ``device`` (CPU offload of inactive layers and back).
+        """Move the state tensors of ``params`` (moments or 8-bit codes and scales, basis, master) to ``device``.
 
-        Move it back to the param's device before that param steps again.
+        For CPU offload of inactive layers and back; move it back to the param's device before that param steps
+        again.
         """
         for p in params:
             state = self.state.get(p)
@@ -281,112 +359,30 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     state[key] = value.to(device, non_blocking=non_blocking)
 
     def state_bytes(self, params: Iterable[Tensor] | None = None) -> int:
-        """Bytes held by state tensors (moments and bases) of ``params``, or of all params."""
+        """Bytes held by state tensors (moments or 8-bit codes and scales, bases, masters) of ``params`` or all."""
         states = self.state.values() if params is None else [self.state.get(p, {}) for p in params]
         return sum(v.numel() * v.element_size() for s in states for v in s.values() if isinstance(v, Tensor))
 
 
-def _output_embedding_ids(model: nn.Module) -> set[int]:
-    getter = getattr(model, "get_output_embeddings", None)
-    out = getter() if callable(getter) else None
-    return {id(out)} if out is not None else set()
+def _describe(shape: torch.Size, group: dict[str, Any], where: tuple[int, int]) -> str:
+    return f"param {where[1]} {tuple(shape)} of group {group.get('name', where[0])!r}"
 
 
-def _target_modules(
-    model: nn.Module, target_modules: str | Sequence[str], layers_path: str | None
-) -> dict[str, nn.Module]:
-    """Name -> module of the linears whose weights GaLore projects."""
-    linears = dict(linear_modules(model))
-    if target_modules == "decoder-linear":
-        inside = {
-            id(m) for layer in find_decoder_layers(model, layers_path) for _, m in linear_modules(layer)
-        }
-        return {name: m for name, m in linears.items() if id(m) in inside}
-    if target_modules == "all-linear":
-        skip = _output_embedding_ids(model)
-        return {n: m for n, m in linears.items() if id(m) not in skip and n.rsplit(".", 1)[-1] != "lm_head"}
-    patterns = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    found: dict[str, nn.Module] = {}
-    for pattern in patterns:
-        try:
-            regex = re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"target_modules pattern {pattern!r} is not a valid regex: {err}") from err
-        hits = {n: m for n, m in linears.items() if regex.fullmatch(n)}
-        if not hits:
-            examples = ", ".join(list(linears)[:5]) or "(none)"
-            raise ValueError(
-                f"target_modules pattern {pattern!r} fullmatches no linear module of {type(model).__name__}. "
-                f"Linear module names look like: {examples}. Use a regex over full names, e.g. r'.*\\.mlp\\..*', "
-                "or 'decoder-linear' / 'all-linear'."
-            )
-        found.update(hits)
-    return found
+def _finite_flags(grads: list[Tensor]) -> list[bool]:
+    """Whether each gradient is all-finite, with one host sync per device instead of one per gradient.
 
-
-def make_param_groups(
-    model: nn.Module,
-    *,
-    target_modules: str | Sequence[str] = "decoder-linear",
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_type: str = "std",
-    weight_decay: float = 0.0,
-    no_decay: Sequence[str] = ("bias", "norm"),
-    layers_path: str | None = None,
-) -> list[dict[str, Any]]:
-    """Split a model's params into one GaLore group and full-rank AdamW groups, so the optimizer never walks the model.
-
-    Every param appears exactly once (tied weights once), frozen ones included: the layer sampler unfreezes layers
-    later and they must already be in the optimizer.
-
-    Args:
-        model: the model.
-        target_modules: ``"decoder-linear"`` (every linear inside the decoder blocks: attention and MLP),
-            ``"all-linear"`` (every linear except the output embedding / ``lm_head``), or regexes fullmatched
-            against module names (like transformers' ``optim_target_modules``).
-        rank: GaLore rank (clamped per matrix to ``min(m, n)``).
-        update_proj_gap: steps between basis refreshes.
-        scale: multiplier of the back-projected update.
-        proj_type: ``std``, ``reverse_std``, ``left`` or ``right``.
-        weight_decay: decay of the GaLore weights and other full-rank weights.
-        no_decay: substrings of param names (lower-cased) that get no weight decay (biases, norms).
-        layers_path: dotted path to the decoder blocks if ``find_decoder_layers`` cannot find them.
-
-    Returns:
-        Non-empty groups named ``"galore"``, ``"adamw"`` and ``"adamw_no_decay"``.
-
-    Raises:
-        ValueError: a regex matches no linear module, or is invalid.
+    The 2-norm of a tensor holding an inf or NaN is inf or NaN. A finite gradient whose fp32 norm overflows
+    (entries ≳ 1e19) is re-checked exactly, so it is not mistaken for a non-finite one.
     """
-    targets = _target_modules(model, target_modules, layers_path)
-    galore_ids = {id(m.weight) for m in targets.values() if m.weight.dim() == 2}
-    galore: list[Tensor] = []
-    decay: list[Tensor] = []
-    plain: list[Tensor] = []
-    for name, p in model.named_parameters():  # named_parameters yields each shared tensor once
-        if id(p) in galore_ids:
-            galore.append(p)
-        elif any(s in name.lower() for s in no_decay):
-            plain.append(p)
-        else:
-            decay.append(p)
-    galore_opts = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type}
-    groups = [
-        {"name": "galore", "params": galore, "weight_decay": weight_decay, **galore_opts},
-        {"name": "adamw", "params": decay, "weight_decay": weight_decay},
-        {"name": "adamw_no_decay", "params": plain, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    logger.info(
-        "GaLore param groups: %s",
-        ", ".join(
-            f"{g['name']}={len(g['params'])} tensors/{sum(p.numel() for p in g['params'])} params"
-            for g in groups
-        ),
-    )
-    return groups
+    flags = [True] * len(grads)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, g in enumerate(grads):
+        by_device.setdefault(g.device, []).append(i)
+    for indices in by_device.values():
+        norms = torch._foreach_norm([grads[i] for i in indices], 2, dtype=torch.float32)
+        for i, finite in zip(indices, torch.stack(norms).isfinite().tolist()):
+            flags[i] = finite or bool(torch.isfinite(grads[i]).all())
+    return flags
 
 
 def create_galore_optimizer(
@@ -396,8 +392,20 @@ def create_galore_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-6,
     convention: Convention = "torch",
+    state_dtype: torch.dtype | None = torch.float32,
+    master_weights: bool = False,
+    state_bits: int = 32,
     **group_kwargs: Any,
 ) -> GaLoreAdamW:
     """``GaLoreAdamW(make_param_groups(model, **group_kwargs), lr=lr, ...)`` in one call."""
     groups = make_param_groups(model, **group_kwargs)
-    return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, convention=convention)
+    return GaLoreAdamW(
+        groups,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        convention=convention,
+        state_dtype=state_dtype,
+        master_weights=master_weights,
+        state_bits=state_bits,
+    )

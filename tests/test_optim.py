@@ -121,7 +121,8 @@ def test_reverse_std_full_rank_wide_where_galore_torch_breaks() -> None:
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
 
 
-def test_full_rank_groups_match_torch_adamw_exactly() -> None:
+@pytest.mark.parametrize("state_dtype", [torch.float32, None])
+def test_full_rank_groups_match_torch_adamw_exactly(state_dtype: torch.dtype | None) -> None:
     shapes = [(6, 4), (5,), (3, 7), (4,)]
     ours = [_param(s, seed=i) for i, s in enumerate(shapes)]
     ref = [_param(s, seed=i) for i, s in enumerate(shapes)]
@@ -138,6 +139,7 @@ def test_full_rank_groups_match_torch_adamw_exactly() -> None:
             {"params": [ours[3]], **settings[2], "rank": 2},
         ],
         betas=(0.8, 0.99),
+        state_dtype=state_dtype,  # fp32 params: the default fp32 state and "follow the gradient" are the same
     )
     torch_opt = torch.optim.AdamW(
         [
@@ -207,7 +209,7 @@ def test_frozen_params_untouched_and_stateless() -> None:
     assert frozen not in opt.state and opt.state[active]["step"] == 3
 
 
-def test_non_finite_grad_keeps_previous_basis(caplog: pytest.LogCaptureFixture) -> None:
+def test_non_finite_grad_on_refresh_step_keeps_basis_and_skips(caplog: pytest.LogCaptureFixture) -> None:
     p = _param((12, 8))
     opt = GaLoreAdamW([{"params": [p], **GALORE, "update_proj_gap": 2}], lr=1e-2)
     _run(opt, [p], [[g] for g in _grads((12, 8), 2)])
@@ -216,8 +218,104 @@ def test_non_finite_grad_keeps_previous_basis(caplog: pytest.LogCaptureFixture) 
     bad[0, 0] = float("nan")
     with caplog.at_level(logging.WARNING, logger="owlore.optim"):
         _run(opt, [p], [[bad]])  # step 3 is a refresh step
-    assert "not finite" in caplog.text and "keeping the previous basis" in caplog.text
-    assert torch.equal(opt.state[p]["basis"], basis)
+    assert "not finite for param 0 (12, 8) of group 0" in caplog.text and "skipping its update" in caplog.text
+    assert torch.equal(opt.state[p]["basis"], basis) and opt.state[p]["step"] == 2
+
+
+def test_non_finite_skips_are_counted_and_logged_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    a, b = _param((12, 8)), _param((5,))
+    opt = GaLoreAdamW([{"params": [a], **GALORE, "name": "galore"}, {"params": [b]}], lr=1e-2)
+    with caplog.at_level(logging.WARNING, logger="owlore.optim"):
+        # a: 5 NaN steps; b: 5 finite steps, then 4 inf ones
+        _run(opt, [a, b], [[torch.full((12, 8), float("nan")), torch.ones(5)]] * 5)
+        _run(opt, [a, b], [[torch.ones(12, 8), torch.full((5,), -float("inf"))]] * 4)
+    assert opt.skipped_updates == 9 and "skipped_updates" not in str(opt.state_dict())
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 4  # skips 1, 2, 4 and 8
+    assert "param 0 (12, 8) of group 'galore'" in messages[0] and "1 update(s) skipped" in messages[0]
+    assert "param 0 (5,) of group 1" in messages[-1] and "8 update(s) skipped" in messages[-1]
+    assert opt.state[a]["step"] == 4 and opt.state[b]["step"] == 5
+
+
+def test_finiteness_costs_one_foreach_norm_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = [_param((12, 8), seed=1), _param((6,), seed=2), _param((8, 12), seed=3)]
+    opt = GaLoreAdamW([{"params": params[::2], **GALORE}, {"params": params[1:2]}], lr=1e-2)
+    calls: list[int] = []
+    real = torch._foreach_norm
+    monkeypatch.setattr(
+        torch, "_foreach_norm", lambda ts, *a, **k: calls.append(len(ts)) or real(ts, *a, **k)
+    )
+    monkeypatch.setattr(torch, "isfinite", lambda *a: pytest.fail("per-tensor finiteness check"))
+    _run(
+        opt,
+        params,
+        [[g.clone() for g in (_grads((12, 8), 1)[0], _grads((6,), 1)[0], _grads((8, 12), 1)[0])]] * 3,
+    )
+    assert calls == [3, 3, 3]
+
+
+def test_finite_grad_with_overflowing_norm_is_not_skipped() -> None:
+    p = _param((64,))
+    opt = GaLoreAdamW([p], lr=1e-2)
+    _run(opt, [p], [[torch.full((64,), 1e30)]])  # the fp32 2-norm overflows, the gradient is finite
+    assert opt.skipped_updates == 0 and opt.state[p]["step"] == 1
+
+
+def _with_bad(grads: list[torch.Tensor], at: int | None, value: float) -> list[torch.Tensor]:
+    """``grads`` with a copy of ``grads[0]`` holding one ``value`` entry inserted as call number ``at``."""
+    if at is None:
+        return grads
+    bad = grads[0].clone()
+    bad.view(-1)[3] = value
+    return grads[:at] + [bad] + grads[at:]
+
+
+def test_non_finite_grad_skips_whole_update_on_refresh_and_ordinary_steps() -> None:
+    # Regression: a NaN gradient on a basis-refresh step kept the old basis but still entered the Adam moments
+    # (and on ordinary steps nothing was checked), so the param's moments and weight were NaN forever after.
+    # Now the whole update of that param is skipped: as if the optimizer never saw that step.
+    shapes = {"refresh": (12, 8), "ordinary": (8, 12), "full_rank": (6,), "healthy": (12, 8)}
+    # 0-based call at which each param gets its bad gradient; with gap 2 the refreshes are at calls 0, 2, 4
+    bad_at = {"refresh": 2, "ordinary": 3, "full_rank": 1, "healthy": None}
+    bad_value = {"refresh": float("nan"), "ordinary": float("nan"), "full_rank": float("inf"), "healthy": 0.0}
+    galore = {**GALORE, "update_proj_gap": 2, "weight_decay": 0.1}
+
+    def make(params: dict[str, nn.Parameter]) -> GaLoreAdamW:
+        projected = [params[k] for k in ("refresh", "ordinary", "healthy") if k in params]
+        groups = [{"params": projected, **galore}] if projected else []
+        groups += [{"params": [params["full_rank"]], "weight_decay": 0.1}] if "full_rank" in params else []
+        return GaLoreAdamW(groups, lr=1e-2)
+
+    params = {k: _param(s, seed=i) for i, (k, s) in enumerate(shapes.items())}
+    clean = {k: _grads(s, 6, seed=10 + i) for i, (k, s) in enumerate(shapes.items())}
+    clean["healthy"] = _grads(shapes["healthy"], 7, seed=13)
+    fed = {k: _with_bad(clean[k], bad_at[k], bad_value[k]) for k in shapes}
+    opt = make(params)
+    for step in range(7):
+        snapshot = {
+            k: (
+                p.detach().clone(),
+                {n: v.clone() for n, v in opt.state[p].items() if torch.is_tensor(v)},
+                opt.state[p].get("step"),
+            )
+            for k, p in params.items()
+            if bad_at[k] == step and p in opt.state
+        }
+        _run(opt, list(params.values()), [[fed[k][step] for k in shapes]])
+        for k, (weight, tensors, count) in snapshot.items():
+            p = params[k]
+            assert torch.equal(p, weight), k
+            assert opt.state[p]["step"] == count, k
+            for name, value in tensors.items():
+                assert torch.isfinite(opt.state[p][name]).all() and torch.equal(opt.state[p][name], value), (
+                    k,
+                    name,
+                )
+    for i, (k, s) in enumerate(shapes.items()):
+        ref = {k: _param(s, seed=i)}
+        _run(make(ref), [ref[k]], [[g] for g in clean[k]])  # the same run without the bad step
+        assert torch.isfinite(params[k]).all() and torch.equal(params[k], ref[k]), k
+    assert opt.skipped_updates == 3
 
 
 def test_non_finite_grad_without_basis_skips_update(caplog: pytest.LogCaptureFixture) -> None:
@@ -397,6 +495,148 @@ def test_invalid_galore_groups_rejected(group: dict, match: str) -> None:
 def test_invalid_convention_rejected() -> None:
     with pytest.raises(ValueError, match="convention"):
         GaLoreAdamW([_param((4, 4))], convention="tf")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- precision: state dtype, master weights
+
+
+def _bf16(shape: tuple[int, ...], seed: int = 1) -> nn.Parameter:
+    """A bf16 weight near 1, where a bf16 ulp (2^-7 on [1, 2), 2^-8 below) dwarfs a 1e-4 step."""
+    g = torch.Generator().manual_seed(seed)
+    return nn.Parameter((1 + 0.1 * torch.randn(shape, generator=g)).bfloat16())
+
+
+def _bf16_groups(params: list[nn.Parameter], **options) -> list[dict]:
+    return [
+        {"params": [params[0]], **GALORE, "weight_decay": 0.1, **options},
+        {"params": params[1:], **options},
+    ]
+
+
+BF16_SHAPES = [(12, 8), (16,)]
+
+
+def _bf16_grads(n: int, drift: float = 0.0) -> list[list[torch.Tensor]]:
+    """bf16 gradients; ``drift`` adds a constant part, so that Adam keeps moving the weights the same way."""
+    return [
+        [(drift + _grads(s, 1, seed=100 * t + i)[0]).bfloat16() for i, s in enumerate(BF16_SHAPES)]
+        for t in range(n)
+    ]
+
+
+def test_default_state_is_fp32_for_bf16_params_and_none_follows_the_gradient() -> None:
+    fp32_state, old = (
+        [_bf16(s, i) for i, s in enumerate(BF16_SHAPES)],
+        [_bf16(s, i) for i, s in enumerate(BF16_SHAPES)],
+    )
+    opt = GaLoreAdamW(_bf16_groups(fp32_state), lr=1e-2)
+    legacy = GaLoreAdamW(_bf16_groups(old), lr=1e-2, state_dtype=None)
+    grads = _bf16_grads(3)
+    _run(opt, fp32_state, grads)
+    _run(legacy, old, grads)
+    for p, q in zip(fp32_state, old):
+        assert p.dtype == q.dtype == torch.bfloat16
+        assert opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == torch.float32
+        assert legacy.state[q]["exp_avg"].dtype == legacy.state[q]["exp_avg_sq"].dtype == torch.bfloat16
+    assert opt.state[fp32_state[0]]["basis"].dtype == torch.float32
+    assert legacy.state[old[0]]["basis"].dtype == torch.bfloat16
+    per_group = GaLoreAdamW(_bf16_groups(old, state_dtype=torch.bfloat16), lr=1e-2)  # per-group override
+    _run(per_group, old, grads[:1])
+    assert all(per_group.state[p]["exp_avg"].dtype == torch.bfloat16 for p in old)
+
+
+def test_bf16_param_update_is_computed_in_fp32_and_rounded_once() -> None:
+    # one step: the bf16 weight is the fp32 update of its own value, rounded to bf16 once
+    params = [_bf16(s, i) for i, s in enumerate(BF16_SHAPES)]
+    ref = [nn.Parameter(p.detach().float()) for p in params]
+    groups = [{"params": [params[0]], **GALORE}, {"params": params[1:]}]
+    ref_groups = [{"params": [ref[0]], **GALORE}, {"params": ref[1:]}]
+    grads = _bf16_grads(1)
+    _run(GaLoreAdamW(groups, lr=1e-2), params, grads)
+    _run(GaLoreAdamW(ref_groups, lr=1e-2), ref, [[g.float() for g in grads[0]]])
+    for p, r in zip(params, ref):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, r.bfloat16())
+
+
+def test_master_weights_keep_small_updates_that_bf16_loses() -> None:
+    n, lr = 100, 1e-4  # ~1e-2 of drift in total, but every single step is below half a bf16 ulp
+    plain = [_bf16(s, i) for i, s in enumerate(BF16_SHAPES)]
+    mastered = [_bf16(s, i) for i, s in enumerate(BF16_SHAPES)]
+    ref = [nn.Parameter(p.detach().float()) for p in mastered]  # fp32 run from the same (bf16) start
+    start = [p.detach().clone() for p in plain]
+    grads = _bf16_grads(n, drift=2.0)
+    _run(GaLoreAdamW(_bf16_groups(plain), lr=lr), plain, grads)
+    opt = GaLoreAdamW(_bf16_groups(mastered), lr=lr, master_weights=True)
+    _run(opt, mastered, grads)
+    _run(GaLoreAdamW(_bf16_groups(ref), lr=lr), ref, [[g.float() for g in step] for step in grads])
+    for p, p0, q, r in zip(plain, start, mastered, ref):
+        assert (p == p0).float().mean() > 0.9  # without master weights (almost) every update was rounded away
+        assert (q != p0).float().mean() > 0.5  # with them the accumulated update shows
+        assert opt.state[q]["master"].dtype == torch.float32
+        assert torch.equal(opt.state[q]["master"], r)  # the master *is* the fp32 run ...
+        assert torch.equal(q, r.bfloat16())  # ... and the bf16 weight is its rounding
+
+
+def test_master_weights_lifecycle() -> None:
+    params = [_bf16(s, i) for i, s in enumerate(BF16_SHAPES)]
+    fp32 = _param((5,))
+    opt = GaLoreAdamW([*_bf16_groups(params), {"params": [fp32]}], lr=1e-2, master_weights=True)
+    grads = _bf16_grads(3)
+    _run(opt, params, grads[:1])
+    assert all(opt.state[p]["master"].dtype == torch.float32 for p in params)
+    p = params[1]
+    assert opt.state_bytes([p]) == 3 * 16 * 4  # exp_avg, exp_avg_sq and master, all fp32
+    fp32.grad = torch.ones(5)
+    opt.step()
+    assert "master" not in opt.state[fp32]  # fp32 params need no copy
+    opt.move_state([p], "meta")
+    assert opt.state[p]["master"].device.type == "meta"
+    assert opt.drop_state([p]) == 3 * 16 * 4 and p not in opt.state
+    fresh = nn.Parameter(p.detach().clone())
+    _run(opt, params, grads[1:2])  # the master is re-created from the current bf16 weight
+    fresh_opt = GaLoreAdamW([{"params": [fresh]}], lr=1e-2, master_weights=True)
+    _run(fresh_opt, [fresh], [grads[1][1:]])
+    assert opt.state[p]["step"] == 1 and torch.equal(p, fresh)
+    assert torch.equal(opt.state[p]["master"], fresh_opt.state[fresh]["master"])
+
+
+def test_save_load_keeps_state_dtypes_of_bf16_params(tmp_path) -> None:
+    # torch's load_state_dict casts state to the param dtype; fp32 moments and masters must survive as fp32
+    params = [_bf16(s, i) for i, s in enumerate(BF16_SHAPES)]
+    resumed = [nn.Parameter(p.detach().clone()) for p in params]
+    opt = GaLoreAdamW(_bf16_groups(params), lr=1e-3, master_weights=True)
+    grads = _bf16_grads(8)
+    _run(opt, params, grads[:4])
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    for p, q in zip(params, resumed):
+        q.data.copy_(p.detach())
+    loaded = GaLoreAdamW(_bf16_groups(resumed), lr=1e-3, master_weights=True)
+    loaded.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for p, q in zip(params, resumed):
+        for key, value in opt.state[p].items():
+            if torch.is_tensor(value):
+                assert loaded.state[q][key].dtype == value.dtype and torch.equal(
+                    loaded.state[q][key], value
+                ), key
+    _run(opt, params, grads[4:])  # step 5 refreshes the GaLore basis (gap 5)
+    _run(loaded, resumed, grads[4:])
+    assert all(torch.equal(p, q) for p, q in zip(params, resumed))
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"state_dtype": torch.int8}, "state_dtype"),
+        ({"state_dtype": "float32"}, "state_dtype"),
+        ({"state_bits": 4}, "state_bits"),
+        ({"master_weights": "yes"}, "master_weights"),
+    ],
+)
+def test_invalid_precision_options_rejected(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        GaLoreAdamW([_param((4, 4))], **options)
+    with pytest.raises(ValueError, match=match):
+        GaLoreAdamW([{"params": [_param((4, 4))], **options}])
 
 
 # ---------------------------------------------------------------- param groups
