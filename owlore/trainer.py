@@ -73,6 +73,7 @@ class OwLoreTrainer(Trainer):
         owlore_config: OwLore settings (default ``OwLoreConfig()``).
         owlore_scores: per-layer outlier ratios, if known.
         calibration_batches: batches to compute the ratios from (default: first training batches).
+        optimizer_kwargs: extra ``GaLoreAdamW`` options (``state_bits=8``, ``state_dtype``, ``master_weights``).
         *args, **kwargs: as for ``transformers.Trainer``. ``TrainingArguments`` ``learning_rate``,
             ``weight_decay``, ``adam_beta1/2`` and ``adam_epsilon`` are honoured.
     """
@@ -83,10 +84,12 @@ class OwLoreTrainer(Trainer):
         owlore_config: OwLoreConfig | None = None,
         owlore_scores: torch.Tensor | list[float] | None = None,
         calibration_batches: list[Any] | None = None,
+        optimizer_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.owlore_config = owlore_config or OwLoreConfig()
+        self.optimizer_kwargs = dict(optimizer_kwargs or {})
         self.owlore_callback = OwLoreCallback(
             self.owlore_config, scores=owlore_scores, calibration_batches=calibration_batches,
             tokenizer=self.processing_class,
@@ -100,7 +103,7 @@ class OwLoreTrainer(Trainer):
                 logger.warning("TrainingArguments.optim=%s is ignored: OwLoreTrainer always uses GaLoreAdamW", a.optim)
             self.optimizer = create_owlore_optimizer(
                 model or self.model, self.owlore_config, lr=a.learning_rate, weight_decay=a.weight_decay,
-                betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
+                betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon, **self.optimizer_kwargs,
             )
         return self.optimizer
 
