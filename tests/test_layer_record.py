@@ -1,0 +1,64 @@
+"""The layer-switching callback's JSON record: honest per-layer fields, one writer, state before the Trainer's files."""
+
+import json
+
+import pytest
+from transformers import Trainer
+
+from owlore import OwLoreCallback, OwLoreConfig, create_owlore_optimizer
+from tests.test_callback import RandomLM, _args, _model
+
+
+def _run(tmp_path, config, **args_kw):
+    model = _model(4)
+    cb = OwLoreCallback(config)
+    opt = create_owlore_optimizer(model, config, lr=1e-2)
+    Trainer(model=model, args=_args(tmp_path, max_steps=4, **args_kw), train_dataset=RandomLM(),
+            optimizers=(opt, None), callbacks=[cb]).train()
+    return cb, json.loads((tmp_path / "owlore_record.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["uniform", "increase", "decrease"])
+def test_modes_without_outlier_ratios_record_none(tmp_path, mode):
+    _, rec = _run(tmp_path, OwLoreConfig(gamma=2, interval=2, mode=mode, rank=None, calibration_batches=1))
+    assert rec["outlier_ratios"] is None  # not a vector of ones pretending to be ratios
+    assert len(rec["inclusion_probabilities"]) == 4 and abs(sum(rec["inclusion_probabilities"]) - 2) < 1e-9
+    assert sum(rec["activation_counts"]) == 2 * len(rec["history"])
+
+
+def test_owl_mode_records_the_ratios(tmp_path):
+    cb, rec = _run(tmp_path, OwLoreConfig(gamma=2, interval=2, rank=None, calibration_batches=1))
+    assert rec["outlier_ratios"] == cb.scores.tolist() and len(rec["outlier_ratios"]) == 4
+    assert all(r > 0 for r in rec["outlier_ratios"])
+
+
+def test_only_the_main_process_writes_the_record(tmp_path):
+    cb, _ = _run(tmp_path, OwLoreConfig(gamma=2, interval=2, rank=None, calibration_batches=1))
+    (tmp_path / "owlore_record.json").unlink()
+    cb._is_main = False  # what on_train_begin sets on a rank with process_index > 0
+    cb.write_record()
+    assert not (tmp_path / "owlore_record.json").exists()
+    cb._is_main = True
+    cb.write_record()
+    assert (tmp_path / "owlore_record.json").is_file()
+
+
+def test_state_file_is_written_before_the_trainer_checkpoint(tmp_path):
+    """With the stock Trainer the callback's state lands in checkpoint-N before trainer_state.json does."""
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class Spy(TrainerCallback):  # runs after OwLoreCallback's on_step_end, before the Trainer saves
+        def on_step_end(self, args, state, control, **kw):
+            if control.should_save:
+                ckpt = tmp_path / f"checkpoint-{state.global_step}"
+                seen[state.global_step] = ((ckpt / "owlore_state.pt").is_file(), (ckpt / "trainer_state.json").is_file())
+
+    model = _model(4)
+    config = OwLoreConfig(gamma=2, interval=2, rank=None, calibration_batches=1)
+    Trainer(model=model, args=_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2),
+            train_dataset=RandomLM(), optimizers=(create_owlore_optimizer(model, config, lr=1e-2), None),
+            callbacks=[OwLoreCallback(config), Spy()]).train()
+    assert seen == {2: (True, False), 4: (True, False)}
+    assert all((tmp_path / f"checkpoint-{s}" / "trainer_state.json").is_file() for s in (2, 4))
