@@ -5,8 +5,9 @@ sections ``model``, ``data``, ``training`` (``transformers.TrainingArguments``) 
 its method (``owlore``, ``lora``, ``galore``, ``lisa``, ``badam``, ``quantization``, ``optimizer`` ...).
 
 Composition: a file may say ``include: base.yaml`` (or a list; paths relative to the file), and several files may
-be given; later ones override earlier ones key by key, and a section set to ``null`` is removed. ``${method}`` in
-any string value is replaced by the method's name (e.g. ``output_dir: outputs/smollm2_${method}``).
+be given; later ones override earlier ones key by key, and a section set to ``null`` is removed (in any file, or
+``section=null`` on the command line). ``${method}`` in any string value is replaced by the method's name (e.g.
+``output_dir: outputs/smollm2_${method}``).
 
 Everything is checked before any weights load, and one ``ConfigError`` lists every problem, each naming
 ``section.key``, the bad value and the fix.
@@ -86,18 +87,27 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_config_files(paths: list[str | Path], _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Merge YAML files in order, each after the files it ``include``s."""
+def read_config_files(paths: list[str | Path]) -> dict[str, Any]:
+    """Merge YAML files in order, each after the files it ``include``s; a top-level ``null`` removes a section.
+
+    A ``null`` counts wherever it is set, in an included file too: it removes the section the files before it
+    gave, and a later file may give the section again.
+    """
+    merged = _read_files(paths, ())
+    return {k: v for k, v in merged.items() if v is not None or k == "method"}
+
+
+def _read_files(paths: list[str | Path], chain: tuple[Path, ...]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for path in paths:
         path = Path(path)
         if not path.is_file():
-            where = f" (included from {_chain[-1]})" if _chain else ""
+            where = f" (included from {chain[-1]})" if chain else ""
             raise ConfigError(f"config file {path} not found{where}; shipped configs are in configs/, e.g. "
                               "configs/smollm2_owlore.yaml")
         resolved = path.resolve()
-        if resolved in _chain:
-            raise ConfigError(f"{path}: include cycle {' -> '.join(map(str, (*_chain, resolved)))}")
+        if resolved in chain:
+            raise ConfigError(f"{path}: include cycle {' -> '.join(map(str, (*chain, resolved)))}")
         try:
             data = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -108,36 +118,53 @@ def read_config_files(paths: list[str | Path], _chain: tuple[Path, ...] = ()) ->
         includes = [includes] if isinstance(includes, str) else includes
         if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
             raise ConfigError(f"{path}: include must be a file name or a list of file names, got {includes!r}")
-        base = read_config_files([path.parent / i for i in includes], (*_chain, resolved)) if includes else {}
+        base = _read_files([path.parent / i for i in includes], (*chain, resolved)) if includes else {}
         merged = _merge(merged, _merge(base, data))
-    return {k: v for k, v in merged.items() if v is not None or k == "method"}
+    return merged
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[list[str], dict[tuple[str, str], str]]:
-    """Set ``section.key=value`` (or ``method=name``) in place; values are YAML, read later against field types.
+    """Set ``section.key=value`` (or ``method=name``, or ``section=null`` to drop a section) in place.
 
-    Returns the problems and the original text of every override value (so a string field gets it verbatim).
+    Values are YAML, read later against field types; a value that is not valid YAML is kept as its text (a string
+    field takes it, any other reports it). Returns the problems and the original text of every override value
+    (so a string field gets it verbatim).
     """
     problems, texts = [], {}
     for item in overrides:
         key, sep, value = item.partition("=")
         parts = key.strip().split(".")
-        if not sep or not all(parts) or (len(parts) == 1 and parts[0] != "method"):
-            problems.append(f"override {item!r}: expected section.key=value (e.g. owlore.gamma=2) or method=NAME")
+        value = value.strip()
+        if parts == ["method"] and sep:
+            if value:
+                raw["method"] = value
+            else:
+                problems.append(f"override {item!r}: expected method=NAME")
             continue
-        parsed = parse_yaml(value) if value.strip() else None
-        if parts == ["method"]:
-            raw["method"] = value.strip()
+        if len(parts) == 1 and sep and parts[0] and value in ("null", "~"):
+            raw.pop(parts[0], None)  # section=null removes the section, as null does in a file
             continue
-        node = raw.setdefault(parts[0], {})
-        if not isinstance(node, dict):
-            problems.append(f"override {item!r}: section {parts[0]!r} is not a mapping")
+        if not sep or not all(parts) or len(parts) == 1:
+            problems.append(f"override {item!r}: expected section.key=value (e.g. owlore.gamma=2), method=NAME "
+                            "or section=null")
             continue
-        for p in parts[1:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = parsed
-        if len(parts) == 2:
-            texts[(parts[0], parts[1])] = value.strip()
+        try:
+            parsed = parse_yaml(value) if value else None
+        except yaml.YAMLError:
+            parsed = value
+        node = raw
+        for depth, p in enumerate(parts[:-1]):
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                problems.append(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a mapping "
+                                f"(it is {node!r})")
+                break
+        else:
+            node[parts[-1]] = parsed
+            if len(parts) == 2:
+                texts[(parts[0], parts[1])] = value
     return problems, texts
 
 
@@ -161,14 +188,16 @@ def training_problems(training: dict[str, Any], texts: dict[str, str], *, own_op
     out, problems = {}, []
     for k, v in training.items():
         if k not in names:
-            problems.append(f"training.{k}: not a transformers.TrainingArguments field{suggest(k, names)}")
+            problems.append(f"training.{k}: not a transformers.TrainingArguments field{suggest(str(k), names)}")
             continue
         value, why = coerce(v, hints.get(k, Any), raw=texts.get(k))
         if why:
             problems.append(f"training.{k}={v!r}: {why}")
         out[k] = value
-    if "output_dir" not in training:
-        problems.append("training.output_dir: required (where checkpoints, logs and the model go)")
+    output_dir = out.get("output_dir")
+    if not isinstance(output_dir, str) or not output_dir.strip():
+        got = f" (got {output_dir!r})" if "output_dir" in training else ""
+        problems.append(f"training.output_dir: required (where checkpoints, logs and the model go){got}")
     optim = out.get("optim", _OWN_OPTIMIZER_DEFAULT)
     if own_optimizer and str(optim) not in (_OWN_OPTIMIZER_DEFAULT, "adamw_torch_fused"):
         problems.append(f"training.optim={optim!r}: method {method} builds its own GaLoreAdamW, so training.optim "
@@ -183,12 +212,14 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     raw = read_config_files(paths)
     problems, texts = apply_overrides(raw, overrides or [])
-    method_name = raw.get("method") or DEFAULT_METHOD
-    if method_name not in REGISTRY:
-        problems.append(f"method={method_name!r}: unknown method{suggest(str(method_name), REGISTRY)}; methods: "
-                        f"{', '.join(REGISTRY)}")
+    method_name = raw.get("method")
+    method_name = DEFAULT_METHOD if method_name is None else method_name
+    if not isinstance(method_name, str) or method_name not in REGISTRY:
+        problems.append(f"method={method_name!r}: unknown method{suggest(str(method_name).lower(), REGISTRY)}; "
+                        f"methods: {', '.join(REGISTRY)}")
         method_name = DEFAULT_METHOD
     raw = {k: _substitute(v, method_name) for k, v in raw.items()}
+    texts = {k: _substitute(t, method_name) for k, t in texts.items()}
     methods = all_methods()
     method = methods[method_name]
     own = method.all_sections()
@@ -202,12 +233,13 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
             continue
         if key in users:
             problems.append(f"{key}: section of method {' / '.join(users[key])}, but this run's method is "
-                            f"{method_name}; remove the section or set method: {users[key][0]}")
+                            f"{method_name}; remove the section (on the command line: {key}=null) or set "
+                            f"method: {users[key][0]}")
         else:
-            problems.append(f"{key}: unknown section{suggest(key, known)}; sections: {', '.join(known[2:])}")
+            problems.append(f"{key}: unknown section{suggest(str(key), known)}; sections: {', '.join(known[2:])}")
     built: dict[str, Any] = {}
     for name, cls in {**COMMON_SECTIONS, **own}.items():
-        section = raw.get(name) or {}
+        section = {} if raw.get(name) is None else raw[name]
         if not isinstance(section, dict):
             problems.append(f"{name}: must be a mapping of keys, got {type(section).__name__}")
             continue
@@ -215,7 +247,7 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
         obj, errs = dataclass_from_dict(cls, section, section=name, raw=section_texts)
         problems += errs
         built[name] = obj
-    training = raw.get("training") or {}
+    training = {} if raw.get("training") is None else raw["training"]
     if not isinstance(training, dict):
         problems.append(f"training: must be a mapping of TrainingArguments fields, got {type(training).__name__}")
         training = {}

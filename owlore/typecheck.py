@@ -20,7 +20,7 @@ _BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": Fals
 
 def suggest(name: str, valid: Iterable[str]) -> str:
     """``" (did you mean 'rank'?)"`` for a close match of ``name`` among ``valid``, else ``""``."""
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -118,8 +118,10 @@ def _convert(value: Any, hint: Any, raw: str | None) -> tuple[bool, Any]:
             return False, value
     if hint is int and isinstance(value, float) and value.is_integer():
         return True, int(value)
+    if hint is str and value is not None and raw is not None:
+        return True, raw  # an override's text, verbatim (``run_name=a: b`` is the string, not a mapping)
     if hint is str and value is not None and not isinstance(value, list | dict):
-        return True, raw if raw is not None else (str(value).lower() if isinstance(value, bool) else str(value))
+        return True, str(value).lower() if isinstance(value, bool) else str(value)
     origin = typing.get_origin(hint)
     if (origin in (list, tuple) or hint in (list, tuple)) and not isinstance(value, list | dict) and value is not None:
         args = typing.get_args(hint)

@@ -19,10 +19,7 @@ SMALL_RUN = ["data.max_seq_length=48", "data.limit=40", "training.per_device_tra
              "owlore.cache_dir=null", "eval.demo=false", "training.logging_steps=1", "training.warmup_steps=0"]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_validate(path):
-    cfg = train.load_config(path)
-    assert "${method}" not in cfg.training["output_dir"] and cfg.method in cfg.training["output_dir"]
+# every shipped config (alone, and each 7B base with each paper overlay): tests/test_recipe.py
 
 
 def test_config_errors_name_every_problem(tmp_path):
@@ -59,20 +56,7 @@ def test_cli_data_error_names_the_row(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_cli_training_value_error_exits_2(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", "configs/smollm2_owlore.yaml",
-                        "training.lr_scheduler_type=bogus", f"training.output_dir={tmp_path}"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 2 and "training.lr_scheduler_type='bogus': must be one of linear, cosine" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-def test_cli_exit_code_on_bad_config(tmp_path):
-    p = tmp_path / "bad.yaml"
-    p.write_text("owlore: {gamma: -1}\ntraining: {output_dir: o}\n")
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(p)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)
-    assert r.returncode == 2 and "owlore.gamma=-1" in r.stderr
+# exit code 2 and no traceback on bad files/overrides: tests/test_recipe.py::test_cli_bad_values_exit_2
 
 
 @pytest.mark.slow
