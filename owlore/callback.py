@@ -14,6 +14,7 @@ OwLore, arXiv 2405.18380; the callback pattern follows LISA (arXiv 2403.17919, O
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -82,6 +83,7 @@ class OwLoreCallback(TrainerCallback):
         self._peft = False
         self._peft_ids: set[int] | None = None
         self._is_main = True
+        self._input_grad_hook: torch.utils.hooks.RemovableHandle | None = None
 
     # ----------------------------------------------------------------------------------------------- set-up
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -112,7 +114,8 @@ class OwLoreCallback(TrainerCallback):
             self.sampler = self._new_sampler()
         if restored is not None:
             self.sampler.load_state_dict(restored["sampler"])
-        self._freeze_outside_layers(model, args)
+        self._freeze_outside_layers(model)
+        self._prepare_checkpointing(model)
         self._apply_active(self.active)
         if self.config.state_policy == "offload":  # a resumed optimizer loads every state onto the param device
             move_state(self.optimizer, self._params_of(set(range(len(self.layers))) - set(self.active)), "cpu")
@@ -197,7 +200,7 @@ class OwLoreCallback(TrainerCallback):
                 return module
         return model
 
-    def _freeze_outside_layers(self, model: nn.Module, args) -> None:
+    def _freeze_outside_layers(self, model: nn.Module) -> None:
         """Parameters outside the decoder layers train per config; anything not part of the language model
         (a LLaVA vision tower and projector) is frozen."""
         c = self.config
@@ -228,11 +231,44 @@ class OwLoreCallback(TrainerCallback):
             p.requires_grad_(on)
         if frozen_other:
             logger.info("froze %d parameters outside the language model (e.g. a vision tower)", frozen_other)
-        reentrant = (args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False)
-        if not c.train_embeddings and args.gradient_checkpointing and reentrant:
-            # Reentrant checkpointing needs an input that requires grad; otherwise backward may stop at the
-            # lowest sampled layer, which is the point of freezing the embeddings.
-            model.enable_input_require_grads()
+
+    def _prepare_checkpointing(self, model: nn.Module) -> None:
+        """Make the sampled layers get their gradients under the checkpointing actually in effect.
+
+        Decided from the model (the Trainer enables checkpointing in ``train()`` before ``on_train_begin``), not
+        from ``TrainingArguments``: which modules are checkpointed and whether their checkpoint function is
+        reentrant. Reentrant ``torch.utils.checkpoint`` builds a graph only if a *tensor input* of the checkpointed
+        layer requires grad (parameters do not count), so with frozen input embeddings (peft, or
+        ``train_embeddings=False``) a sampled layer, and every one above it, would silently get no gradient: the
+        embedding output is made to require grad. Non-reentrant checkpointing needs nothing; there, with frozen
+        embeddings and no peft, transformers' own ``enable_input_require_grads`` hook is removed, so backward
+        stops at the lowest sampled layer instead of running through every frozen layer below it.
+        """
+        checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+        if not checkpointed:
+            return
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        emb_trains = isinstance(emb, nn.Module) and any(p.requires_grad for p in emb.parameters())
+        if emb_trains:  # the embedding output requires grad by itself
+            return
+        if any(_maybe_reentrant(m) for m in checkpointed):
+            if not isinstance(emb, nn.Module):
+                raise RuntimeError(
+                    f"reentrant gradient checkpointing is enabled on {type(model).__name__}, whose input embeddings "
+                    "are frozen (or not exposed by get_input_embeddings), so no tensor input of the checkpointed "
+                    "decoder layers requires grad and the sampled layers would get no gradient. Use non-reentrant "
+                    "checkpointing (gradient_checkpointing_kwargs={'use_reentrant': False}), or train the embeddings "
+                    "(owlore.train_embeddings=true).")
+            if self._input_grad_hook is None:
+                self._input_grad_hook = emb.register_forward_hook(_output_requires_grad)
+                logger.info("reentrant gradient checkpointing with frozen embeddings: the embedding output is made "
+                            "to require grad so the sampled layers get gradients (use_reentrant=False is cheaper)")
+        elif not self._peft:
+            for m in model.modules():
+                if getattr(m, "_require_grads_hooks", None) and hasattr(m, "disable_input_require_grads"):
+                    m.disable_input_require_grads()
+                    logger.info("non-reentrant checkpointing with frozen embeddings: removed the input-require-grad "
+                                "hook, so backward stops at the lowest sampled layer")
 
     # ------------------------------------------------------------------------------------------ switching
     def _params_of(self, layer_ids) -> list[torch.Tensor]:
@@ -365,7 +401,22 @@ class OwLoreCallback(TrainerCallback):
             "checkpoint, or pass OwLoreCallback(resume_dir=<checkpoint dir>).")
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._input_grad_hook is not None:
+            self._input_grad_hook.remove()
+            self._input_grad_hook = None
         self.write_record()
         if self._tb:
             self._tb.scalars(state.global_step, self.metrics())
             self._tb.close()
+
+
+def _maybe_reentrant(module: nn.Module) -> bool:
+    """Whether ``module``'s checkpoint function may be reentrant: False only for an explicit ``use_reentrant=False``
+    (transformers stores ``functools.partial(checkpoint, **kwargs)``; torch itself defaults to reentrant)."""
+    fn = getattr(module, "_gradient_checkpointing_func", None)
+    return not (isinstance(fn, functools.partial) and fn.keywords.get("use_reentrant", True) is False)
+
+
+def _output_requires_grad(module: nn.Module, inputs: Any, output: Any) -> None:
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
+        output.requires_grad_(True)

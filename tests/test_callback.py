@@ -238,3 +238,129 @@ def test_peft_lora_trains_only_sampled_layers_lora_weights(tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert changed and all("lora_" in n for n in changed)  # base weights and embeddings stay frozen
     assert {int(n.split("layers.")[1].split(".")[0]) for n in changed} == sampled
+
+
+
+class _FixedSchedule:
+    """A deterministic layer schedule: layer 2 first (two frozen checkpointed layers below it), then [1, 3]."""
+
+    def __init__(self, num_layers, plan=((2,), (1, 3))):
+        self.plan, self.i = [list(p) for p in plan], 0
+        self.counts = torch.zeros(num_layers, dtype=torch.long)
+
+    def sample(self):
+        out = self.plan[self.i % len(self.plan)]
+        self.i += 1
+        self.counts[out] += 1
+        return out
+
+    def state_dict(self):
+        return {"i": self.i, "counts": self.counts.clone()}
+
+    def load_state_dict(self, sd):
+        self.i, self.counts = int(sd["i"]), sd["counts"].clone()
+
+
+# "no_flag": kwargs without use_reentrant, so torch's own default (reentrant) applies; "unset": transformers'.
+_CKPT = {"reentrant": {"use_reentrant": True}, "non_reentrant": {"use_reentrant": False}, "unset": None,
+         "no_flag": {"preserve_rng_state": True}}
+
+
+def _run_checkpointed(tmp_path, peft, ckpt, train_embeddings):
+    """4 Trainer steps with checkpointing; layers [2] then [1, 3]. Returns (changed names, per-step flags
+    ``{layer: output requires grad}``, the callback)."""
+    model = _model(4)
+    if peft:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False,
+            modules_to_save=["embed_tokens"] if train_embeddings else None))
+    layers = find_decoder_layers(model)
+    seen = []
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda m, a, out, i=i: seen.append((i, out[0].requires_grad)) if m.training else None)
+    # lm_head and norms train (the defaults), so a graph without the sampled layers still backpropagates: silently
+    cfg = OwLoreConfig(gamma=1, interval=2, rank=None, train_embeddings=train_embeddings)
+    cb = OwLoreCallback(cfg, schedule=_FixedSchedule)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = _args(tmp_path, max_steps=4, gradient_checkpointing=True, gradient_checkpointing_kwargs=_CKPT[ckpt])
+    Trainer(model=model, args=args, train_dataset=RandomLM(),
+            optimizers=(create_owlore_optimizer(model, cfg, lr=1e-2), None), callbacks=[cb]).train()
+    assert all(layer.gradient_checkpointing for layer in layers)  # checkpointing really was on
+    assert [ls for _, ls in cb.history] == [[2], [1, 3]]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    flags = [dict(seen[4 * s: 4 * s + 4]) for s in range(4)]
+    return changed, flags, cb
+
+
+@pytest.mark.parametrize("train_embeddings", [True, False], ids=["emb_trained", "emb_frozen"])
+@pytest.mark.parametrize("ckpt", list(_CKPT))
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "peft"])
+def test_gradient_checkpointing_trains_sampled_layers(tmp_path, monkeypatch, peft, ckpt, train_embeddings):
+    """Every checkpointing setting x peft or not x embeddings trained or frozen: the sampled layers (also those above
+    frozen checkpointed layers) change and layer 0, never sampled, does not. Reentrant checkpointing builds no
+    graph unless a tensor input of the checkpointed layer requires grad, which frozen embeddings / peft do not give.
+
+    transformers 5.23 makes the embedding output require grad whenever checkpointing is enabled, earlier releases
+    (setup.cfg allows >= 5.0) only for its own integrated peft: that hook is removed here, so OwLore must not rely
+    on it."""
+    from transformers import PreTrainedModel
+
+    enable = PreTrainedModel._activation_checkpointing_enable
+
+    def enable_without_input_grads(self, *a, **kw):
+        enable(self, *a, **kw)
+        self.disable_input_require_grads()
+
+    monkeypatch.setattr(PreTrainedModel, "_activation_checkpointing_enable", enable_without_input_grads)
+    changed, flags, _ = _run_checkpointed(tmp_path, peft, ckpt, train_embeddings)
+    for i in range(4):
+        mine = [n for n in changed if f"layers.{i}." in n]
+        if i == 0:
+            assert not mine, f"layer 0 was never sampled but changed: {mine}"
+        else:
+            assert mine, f"sampled layer {i} got no update"
+            assert not peft or all("lora_" in n for n in mine)
+    assert any("embed_tokens" in n for n in changed) == train_embeddings
+    if not peft and not train_embeddings and ckpt in ("non_reentrant", "unset"):
+        # Non-reentrant checkpointing needs no input that requires grad: backward stops at the lowest sampled layer.
+        assert [tuple(f.values()) for f in flags] == [(False, False, True, True)] * 2 + [(False, True, True, True)] * 2
+
+
+@pytest.mark.parametrize("ckpt", ["non_reentrant", "unset"])
+def test_non_reentrant_checkpointing_backward_stops_at_lowest_sampled_layer(tmp_path, ckpt):
+    """With the stock transformers (which makes the embedding output require grad when checkpointing is enabled)
+    and frozen embeddings, non-reentrant checkpointing still does not backpropagate below the sampled layers."""
+    changed, flags, _ = _run_checkpointed(tmp_path, False, ckpt, False)
+    assert not any("layers.0." in n or "embed_tokens" in n for n in changed)
+    assert all(any(f"layers.{i}." in n for n in changed) for i in (1, 2, 3))
+    assert [tuple(f.values()) for f in flags] == [(False, False, True, True)] * 2 + [(False, True, True, True)] * 2
+
+
+def test_reentrant_checkpointing_without_input_embeddings_is_refused():
+    """Reentrant checkpointing (explicit, or torch's default when use_reentrant is not passed) with frozen
+    embeddings gets an input-require-grad hook, removed again at the end; without embeddings to hook it is refused."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, func, emb=True):
+            super().__init__()
+            self.emb = torch.nn.Embedding(8, 4).requires_grad_(False) if emb else None
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+            self.layers[0].gradient_checkpointing, self.layers[0]._gradient_checkpointing_func = True, func
+
+        def get_input_embeddings(self):
+            return self.emb
+
+    cb = OwLoreCallback(OwLoreConfig(train_embeddings=False))
+    with pytest.raises(RuntimeError, match=r"reentrant gradient checkpointing.*use_reentrant': False"):
+        cb._prepare_checkpointing(Tiny(functools.partial(checkpoint, use_reentrant=True), emb=False))
+    cb._prepare_checkpointing(Tiny(functools.partial(checkpoint, use_reentrant=False), emb=False))  # nothing needed
+    model = Tiny(functools.partial(checkpoint, preserve_rng_state=True))  # torch's default: reentrant
+    cb._prepare_checkpointing(model)
+    assert model.emb(torch.tensor([1, 2])).requires_grad
+    cb.on_train_end(None, None, None)
+    assert not model.emb(torch.tensor([1, 2])).requires_grad
