@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup model test demo lint clean bench-optim bench-vlm lod
+.PHONY: setup model test demo lint clean bench-optim bench-vlm lod compare
 
 setup: $(STAMP) $(SMOLLM2)
 
@@ -41,6 +41,9 @@ lod: setup
 
 bench-optim: setup
 	$(PY) benchmarks/optimizer_step.py
+
+compare: setup
+	$(PY) eval/compare.py --methods full,lora,qlora,galore,lisa,badam,owlore --steps 60 --out outputs/compare
 
 bench-vlm: setup
 	$(PY) eval/vlm_pruning.py speed --out outputs/vlm_pruning

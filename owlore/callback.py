@@ -14,7 +14,6 @@ OwLore, arXiv 2405.18380; the callback pattern follows LISA (arXiv 2403.17919, O
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from owlore.checkpointing import prepare_checkpointing
 from owlore.config import OwLoreConfig
 from owlore.fileio import atomic_write
 from owlore.layers import find_decoder_layers, set_layers_trainable
@@ -233,42 +233,11 @@ class OwLoreCallback(TrainerCallback):
             logger.info("froze %d parameters outside the language model (e.g. a vision tower)", frozen_other)
 
     def _prepare_checkpointing(self, model: nn.Module) -> None:
-        """Make the sampled layers get their gradients under the checkpointing actually in effect.
-
-        Decided from the model (the Trainer enables checkpointing in ``train()`` before ``on_train_begin``), not
-        from ``TrainingArguments``: which modules are checkpointed and whether their checkpoint function is
-        reentrant. Reentrant ``torch.utils.checkpoint`` builds a graph only if a *tensor input* of the checkpointed
-        layer requires grad (parameters do not count), so with frozen input embeddings (peft, or
-        ``train_embeddings=False``) a sampled layer, and every one above it, would silently get no gradient: the
-        embedding output is made to require grad. Non-reentrant checkpointing needs nothing; there, with frozen
-        embeddings and no peft, transformers' own ``enable_input_require_grads`` hook is removed, so backward
-        stops at the lowest sampled layer instead of running through every frozen layer below it.
-        """
-        checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
-        if not checkpointed:
-            return
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        emb_trains = isinstance(emb, nn.Module) and any(p.requires_grad for p in emb.parameters())
-        if emb_trains:  # the embedding output requires grad by itself
-            return
-        if any(_maybe_reentrant(m) for m in checkpointed):
-            if not isinstance(emb, nn.Module):
-                raise RuntimeError(
-                    f"reentrant gradient checkpointing is enabled on {type(model).__name__}, whose input embeddings "
-                    "are frozen (or not exposed by get_input_embeddings), so no tensor input of the checkpointed "
-                    "decoder layers requires grad and the sampled layers would get no gradient. Use non-reentrant "
-                    "checkpointing (gradient_checkpointing_kwargs={'use_reentrant': False}), or train the embeddings "
-                    "(owlore.train_embeddings=true).")
-            if self._input_grad_hook is None:
-                self._input_grad_hook = emb.register_forward_hook(_output_requires_grad)
-                logger.info("reentrant gradient checkpointing with frozen embeddings: the embedding output is made "
-                            "to require grad so the sampled layers get gradients (use_reentrant=False is cheaper)")
-        elif not self._peft:
-            for m in model.modules():
-                if getattr(m, "_require_grads_hooks", None) and hasattr(m, "disable_input_require_grads"):
-                    m.disable_input_require_grads()
-                    logger.info("non-reentrant checkpointing with frozen embeddings: removed the input-require-grad "
-                                "hook, so backward stops at the lowest sampled layer")
+        handle = prepare_checkpointing(model, peft=self._peft)
+        if handle is not None and self._input_grad_hook is None:
+            self._input_grad_hook = handle
+        elif handle is not None:
+            handle.remove()
 
     # ------------------------------------------------------------------------------------------ switching
     def _params_of(self, layer_ids) -> list[torch.Tensor]:
@@ -409,14 +378,3 @@ class OwLoreCallback(TrainerCallback):
             self._tb.scalars(state.global_step, self.metrics())
             self._tb.close()
 
-
-def _maybe_reentrant(module: nn.Module) -> bool:
-    """Whether ``module``'s checkpoint function may be reentrant: False only for an explicit ``use_reentrant=False``
-    (transformers stores ``functools.partial(checkpoint, **kwargs)``; torch itself defaults to reentrant)."""
-    fn = getattr(module, "_gradient_checkpointing_func", None)
-    return not (isinstance(fn, functools.partial) and fn.keywords.get("use_reentrant", True) is False)
-
-
-def _output_requires_grad(module: nn.Module, inputs: Any, output: Any) -> None:
-    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
-        output.requires_grad_(True)
