@@ -103,13 +103,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def training_arguments(cfg: RunConfig):
     """``TrainingArguments`` from the ``training`` section (machine-dependent errors become a ConfigError)."""
+    import dataclasses
+
     from transformers import TrainingArguments
 
     training = dict(cfg.training)
     training.pop("resume_from_checkpoint", None)
-    if cfg.model.gradient_checkpointing:
-        training.setdefault("gradient_checkpointing", True)
-        training.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    if cfg.model.gradient_checkpointing:  # newer transformers call it activation_checkpointing (old name: an alias)
+        names = {f.name for f in dataclasses.fields(TrainingArguments)}
+        new = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+        for suffix, default in (("", True), ("_kwargs", {"use_reentrant": False})):
+            if all(training.get(n + suffix) is None for n in {new, "gradient_checkpointing"}):  # the user's wins
+                training[new + suffix] = default
     try:  # value checks that depend on the machine (e.g. bf16 on a CPU) happen here, not in load_config
         return TrainingArguments(**training)
     except (ValueError, TypeError, ImportError) as e:
@@ -120,6 +125,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from transformers import DataCollatorForSeq2Seq, Trainer
     from transformers.trainer_utils import set_seed
 
+    from owlore import metrics
     from owlore.data.sft import load_rows, tokenize_rows
     from owlore.fileio import atomic_write
     from owlore.methods import BuildContext, get_method
@@ -139,6 +145,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     load_kwargs = method.model_kwargs(cfg) if method.model_kwargs else {}
     model, tokenizer = load_model_and_tokenizer(cfg.model, **load_kwargs)
+    rss_after_load = metrics.rss_after_touch(model)  # weights resident: the baseline for memory above the model
     rows = load_rows(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)
     train_ds = tokenize_rows(rows, tokenizer, max_seq_length=cfg.data.max_seq_length, packing=cfg.data.packing,
                              skip_bad_rows=cfg.data.skip_bad_rows)
@@ -147,8 +154,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     parts = method.build(BuildContext(model=model, config=cfg, args=training_args, tokenizer=tokenizer))
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
+    timer = metrics.StepTimer()  # first, so a layer switch in a method callback's on_step_begin is timed with its step
     trainer = Trainer(model=parts.model, args=training_args, train_dataset=train_ds, data_collator=collator,
-                      processing_class=tokenizer, optimizers=(parts.optimizer, None), callbacks=parts.callbacks)
+                      processing_class=tokenizer, optimizers=(parts.optimizer, None),
+                      callbacks=[timer, *parts.callbacks])
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - t_train
@@ -165,7 +174,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "optimizer_steps": trainer.state.global_step,
         "train_seconds": train_seconds,
         "steps_per_second": steps / train_seconds if train_seconds > 0 else None,
-        "peak_memory_bytes": peak_memory_bytes(),
+        "peak_memory_bytes": max(timer.peak_before_train or 0, peak_memory_bytes()),  # the timer resets the peak
+        "rss_after_load_bytes": rss_after_load,
+        **timer.summary(),
+        "log_losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "optimizer_state_bytes": state_bytes(trainer.optimizer),
         "trainable_parameters": sum(p.numel() for p in parts.model.parameters() if p.requires_grad),
         "wall_seconds": time.perf_counter() - t_start,
