@@ -144,9 +144,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     set_seed(training_args.seed)
     t_start = time.perf_counter()
     load_kwargs = method.model_kwargs(cfg) if method.model_kwargs else {}
+    rows = load_rows(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)  # bad data fails before weights
     model, tokenizer = load_model_and_tokenizer(cfg.model, **load_kwargs)
     rss_after_load = metrics.rss_after_touch(model)  # weights resident: the baseline for memory above the model
-    rows = load_rows(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)
     train_ds = tokenize_rows(rows, tokenizer, max_seq_length=cfg.data.max_seq_length, packing=cfg.data.packing,
                              skip_bad_rows=cfg.data.skip_bad_rows)
     logger.info("method %s: training on %d examples from %s", cfg.method, len(train_ds), cfg.data.train)
