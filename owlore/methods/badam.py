@@ -12,6 +12,7 @@ Not implemented: BAdam's optional embedding / lm_head blocks and its DeepSpeed Z
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,8 +111,27 @@ class BlockSchedule:
         return f"BlockSchedule(blocks={len(self.blocks)}, block_size={self.block_size}, mode={self.mode!r})"
 
 
-def build(ctx: BuildContext) -> MethodParts:
+@functools.cache
+def _block_callback_class() -> type:
+    """``OwLoreCallback`` that frees the *whole* optimizer state at every switch, as BAdam does.
+
+    The layer-sampling callback frees only the state of layers that leave the active set, so a block drawn again
+    right away (a single block, or the last block of one random pass drawn first in the next) would keep its
+    moments, step count and master copies. BAdam (``BlockOptimizer.switch_trainable_params``) clears the state and
+    rebuilds the fp32 copies on every switch, whichever block comes next.
+    """
     from owlore.callback import OwLoreCallback
+    from owlore.optim_state import drop_state
+
+    class BAdamCallback(OwLoreCallback):
+        def _switch(self, step: int) -> None:
+            drop_state(self.optimizer, self._params_of(self.active))
+            super()._switch(step)
+
+    return BAdamCallback
+
+
+def build(ctx: BuildContext) -> MethodParts:
     from owlore.trainer import create_owlore_optimizer
 
     c: BAdamConfig = ctx.section("badam")
@@ -125,7 +145,7 @@ def build(ctx: BuildContext) -> MethodParts:
         return BlockSchedule(num_layers, block_size=c.block_size, mode=c.switch_mode, start_block=c.start_block,
                              seed=c.seed)
 
-    callback = OwLoreCallback(switching, schedule=schedule, tokenizer=ctx.tokenizer)
+    callback = _block_callback_class()(switching, schedule=schedule, tokenizer=ctx.tokenizer)
     return MethodParts(ctx.model, optimizer, [callback], layer_callback=callback)
 
 

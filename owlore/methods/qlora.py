@@ -65,9 +65,44 @@ def model_kwargs(cfg: Any) -> dict[str, Any]:
         bnb_4bit_compute_dtype=q.torch_compute_dtype())}
 
 
+def keep_4bit_weights_trainable(model: torch.nn.Module) -> int:
+    """Undo, and switch off, bitsandbytes' in-place CPU inference repacking of the 4-bit weights; returns how many
+    weights were repacked.
+
+    On CPUs with AVX-512 bf16, bitsandbytes (seen with 0.50.2) rewrites a ``Linear4bit`` weight into a packed layout
+    at its first forward in eval mode without grad (train.py's evaluation before training, for one) and from then on
+    multiplies with ``gemv_4bit``, which has no autograd kernel (torch warns "an autograd kernel was not registered
+    ... silently incorrect"): no gradient flows back through the base weights any more, so the LoRA gradients of all
+    but the last layers come out wrong by tens of percent. Repacked weights are converted back with bitsandbytes' own inverse (the one its
+    ``.cuda()`` uses; the quantisation constants went through bf16, so they round-trip to within bf16 precision),
+    and the repacking is disabled for the model's lifetime, so later evaluations use the training kernels too.
+    """
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        return 0
+    inverse = getattr(bnbf, "_convert_weight_packed_for_cpu_inverse", None)
+    repacked = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            if inverse is None:
+                raise RuntimeError("a 4-bit weight is in bitsandbytes' CPU inference layout and this bitsandbytes "
+                                   "has no inverse for it; run no evaluation before QLoRA training (eval.demo=false)")
+            weight.data, weight.quant_state = inverse(weight.data, state)
+            repacked += 1
+    return repacked
+
+
 def build(ctx: BuildContext) -> MethodParts:
     from peft import prepare_model_for_kbit_training
 
+    keep_4bit_weights_trainable(ctx.model)
     gc = bool(ctx.args.gradient_checkpointing)
     model = prepare_model_for_kbit_training(ctx.model, use_gradient_checkpointing=gc,
                                             gradient_checkpointing_kwargs=ctx.args.gradient_checkpointing_kwargs)
