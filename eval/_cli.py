@@ -14,6 +14,8 @@ def parser_with_model_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--model", help="HF id, save_pretrained dir, adapter dir, or 'smollm2-135m-instruct'")
     p.add_argument("--adapter", help="peft (LoRA) adapter dir applied on top of --model")
     p.add_argument("--merge-adapter", action="store_true", help="merge the adapter into the weights first")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="load the base in 4-bit NF4 (bitsandbytes), as a QLoRA run trained it")
     p.add_argument("--limit", type=int, help="score only the first N items of each task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -65,7 +67,8 @@ def load_evaluate_report(args: argparse.Namespace, **evaluate_kwargs: Any) -> di
     from owlore.evaluation import evaluate, format_table, load_model, save_results
 
     model, tokenizer = load_model(args.model, adapter=args.adapter, merge_adapter=args.merge_adapter,
-                                  dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+                                  dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                                  load_in_4bit=args.load_in_4bit)
     result = evaluate(model, tokenizer, limit=args.limit, batch_size=args.batch_size, model_name=args.model,
                       **evaluate_kwargs)
     if args.adapter:

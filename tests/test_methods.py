@@ -219,9 +219,9 @@ def test_lora_adapter_reloads_with_the_trained_logits(trained, tiny_dir):
 
 
 def test_qlora_adapter_reloads(trained, tiny_dir):
-    """Same 4-bit quantisation + adapter (transformers + peft directly): the train-time logits. The evaluation
-    loader has no 4-bit option, so it puts the adapter on the fp32 base: the train-time logits up to the base's
-    quantisation error."""
+    """Same 4-bit quantisation + adapter (transformers + peft directly, or the evaluation loader with
+    ``load_in_4bit``): the train-time logits. Without ``load_in_4bit`` the loader puts the adapter on the fp32
+    base: the train-time logits up to the base's quantisation error."""
     import bitsandbytes as bnb
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -239,6 +239,12 @@ def test_qlora_adapter_reloads(trained, tiny_dir):
     keep_4bit_weights_trainable(q_reload)  # the kernels the trained model uses (no bf16 CPU inference repacking)
     torch.testing.assert_close(_logits(q_reload, tok), ref)
 
+    # the evaluation loader with load_in_4bit (eval/*.py --load-in-4bit): the base the adapter was trained on
+    loaded4, _ = load_model(str(tiny_dir), adapter=str(final), load_in_4bit=True)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in loaded4.modules()) == 28
+    got4 = _logits(loaded4, tok)
+
+    # without it, the adapter lands on the fp32 base
     loaded, _ = load_model(str(tiny_dir), adapter=str(final))
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.modules())
     fp32_base = _logits(load_model(str(tiny_dir))[0], tok)
@@ -246,6 +252,9 @@ def test_qlora_adapter_reloads(trained, tiny_dir):
     quant_error = (ref_base - fp32_base).abs().max()
     adapter_effect = (ref - ref_base).abs().max()
     assert adapter_effect > 2 * quant_error  # the check below can tell a loaded adapter from a missing one
+    # 4-bit reload: equal up to bitsandbytes' CPU inference repacking (constants through bf16), a small fraction
+    # of what dropping the quantisation costs
+    assert (got4 - ref).abs().max() <= 0.1 * quant_error
     assert (got - ref).abs().max() <= 1.5 * quant_error
     cos = torch.nn.functional.cosine_similarity((got - fp32_base).flatten(), (ref - ref_base).flatten(), dim=0)
     assert cos > 0.95  # the adapter moves the fp32 base the way it moved the 4-bit one

@@ -41,7 +41,7 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def load_model(model: str, *, adapter: str | None = None, merge_adapter: bool = False, dtype: str = "auto",
-               device: str = "auto", trust_remote_code: bool = False) -> tuple[Any, Any]:
+               device: str = "auto", trust_remote_code: bool = False, load_in_4bit: bool = False) -> tuple[Any, Any]:
     """Model and tokenizer ready for ``evaluate``, in eval mode on ``device``.
 
     Args:
@@ -51,6 +51,8 @@ def load_model(model: str, *, adapter: str | None = None, merge_adapter: bool = 
         dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         trust_remote_code: allow custom modelling code from the checkpoint (off unless asked for).
+        load_in_4bit: load the base in 4-bit NF4 with double quantisation (bitsandbytes), as a QLoRA run of
+            ``train.py`` trained it, so a QLoRA adapter is scored on the base it was trained on.
 
     Returns:
         ``(model, tokenizer)``. The tokenizer comes from the adapter directory if it has one (a fine-tuning run
@@ -70,7 +72,15 @@ def load_model(model: str, *, adapter: str | None = None, merge_adapter: bool = 
     torch_dtype = resolve_dtype(dtype, device)
     tok_source = adapter if adapter is not None and _has_tokenizer(Path(adapter)) else base
     tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=trust_remote_code)
-    lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    kw: dict[str, Any] = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch_dtype)
+        if merge_adapter:
+            raise ValueError("merge_adapter cannot fold an adapter into 4-bit weights; drop one of the two options")
+    lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kw)
     if adapter is not None:
         from peft import PeftModel
 
@@ -78,4 +88,6 @@ def load_model(model: str, *, adapter: str | None = None, merge_adapter: bool = 
         if merge_adapter:
             lm = lm.merge_and_unload()
         logger.info("loaded adapter %s (%s)", adapter, "merged" if merge_adapter else "unmerged")
-    return lm.to(device).eval(), tokenizer
+    if not load_in_4bit:  # bitsandbytes places quantised weights itself
+        lm = lm.to(device)
+    return lm.eval(), tokenizer
