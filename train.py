@@ -126,7 +126,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from transformers.trainer_utils import set_seed
 
     from owlore import metrics
-    from owlore.data.sft import load_rows, tokenize_rows
+    from owlore.data.sft import load_rows, tokenize_rows, vet_rows
     from owlore.fileio import atomic_write
     from owlore.methods import BuildContext, get_method
     from owlore.metrics import OwLoreLogger, owlore_tensorboard_dir, peak_memory_bytes
@@ -145,6 +145,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     load_kwargs = method.model_kwargs(cfg) if method.model_kwargs else {}
     rows = load_rows(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)  # bad data fails before weights
+    if not cfg.data.skip_bad_rows:
+        vet_rows(rows)
     model, tokenizer = load_model_and_tokenizer(cfg.model, **load_kwargs)
     rss_after_load = metrics.rss_after_touch(model)  # weights resident: the baseline for memory above the model
     train_ds = tokenize_rows(rows, tokenizer, max_seq_length=cfg.data.max_seq_length, packing=cfg.data.packing,
@@ -164,8 +166,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     after = run_eval(parts.model, tokenizer, cfg, "after")
 
     final_dir = out_dir / "final"
-    trainer.save_model(str(final_dir))  # a peft model saves its adapter
-    tokenizer.save_pretrained(final_dir)
+    trainer.save_model(str(final_dir))  # a peft model saves its adapter (the Trainer writes on rank 0 only)
+    main = trainer.is_world_process_zero()
+    if main:
+        tokenizer.save_pretrained(final_dir)
     cb = parts.layer_callback
     steps = trainer.state.global_step - (trainer._initial_global_step or 0)
     summary = {
@@ -188,13 +192,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     record = cb.record() if cb is not None else {}
     if cb is not None:
         summary["layers_sampled"] = sorted({i for _, ls in cb.history for i in ls})
+    if cb is not None and main:
         summary["plot"] = str(plot_layer_statistics(
             out_dir / "layers.png", record["outlier_ratios"], record["inclusion_probabilities"],
             record["activation_counts"], title=f"{cfg.method} on {cfg.model.name}"))
         logger.info("per-layer statistics:\n%s", layer_table(record["outlier_ratios"],
                                                               record["inclusion_probabilities"],
                                                               record["activation_counts"]))
-    if trainer.is_world_process_zero():
+    if main:
         text = json.dumps({"method": cfg.method, "sources": cfg.sources, **record, "summary": summary}, indent=1,
                           default=str)
         atomic_write(out_dir / "owlore_record.json", lambda tmp: Path(tmp).write_text(text))

@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="per-device train batch size")
     p.add_argument("--seq", type=int, default=128, help="data.max_seq_length")
     p.add_argument("--repeats", type=int, default=1, help="run the method list this many times, interleaved")
-    p.add_argument("--base", type=Path, default=Path("configs/smollm2.yaml"),
-                   help="config for methods without a configs/smollm2_<method>.yaml")
+    p.add_argument("--base", type=Path,
+                   help="run every method as --config BASE method=<name> (default: configs/smollm2_<method>.yaml, "
+                        "or configs/smollm2.yaml for a method without one)")
     p.add_argument("--config-dir", type=Path, default=Path("configs"), help="where smollm2_<method>.yaml live")
     p.add_argument("--out", type=Path, default=Path("outputs/compare"))
     p.add_argument("--demo-limit", type=int, help="demo items per task type in the before/after evaluation")
@@ -84,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"overrides must be [method:]section.key=value: {bad}" if bad else
                      "need at least one method, --steps >= 1 and --repeats >= 1")
     config_dir = args.config_dir if args.config_dir.is_absolute() else REPO / args.config_dir
-    base = args.base if args.base.is_absolute() else REPO / args.base
+    base_given = args.base is not None
+    base = args.base or Path("configs/smollm2.yaml")
+    base = base if base.is_absolute() else REPO / base
     out = args.out.resolve()
     command = shlex.join(["python", "eval/compare.py", *(argv if argv is not None else sys.argv[1:])])
     settings = {"steps": args.steps, "batch": args.batch, "seq": args.seq, "repeats": args.repeats,
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, (repeat, method) in enumerate(plan, 1):
         run_out = cmp.run_dir(out, method, repeat, args.repeats)
         cmd = cmp.run_command(method, steps=args.steps, batch=args.batch, seq=args.seq, output_dir=run_out,
-                              config_dir=config_dir, base=base, demo_limit=args.demo_limit,
+                              config_dir=config_dir, base=base, base_given=base_given, demo_limit=args.demo_limit,
                               overrides=args.overrides, script=str(REPO / "train.py"))
         logger.info("[%d/%d] %s (repeat %d/%d): %s", i, len(plan), method, repeat + 1, args.repeats,
                     shlex.join(cmd))

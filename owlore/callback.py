@@ -83,6 +83,7 @@ class OwLoreCallback(TrainerCallback):
         self._peft = False
         self._peft_ids: set[int] | None = None
         self._is_main = True
+        self._saved_step = -1
         self._input_grad_hook: torch.utils.hooks.RemovableHandle | None = None
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -333,11 +334,13 @@ class OwLoreCallback(TrainerCallback):
         # checkpoints). Writing our state first means a checkpoint that looks complete always has it.
         if control.should_save and args.should_save and self.sampler is not None:
             self.save_to(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+            self._saved_step = state.global_step
 
     def on_save(self, args, state, control, **kwargs):
         # Fallback for saves decided after on_step_end (e.g. save_strategy=epoch): right after the Trainer's files.
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not args.should_save or not ckpt.is_dir() or (ckpt / STATE_FILE).is_file():
+        # a file already there may be a previous run's (same output_dir): only this run's own write counts
+        if not args.should_save or not ckpt.is_dir() or self._saved_step == state.global_step:
             return
         self.save_to(ckpt, state.global_step)
 

@@ -36,10 +36,13 @@ RATIO_METRICS = ("peak_memory_bytes", "memory_above_load_bytes", "optimizer_stat
 
 
 # ------------------------------------------------------------------------------------------------ commands
-def config_args(method: str, *, config_dir: Path, base: Path) -> list[str]:
-    """``--config configs/smollm2_<method>.yaml`` when that file exists, else the base file plus ``method=``."""
+def config_args(method: str, *, config_dir: Path, base: Path, base_given: bool = False) -> list[str]:
+    """``--config configs/smollm2_<method>.yaml`` when that file exists and no base was asked for, else the base
+    file plus ``method=`` (the method's sections at their defaults, unless overridden)."""
     path = Path(config_dir) / f"smollm2_{method}.yaml"
-    return ["--config", str(path)] if path.is_file() else ["--config", str(base), f"method={method}"]
+    if path.is_file() and not base_given:
+        return ["--config", str(path)]
+    return ["--config", str(base), f"method={method}"]
 
 
 def run_dir(out: Path, method: str, repeat: int, repeats: int) -> Path:
@@ -49,7 +52,7 @@ def run_dir(out: Path, method: str, repeat: int, repeats: int) -> Path:
 
 def run_command(method: str, *, steps: int, batch: int, seq: int, output_dir: Path, config_dir: Path, base: Path,
                 demo_limit: int | None = None, overrides: Sequence[str] = (), python: str = sys.executable,
-                script: str = "train.py") -> list[str]:
+                script: str = "train.py", base_given: bool = False) -> list[str]:
     """The ``train.py`` command line of one run; every run gets the same model, data, batch and steps.
 
     Losses are logged every step (the final-loss tail needs them) and input tokens counted without padding;
@@ -57,7 +60,7 @@ def run_command(method: str, *, steps: int, batch: int, seq: int, output_dir: Pa
     written ``<method>:section.key=value`` goes to that method's runs only (``owlore:owlore.gamma=2``: a
     method's own section is an error in another method's config).
     """
-    cmd = [python, script, *config_args(method, config_dir=config_dir, base=base),
+    cmd = [python, script, *config_args(method, config_dir=config_dir, base=base, base_given=base_given),
            f"training.max_steps={steps}", f"training.per_device_train_batch_size={batch}",
            f"data.max_seq_length={seq}", f"training.output_dir={output_dir}", "training.save_strategy=no",
            "training.report_to=none", "training.logging_steps=1",

@@ -7,7 +7,8 @@ its method (``owlore``, ``lora``, ``galore``, ``lisa``, ``badam``, ``quantizatio
 Composition: a file may say ``include: base.yaml`` (or a list; paths relative to the file), and several files may
 be given; later ones override earlier ones key by key, and a section set to ``null`` is removed (in any file, or
 ``section=null`` on the command line). ``${method}`` in any string value is replaced by the method's name (e.g.
-``output_dir: outputs/smollm2_${method}``).
+``output_dir: outputs/smollm2_${method}``), ``${config}`` by the last config file's stem (the 7B bases write to
+``outputs/llama2_7b/${config}``: with the overlay ``paper/official.yaml``, ``outputs/llama2_7b/official``).
 
 Everything is checked before any weights load, and one ``ConfigError`` lists every problem, each naming
 ``section.key``, the bad value and the fix.
@@ -168,18 +169,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[list[str
     return problems, texts
 
 
-def _substitute(value: Any, method: str) -> Any:
+def _substitute(value: Any, names: dict[str, str]) -> Any:
     if isinstance(value, str):
-        return value.replace("${method}", method)
+        for key, name in names.items():
+            value = value.replace("${" + key + "}", name)
+        return value
     if isinstance(value, dict):
-        return {k: _substitute(v, method) for k, v in value.items()}
+        return {k: _substitute(v, names) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, method) for v in value]
+        return [_substitute(v, names) for v in value]
     return value
 
 
 def training_problems(training: dict[str, Any], texts: dict[str, str], *, own_optimizer: bool,
-                      method: str) -> tuple[dict[str, Any], list[str]]:
+                      method: str, state_files: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[str]]:
     """Check ``training:`` against ``TrainingArguments``' fields and types (without building it)."""
     from transformers import TrainingArguments
 
@@ -198,11 +201,38 @@ def training_problems(training: dict[str, Any], texts: dict[str, str], *, own_op
     if not isinstance(output_dir, str) or not output_dir.strip():
         got = f" (got {output_dir!r})" if "output_dir" in training else ""
         problems.append(f"training.output_dir: required (where checkpoints, logs and the model go){got}")
+    problems += _resume_problems(out, state_files)
     optim = out.get("optim", _OWN_OPTIMIZER_DEFAULT)
     if own_optimizer and str(optim) not in (_OWN_OPTIMIZER_DEFAULT, "adamw_torch_fused"):
         problems.append(f"training.optim={optim!r}: method {method} builds its own GaLoreAdamW, so training.optim "
                         "is not used; remove it (8-bit states: optimizer.state_bits=8)")
+    for key in ("optim_args", "optim_target_modules"):
+        if own_optimizer and out.get(key) is not None:
+            problems.append(f"training.{key}={out[key]!r}: method {method} builds its own GaLoreAdamW and ignores "
+                            f"it; set the method's own section instead (e.g. {method}.rank / target_modules)")
     return out, problems
+
+
+def _resume_problems(training: dict[str, Any], state_files: tuple[str, ...]) -> list[str]:
+    """``resume_from_checkpoint``: ``last``, or a complete checkpoint directory (checked before weights load)."""
+    if "resume_from_checkpoint" not in training:
+        return []
+    value = training["resume_from_checkpoint"]
+    if value in ("true", "True", True):
+        training["resume_from_checkpoint"] = "last"  # the Trainer's True: the newest checkpoint
+        return []
+    if value in (None, "last", "false", "False", False):
+        training["resume_from_checkpoint"] = None if value in ("false", "False", False) else value
+        return []
+    path = Path(str(value))
+    missing = [f for f in ("trainer_state.json", *state_files) if not (path / f).is_file()]
+    if not path.is_dir():
+        return [f"training.resume_from_checkpoint={value!r}: no such directory; give a checkpoint-N directory "
+                "or 'last' (the newest complete checkpoint in output_dir)"]
+    if missing:
+        return [f"training.resume_from_checkpoint={value!r}: not a complete checkpoint (missing "
+                f"{', '.join(missing)}; interrupted while saving?); resume from an earlier one or use 'last'"]
+    return []
 
 
 def load_config(paths: str | Path | list[str | Path], overrides: list[str] | None = None) -> RunConfig:
@@ -218,8 +248,9 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
         problems.append(f"method={method_name!r}: unknown method{suggest(str(method_name).lower(), REGISTRY)}; "
                         f"methods: {', '.join(REGISTRY)}")
         method_name = DEFAULT_METHOD
-    raw = {k: _substitute(v, method_name) for k, v in raw.items()}
-    texts = {k: _substitute(t, method_name) for k, t in texts.items()}
+    names = {"method": str(method_name), "config": Path(paths[-1]).stem}
+    raw = {k: _substitute(v, names) for k, v in raw.items()}
+    texts = {k: _substitute(t, names) for k, t in texts.items()}
     methods = all_methods()
     method = methods[method_name]
     own = method.all_sections()
@@ -252,13 +283,22 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
         problems.append(f"training: must be a mapping of TrainingArguments fields, got {type(training).__name__}")
         training = {}
     training, errs = training_problems(training, {k: t for (s, k), t in texts.items() if s == "training"},
-                                       own_optimizer=method.own_optimizer, method=method_name)
+                                       own_optimizer=method.own_optimizer, method=method_name,
+                                       state_files=method.state_files)
     problems += errs
     if problems:
         where = ", ".join(map(str, paths))
         raise ConfigError(f"{where}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
     return RunConfig(method=method_name, model=built["model"], data=built["data"], eval=built["eval"],
                      training=training, sections={k: built[k] for k in own}, sources=[str(p) for p in paths])
+
+
+def _layer_count(hf_config: Any) -> int | None:
+    hf_config = getattr(hf_config, "text_config", None) or hf_config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(hf_config, key, None), int):
+            return getattr(hf_config, key)
+    return None
 
 
 def decoder_layer_count(model_name: str, *, trust_remote_code: bool = False) -> int | None:
@@ -270,24 +310,30 @@ def decoder_layer_count(model_name: str, *, trust_remote_code: bool = False) -> 
     try:
         cfg = AutoConfig.from_pretrained(resolve_model_name(model_name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
-        return None  # the weights loader reports a missing model with its own message
-    cfg = getattr(cfg, "text_config", None) or cfg
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(getattr(cfg, key, None), int):
-            return getattr(cfg, key)
-    return None
+        return None
+    return _layer_count(cfg)
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Checks that need the model's ``config.json`` (e.g. ``owlore.gamma`` vs the layer count), before weights."""
+    """Checks that need the model's ``config.json`` (the model exists; ``owlore.gamma`` vs the layer count ...),
+    before any weights load."""
+    from transformers import AutoConfig
+
+    from owlore.assets import resolve_model_name
     from owlore.methods import get_method
 
+    name = cfg.model.name
+    try:
+        hf_config = AutoConfig.from_pretrained(resolve_model_name(name), trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.name={name!r}: cannot read its config.json ({first}). Use a hub id (with network "
+                          "access or a filled HF cache), a local save_pretrained directory, or the embedded "
+                          "smollm2-135m-instruct.") from None
     method = get_method(cfg.method)
-    if method.preflight is None:
-        return
-    layers = decoder_layer_count(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    if layers is None:
+    layers = _layer_count(hf_config)
+    if method.preflight is None or layers is None:
         return
     problems = method.preflight(cfg, layers)
     if problems:
-        raise ConfigError(f"{cfg.model.name} has {layers} decoder layers:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(f"{name} has {layers} decoder layers:\n" + "\n".join(f"  - {p}" for p in problems))

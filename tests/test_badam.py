@@ -227,3 +227,16 @@ def test_bf16_master_copies_only_for_the_active_block(tmp_path):
     assert _changed_layers(run) == [1, 2]
     # master_weights is forced on for BAdam even when the optimizer section says otherwise
     assert all(g["master_weights"] for g in unwrap_optimizer(run.trainer.optimizer).param_groups)
+
+
+def test_random_mode_honours_start_block_on_the_first_pass():
+    s = BlockSchedule(8, block_size=2, mode="random", start_block=3, seed=5)
+    first_pass = [s.sample() for _ in range(4)]
+    assert first_pass[0] == [6, 7]  # block 3
+    assert sorted(b[0] for b in first_pass) == [0, 2, 4, 6]  # still a permutation of all blocks
+
+
+def test_master_weights_default_per_method():
+    assert OptimizerConfig().optimizer_kwargs()["master_weights"] is False
+    assert OptimizerConfig().optimizer_kwargs(master_weights_default=True)["master_weights"] is True  # BAdam
+    assert OptimizerConfig(master_weights=False).optimizer_kwargs(master_weights_default=True)["master_weights"] is False

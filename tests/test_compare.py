@@ -60,6 +60,9 @@ def test_run_command_uses_the_method_config_else_the_base(tmp_path):
     assert lisa[2:5] == ["--config", str(base), "method=lisa"]
     assert not any(a.startswith("eval.demo_limit") for a in lisa)
     assert lisa[-2:] == ["lisa.gamma=2", "data.train=http://x:1/d"]  # a method: prefix, or a ':' in a value
+    # an explicit --base is used for every method, even one that has its own smollm2_<method>.yaml
+    given = cmp.run_command("full", output_dir=tmp_path / "g", base_given=True, **kw)
+    assert given[2:5] == ["--config", str(base), "method=full"]
 
 
 def test_schedule_interleaves_repeats_and_names_run_dirs(tmp_path):

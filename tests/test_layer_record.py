@@ -62,3 +62,20 @@ def test_state_file_is_written_before_the_trainer_checkpoint(tmp_path):
             callbacks=[OwLoreCallback(config), Spy()]).train()
     assert seen == {2: (True, False), 4: (True, False)}
     assert all((tmp_path / f"checkpoint-{s}" / "trainer_state.json").is_file() for s in (2, 4))
+
+
+def test_epoch_save_replaces_a_previous_runs_state_file(tmp_path):
+    """save_strategy=epoch saves after on_step_end: on_save writes the state even if an old run left one there."""
+    import torch
+
+    ckpt = tmp_path / "checkpoint-16"  # 64 rows / batch 4 = 16 steps in the epoch
+    ckpt.mkdir()
+    torch.save({"global_step": 16, "stale": torch.zeros(1)}, ckpt / "owlore_state.pt")
+    model = _model(4)
+    config = OwLoreConfig(gamma=2, interval=4, rank=None, calibration_batches=1)
+    cb = OwLoreCallback(config)
+    Trainer(model=model, args=_args(tmp_path, max_steps=-1, num_train_epochs=1, save_strategy="epoch"),
+            train_dataset=RandomLM(), optimizers=(create_owlore_optimizer(model, config, lr=1e-2), None),
+            callbacks=[cb]).train()
+    saved = torch.load(ckpt / "owlore_state.pt", weights_only=True)
+    assert "stale" not in saved and saved["history_steps"].tolist() == [s for s, _ in cb.history]

@@ -107,7 +107,7 @@ def test_method_substituted_in_output_dir(tmp_path):
 def test_every_shipped_config_loads_alone(path):
     cfg = load_config(path)
     out = cfg.training["output_dir"]
-    assert "${method}" not in out and cfg.method in out
+    assert "${" not in out and (cfg.method in out or path.stem in out)  # smollm2: method; 7B bases: ${config}
     if path.stem.startswith("smollm2_"):
         assert cfg.method == path.stem.removeprefix("smollm2_")
 
@@ -118,7 +118,8 @@ def test_every_7b_base_with_every_paper_overlay(base, overlay):
     cfg = load_config([base, overlay])
     expected = "owlore" if overlay.stem == "official" else overlay.stem
     assert cfg.method == expected
-    assert "${method}" not in cfg.training["output_dir"] and expected in cfg.training["output_dir"]
+    # every (model, overlay) pair writes to its own directory: outputs/<base>/<overlay>
+    assert cfg.training["output_dir"] == f"outputs/{base.stem}/{overlay.stem}" and expected == cfg.method
     assert cfg.model.name == load_config(base).model.name and cfg.training["bf16"] is True  # the base's setting
     if overlay.stem == "official":
         assert (cfg.owlore.scheme, cfg.owlore.state_policy, cfg.owlore.threshold) == ("sequential", "keep", 13.0)
@@ -295,3 +296,58 @@ def test_cli_empty_data_file(tmp_path):
              "eval.demo=false")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"data error: {data}: no rows" in r.stderr
+
+
+def _main_without_weights(argv, monkeypatch, capsys) -> str:
+    """Run train.main where loading weights is an error; return stderr (the run must exit 2 before that)."""
+    def no_weights(*a, **k):
+        raise AssertionError("weights loaded before the check")
+
+    monkeypatch.setattr(train, "load_model_and_tokenizer", no_weights)
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_model_is_a_config_error_before_weights(tmp_path, monkeypatch, capsys):
+    err = _main_without_weights(["--config", "configs/smollm2_lora.yaml", "model.name=nope/nope",
+                                 f"training.output_dir={tmp_path}"], monkeypatch, capsys)
+    assert "config error: model.name='nope/nope': cannot read its config.json" in err
+
+
+def test_bad_rows_are_reported_before_weights_load(tmp_path, monkeypatch, capsys):
+    data = write(tmp_path / "d.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "no answer"}\n'
+                                       '{"text": ""}\n')
+    err = _main_without_weights(["--config", "configs/smollm2_lora.yaml", f"data.train={data}", "eval.demo=false",
+                                 f"training.output_dir={tmp_path / 'o'}"], monkeypatch, capsys)
+    assert "row 1: field 'output' is missing or empty (line 2)" in err and "row 2: field 'text' is empty" in err
+
+
+def test_resume_from_checkpoint_is_checked(tmp_path):
+    base = ROOT / "configs/smollm2_owlore.yaml"
+    assert load_config(base, ["training.resume_from_checkpoint=true"]).training["resume_from_checkpoint"] == "last"
+    assert load_config(base, ["training.resume_from_checkpoint=false"]).training["resume_from_checkpoint"] is None
+    with pytest.raises(ConfigError, match=r"resume_from_checkpoint='/nope/checkpoint-4': no such directory"):
+        load_config(base, ["training.resume_from_checkpoint=/nope/checkpoint-4"])
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    write(ckpt / "trainer_state.json", "{}")
+    with pytest.raises(ConfigError, match=r"not a complete checkpoint \(missing owlore_state.pt"):
+        load_config(base, [f"training.resume_from_checkpoint={ckpt}"])
+    # full fine-tuning needs no layer-switching state
+    cfg = load_config(ROOT / "configs/smollm2_full.yaml", [f"training.resume_from_checkpoint={ckpt}"])
+    assert cfg.training["resume_from_checkpoint"] == str(ckpt)
+
+
+def test_trainer_optimizer_options_ignored_by_own_optimizer_methods_are_reported():
+    with pytest.raises(ConfigError, match=r"training.optim_args='rank=4': method owlore builds its own"):
+        load_config(ROOT / "configs/smollm2_owlore.yaml", ["training.optim_args=rank=4"])
+    load_config(ROOT / "configs/smollm2_full.yaml", ["training.optim_args=foo=1"])  # the Trainer's own optimizer
+
+
+def test_config_stem_substitution(tmp_path):
+    base = write(tmp_path / "base.yaml", "training: {output_dir: 'out/${config}/${method}'}\n")
+    overlay = write(tmp_path / "mine.yaml", "method: full\n")
+    assert load_config([base, overlay]).training["output_dir"] == "out/mine/full"

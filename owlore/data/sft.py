@@ -71,7 +71,13 @@ def load_rows(source: str, *, split: str = "train", limit: int | None = None) ->
     else:
         from datasets import load_dataset
 
-        rows = RowList(load_dataset(source, split=split), source=source)
+        try:
+            rows = RowList(load_dataset(source, split=split), source=source)
+        except (OSError, ValueError, ConnectionError) as e:  # DatasetNotFoundError is a FileNotFoundError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"data.train={source!r}: not a local file, not demo, and the datasets hub could not "
+                            f"load it ({first}). Give a .json/.jsonl path, demo, or a hub dataset name "
+                            "(needs network access or a filled HF cache).") from None
         if not rows:
             raise DataError(f"{source}: no rows (split {split!r} is empty)")
     return rows.head(limit) if limit else rows
@@ -250,6 +256,34 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return self.examples[i]
 
 
+def row_problems(rows: list[Any]) -> list[str]:
+    """Every row that fails the checks that need no tokenizer, as ``row i: why (line n)`` lines."""
+    lines = getattr(rows, "lines", None)
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            check_row(row)
+        except (DataError, KeyError, TypeError) as e:
+            at = f" (line {lines[i]})" if lines is not None and i < len(lines) else ""
+            out.append(f"row {i}: {f'missing field {e}' if isinstance(e, KeyError) else e}{at}")
+    return out
+
+
+def vet_rows(rows: list[Any], *, source: str | None = None) -> None:
+    """Raise the ``DataError`` ``tokenize_rows`` would raise for rows that need no tokenizer to judge, so a run
+    can stop before it loads any weights."""
+    problems = row_problems(rows)
+    if problems:
+        source = source if source is not None else getattr(rows, "source", None)
+        _raise_bad_rows(problems, f" in {source}" if source else "")
+
+
+def _raise_bad_rows(problems: list[str], where: str) -> None:
+    them = "the row" if len(problems) == 1 else "them"
+    raise DataError(f"{_listing(problems)}\n{_plural(len(problems), 'bad row')}{where}. Fix {them}, "
+                    "or set data.skip_bad_rows=true to skip such rows.")
+
+
 def tokenize_rows(
     rows: list[dict[str, Any]],
     tokenizer: Any,
@@ -285,9 +319,7 @@ def tokenize_rows(
         encoded.append((ids, labels))
     where = f" in {source}" if source else ""
     if problems and not skip_bad_rows:
-        them = "the row" if len(problems) == 1 else "them"
-        raise DataError(f"{_listing(problems)}\n{_plural(len(problems), 'bad row')}{where}. Fix {them}, "
-                        "or set data.skip_bad_rows=true to skip such rows.")
+        _raise_bad_rows(problems, where)
     if problems:
         logger.warning("skipped %s%s (first: %s)", _plural(len(problems), "bad row"), where, problems[0])
     if not encoded:

@@ -35,7 +35,7 @@ class BAdamConfig:
     switch_mode: str = "random"
     """ascending, descending, or random (a new random permutation of the blocks every pass)."""
     start_block: int | None = None
-    """Block to start from in ascending/descending order (default: the first of that order)."""
+    """Block to start from (default: the first of the order; in random mode, the first of the first pass)."""
     seed: int = 0
     """Seed of the schedule's own generator (random mode)."""
     layers_path: str | None = None
@@ -82,11 +82,15 @@ class BlockSchedule:
             base = base[k:] + base[:k]
         self._order = torch.tensor(base, dtype=torch.long)
         self._position = 0
+        self._start = start_block
 
     def sample(self) -> list[int]:
         """The next block's layer indices; a new pass starts (re-permuted in random mode) after the last block."""
         if self._position == 0 and self.mode == "random":
             self._order = torch.randperm(len(self.blocks), generator=self.generator)
+            if self.num_draws == 0 and self._start is not None:  # BAdam honours start_block in every mode
+                k = int((self._order == self._start).nonzero())
+                self._order[[0, k]] = self._order[[k, 0]]
         block = self.blocks[int(self._order[self._position])]
         self._position = (self._position + 1) % len(self.blocks)
         self.counts[block] += 1
@@ -138,7 +142,7 @@ def build(ctx: BuildContext) -> MethodParts:
     switching = OwLoreConfig(gamma=c.block_size, interval=c.switch_every, mode="uniform", rank=None,
                              state_policy="reset", seed=c.seed, train_embeddings=False, train_lm_head=False,
                              train_norms=False, layers_path=c.layers_path)
-    opt_kwargs = {**ctx.section("optimizer").optimizer_kwargs(), "master_weights": True}
+    opt_kwargs = ctx.section("optimizer").optimizer_kwargs(master_weights_default=True)  # BAdam's fp32 copies
     optimizer = create_owlore_optimizer(ctx.model, switching, **adam_kwargs(ctx.args), **opt_kwargs)
 
     def schedule(num_layers: int) -> BlockSchedule:

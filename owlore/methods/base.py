@@ -28,9 +28,10 @@ class OptimizerConfig:
     state_dtype: str = "float32"
     """dtype of the moments and GaLore bases: float32 (default; they are small) or auto (follow the gradient,
     i.e. bf16 in a pure-bf16 run, as galore-torch and the official OwLore code do)."""
-    master_weights: bool = False
+    master_weights: bool | None = None
     """Keep fp32 master copies of bf16/fp16 weights while they train. The copies live in the optimizer state, so
-    under layer sampling (state dropped on a switch) only the active layers have one."""
+    under layer sampling (state dropped on a switch) only the active layers have one. None: the method's default
+    (on for badam, as BAdam does; off for the others)."""
 
     def problems(self, prefix: str = "optimizer.") -> list[str]:
         out = []
@@ -40,9 +41,10 @@ class OptimizerConfig:
             out.append(f"{prefix}state_dtype={self.state_dtype!r}: must be float32 or auto")
         return out
 
-    def optimizer_kwargs(self) -> dict[str, Any]:
+    def optimizer_kwargs(self, *, master_weights_default: bool = False) -> dict[str, Any]:
         """Keyword arguments for ``GaLoreAdamW``."""
-        return {"state_bits": self.state_bits, "master_weights": self.master_weights,
+        master = master_weights_default if self.master_weights is None else self.master_weights
+        return {"state_bits": self.state_bits, "master_weights": master,
                 "state_dtype": torch.float32 if self.state_dtype == "float32" else None}
 
 

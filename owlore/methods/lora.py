@@ -16,7 +16,7 @@ from owlore.methods.base import BuildContext, Method, MethodParts
 
 @dataclass
 class LoraSettings:
-    """peft ``LoraConfig`` fields (defaults: peft's r=8 with α=16 and dropout 0.05 on every linear)."""
+    """peft ``LoraConfig`` fields (defaults: r=8, α=16 (so α/r=2), dropout 0.05, on every linear but the head)."""
 
     r: int = 8
     """Adapter rank."""

@@ -7,6 +7,7 @@ The base is quantised at load time by bitsandbytes (``BitsAndBytesConfig``), pre
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +60,12 @@ def model_kwargs(cfg: Any) -> dict[str, Any]:
     from transformers import BitsAndBytesConfig
 
     q: QuantizationConfig = cfg.sections["quantization"]
-    check_bitsandbytes_4bit("cuda" if torch.cuda.is_available() and not cfg.training.get("use_cpu") else "cpu")
-    return {"quantization_config": BitsAndBytesConfig(
+    device = "cuda" if torch.cuda.is_available() and not cfg.training.get("use_cpu") else "cpu"
+    check_bitsandbytes_4bit(device)
+    # bitsandbytes places the quantised weights at load time: on the device the Trainer will train on (by default
+    # transformers would pick the current CUDA device even for a use_cpu run)
+    device_map = {"": "cpu"} if device == "cpu" else {"": int(os.environ.get("LOCAL_RANK", 0))}  # one GPU per rank
+    return {"device_map": device_map, "quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=q.torch_compute_dtype())}
 
