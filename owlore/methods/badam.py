@@ -19,7 +19,14 @@ from typing import Any
 import torch
 
 from owlore.config import OwLoreConfig
-from owlore.methods.base import LAYER_STATE_FILE, BuildContext, Method, MethodParts, adam_kwargs
+from owlore.methods.base import (
+    LAYER_STATE_FILE,
+    BuildContext,
+    Method,
+    MethodParts,
+    layer_count_problems,
+    layer_switching_parts,
+)
 
 SWITCH_MODES = ("ascending", "descending", "random")
 
@@ -136,28 +143,22 @@ def _block_callback_class() -> type:
 
 
 def build(ctx: BuildContext) -> MethodParts:
-    from owlore.trainer import create_owlore_optimizer
-
     c: BAdamConfig = ctx.section("badam")
     switching = OwLoreConfig(gamma=c.block_size, interval=c.switch_every, mode="uniform", rank=None,
                              state_policy="reset", seed=c.seed, train_embeddings=False, train_lm_head=False,
                              train_norms=False, layers_path=c.layers_path)
-    opt_kwargs = ctx.section("optimizer").optimizer_kwargs(master_weights_default=True)  # BAdam's fp32 copies
-    optimizer = create_owlore_optimizer(ctx.model, switching, **adam_kwargs(ctx.args), **opt_kwargs)
 
     def schedule(num_layers: int) -> BlockSchedule:
         return BlockSchedule(num_layers, block_size=c.block_size, mode=c.switch_mode, start_block=c.start_block,
                              seed=c.seed)
 
-    callback = _block_callback_class()(switching, schedule=schedule, tokenizer=ctx.tokenizer)
-    return MethodParts(ctx.model, optimizer, [callback], layer_callback=callback)
+    return layer_switching_parts(ctx, switching, schedule=schedule, callback_cls=_block_callback_class(),
+                                 master_weights_default=True)  # BAdam's fp32 copies of the active block
 
 
 def preflight(cfg, num_layers: int) -> list[str]:
     c = cfg.sections["badam"]
-    out = []
-    if c.block_size > num_layers:
-        out.append(f"badam.block_size={c.block_size}: the model has only {num_layers} decoder layers")
+    out = layer_count_problems("badam.block_size", c.block_size, num_layers)
     blocks = -(-num_layers // max(c.block_size, 1))
     if c.start_block is not None and c.start_block >= blocks:
         out.append(f"badam.start_block={c.start_block}: there are {blocks} blocks; use 0..{blocks - 1}")

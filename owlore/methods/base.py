@@ -110,3 +110,26 @@ def adam_kwargs(args: Any) -> dict[str, Any]:
     """``lr``, ``weight_decay``, ``betas`` and ``eps`` from ``TrainingArguments``, for a method's own optimizer."""
     return {"lr": args.learning_rate, "weight_decay": args.weight_decay,
             "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+
+
+def layer_switching_parts(ctx: BuildContext, config: Any, *, schedule: Callable[[int], Any] | None = None,
+                          callback_cls: type | None = None, master_weights_default: bool = False) -> MethodParts:
+    """``GaLoreAdamW`` over every parameter + the layer-switching callback: the parts of owlore, lisa and badam.
+
+    ``config`` is the callback's ``OwLoreConfig`` (what switches, how often, what else trains, the projection);
+    ``schedule`` replaces its outlier-weighted sampler (BAdam's block order).
+    """
+    from owlore.callback import OwLoreCallback
+    from owlore.trainer import create_owlore_optimizer
+
+    opt_kwargs = ctx.section("optimizer").optimizer_kwargs(master_weights_default=master_weights_default)
+    optimizer = create_owlore_optimizer(ctx.model, config, **adam_kwargs(ctx.args), **opt_kwargs)
+    callback = (callback_cls or OwLoreCallback)(config, schedule=schedule, tokenizer=ctx.tokenizer)
+    return MethodParts(ctx.model, optimizer, [callback], layer_callback=callback)
+
+
+def layer_count_problems(key: str, value: int, num_layers: int) -> list[str]:
+    """``[]`` if ``value`` layers fit the model, else the problem line for ``key``."""
+    if value <= num_layers:
+        return []
+    return [f"{key}={value}: the model has only {num_layers} decoder layers; set {key} <= {num_layers}"]

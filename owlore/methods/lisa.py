@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from owlore.config import STATE_POLICIES, OwLoreConfig
-from owlore.methods.base import LAYER_STATE_FILE, BuildContext, Method, MethodParts, adam_kwargs
+from owlore.methods.base import (
+    LAYER_STATE_FILE,
+    BuildContext,
+    Method,
+    MethodParts,
+    layer_count_problems,
+    layer_switching_parts,
+)
 
 
 @dataclass
@@ -50,21 +57,12 @@ class LisaConfig:
 
 
 def build(ctx: BuildContext) -> MethodParts:
-    from owlore.callback import OwLoreCallback
-    from owlore.trainer import create_owlore_optimizer
-
-    config = ctx.section("lisa").sampling_config()
     # rank=None: no group is projected, so GaLoreAdamW is torch.optim.AdamW op for op (tested)
-    optimizer = create_owlore_optimizer(ctx.model, config, **adam_kwargs(ctx.args),
-                                        **ctx.section("optimizer").optimizer_kwargs())
-    callback = OwLoreCallback(config, tokenizer=ctx.tokenizer)
-    return MethodParts(ctx.model, optimizer, [callback], layer_callback=callback)
+    return layer_switching_parts(ctx, ctx.section("lisa").sampling_config())
 
 
 def preflight(cfg, num_layers: int) -> list[str]:
-    gamma = cfg.sections["lisa"].gamma
-    return [] if gamma <= num_layers else [f"lisa.gamma={gamma}: the model has only {num_layers} decoder layers; "
-                                           f"set lisa.gamma <= {num_layers}"]
+    return layer_count_problems("lisa.gamma", cfg.sections["lisa"].gamma, num_layers)
 
 
 METHOD = Method(

@@ -7,24 +7,22 @@ re-drawn every K optimizer steps; their linears take GaLore low-rank steps insid
 from __future__ import annotations
 
 from owlore.config import OwLoreConfig
-from owlore.methods.base import LAYER_STATE_FILE, BuildContext, Method, MethodParts, adam_kwargs
+from owlore.methods.base import (
+    LAYER_STATE_FILE,
+    BuildContext,
+    Method,
+    MethodParts,
+    layer_count_problems,
+    layer_switching_parts,
+)
 
 
 def build(ctx: BuildContext) -> MethodParts:
-    from owlore.callback import OwLoreCallback
-    from owlore.trainer import create_owlore_optimizer
-
-    config: OwLoreConfig = ctx.section("owlore")
-    optimizer = create_owlore_optimizer(ctx.model, config, **adam_kwargs(ctx.args),
-                                        **ctx.section("optimizer").optimizer_kwargs())
-    callback = OwLoreCallback(config, tokenizer=ctx.tokenizer)
-    return MethodParts(ctx.model, optimizer, [callback], layer_callback=callback)
+    return layer_switching_parts(ctx, ctx.section("owlore"))
 
 
 def preflight(cfg, num_layers: int) -> list[str]:
-    gamma = cfg.sections["owlore"].gamma
-    return [] if gamma <= num_layers else [f"owlore.gamma={gamma}: the model has only {num_layers} decoder layers; "
-                                           f"set owlore.gamma <= {num_layers}"]
+    return layer_count_problems("owlore.gamma", cfg.sections["owlore"].gamma, num_layers)
 
 
 METHOD = Method(
