@@ -479,3 +479,39 @@ def test_every_shipped_smollm2_config_trains_two_steps(method, smollm2_path, tmp
     if method in ("owlore", "lisa", "badam"):
         assert len(summary["layers_sampled"]) >= 2  # switched layers every step
     print(f"{method}: {time.perf_counter() - start:.1f} s, train {summary['train_seconds']:.1f} s, wall {summary['wall_seconds']:.1f} s")
+
+
+class _StopAt(transformers.TrainerCallback):
+    """Ends training after step ``n`` (its checkpoint written), as an interruption would, without changing
+    max_steps and so the learning-rate schedule."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.n:
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("method", ["lisa", "badam", "galore", "lora"])
+def test_resume_through_train_py_continues_exactly(method, tiny_dir, rows, tmp_path):
+    """Interrupted after a checkpoint, resumed with ``resume_from_checkpoint=last``: the same per-step losses as
+    one run (layer-switching methods restore their schedule from owlore_state.pt; the others need only the
+    Trainer's files)."""
+    knobs = {"lisa": ["lisa.interval=3"], "badam": ["badam.switch_every=3", "badam.block_size=1"]}.get(method, [])
+    argv = [*knobs, "training.save_total_limit=null"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _train(ms.train_argv(method, tiny_dir, rows, whole, *argv, steps=6))
+    real_train = transformers.Trainer.train
+
+    def interrupted(self, *a, **k):
+        self.add_callback(_StopAt(4))
+        return real_train(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transformers.Trainer, "train", interrupted)
+        train.main(ms.train_argv(method, tiny_dir, rows, cut, *argv, steps=6))
+    assert len(ms.logged_losses(cut)) == 4  # stopped at the checkpoint of step 4, mid-interval for lisa/badam
+    train.main(ms.train_argv(method, tiny_dir, rows, cut, *argv, "training.resume_from_checkpoint=last", steps=6))
+    assert len(ms.logged_losses(whole)) == 6
+    assert ms.logged_losses(cut) == ms.logged_losses(whole)
