@@ -53,6 +53,31 @@ _Loader.add_implicit_resolver(
 )
 
 
+class YamlInt(int):
+    """An int read from YAML that remembers its text, so a string field gets ``007``, not ``7``."""
+
+    yaml_text: str
+
+
+class YamlFloat(float):
+    """A float read from YAML that remembers its text (``1e3`` stays ``1e3`` in a string field)."""
+
+    yaml_text: str
+
+
+def _with_text(cls: type, base: Any):
+    def construct(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+        value = cls(base(loader, node))
+        value.yaml_text = node.value
+        return value
+
+    return construct
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _with_text(YamlInt, yaml.SafeLoader.construct_yaml_int))
+_Loader.add_constructor("tag:yaml.org,2002:float", _with_text(YamlFloat, yaml.SafeLoader.construct_yaml_float))
+
+
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 

@@ -59,12 +59,25 @@ def coerce(value: Any, hint: Any, *, raw: str | None = None) -> tuple[Any, str |
     options = list(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
     for option in options:  # an exact fit wins over any conversion
         if _fits(value, option):
-            return value, _enum_problem(value, options)
+            return _plain(value), _enum_problem(value, options)
     for option in options:
         ok, converted = _convert(value, option, raw)
         if ok:
-            return converted, _enum_problem(converted, options)
+            return _plain(converted), _enum_problem(converted, options)
     return value, f"expected {describe(hint)}"
+
+
+def _plain(value: Any) -> Any:
+    """Built-in ``int``/``float`` again for numbers that carried their YAML text (see ``owlore.recipe``)."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, int) and not isinstance(value, bool) and type(value) is not int:
+        return int(value)
+    if isinstance(value, float) and type(value) is not float:
+        return float(value)
+    return value
 
 
 def _is_enum(hint: Any) -> bool:
@@ -121,7 +134,8 @@ def _convert(value: Any, hint: Any, raw: str | None) -> tuple[bool, Any]:
     if hint is str and value is not None and raw is not None:
         return True, raw  # an override's text, verbatim (``run_name=a: b`` is the string, not a mapping)
     if hint is str and value is not None and not isinstance(value, list | dict):
-        return True, str(value).lower() if isinstance(value, bool) else str(value)
+        text = getattr(value, "yaml_text", None)  # a number from a YAML file keeps its text (007, 1e3)
+        return True, text if text is not None else (str(value).lower() if isinstance(value, bool) else str(value))
     origin = typing.get_origin(hint)
     if (origin in (list, tuple) or hint in (list, tuple)) and not isinstance(value, list | dict) and value is not None:
         args = typing.get_args(hint)

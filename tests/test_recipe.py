@@ -351,3 +351,13 @@ def test_config_stem_substitution(tmp_path):
     base = write(tmp_path / "base.yaml", "training: {output_dir: 'out/${config}/${method}'}\n")
     overlay = write(tmp_path / "mine.yaml", "method: full\n")
     assert load_config([base, overlay]).training["output_dir"] == "out/mine/full"
+
+
+def test_string_fields_in_files_keep_the_yaml_text(tmp_path):
+    """In files as in overrides, a string field gets what was written (``007``, ``1e3``), and numbers given to
+    number fields come back as plain ints/floats."""
+    p = write(tmp_path / "a.yaml", f"include: {ROOT / 'configs/smollm2_lora.yaml'}\n"
+                                   "training: {run_name: 007, output_dir: 1e3, max_steps: 12, learning_rate: 3e-4}\n")
+    t = load_config(p).training
+    assert (t["run_name"], t["output_dir"]) == ("007", "1e3")
+    assert type(t["max_steps"]) is int and type(t["learning_rate"]) is float and t["learning_rate"] == 3e-4
