@@ -46,6 +46,11 @@ class OwLoreConfig:
     """GaLore scale α applied to the back-projected update."""
     proj_type: str = "std"
     """GaLore side: std, reverse_std, left, right."""
+    basis_method: str = "svd"
+    """GaLore basis refresh: svd (full SVD, as GaLore) or randomized (range finder warm-started from the previous
+    basis: a fraction of the SVD's time, see benchmarks/optimizer_step.py)."""
+    power_iters: int = 2
+    """Subspace iterations of the randomized range finder."""
     convention: str = "torch"
     """Adam eps / weight-decay order: torch (torch.optim.AdamW) or hf (galore-torch, the official OwLore code)."""
     target_modules: str | list[str] = "decoder-linear"
@@ -110,6 +115,10 @@ class OwLoreConfig:
             bad("scale", "must be > 0")
         if self.convention not in ("torch", "hf"):
             bad("convention", "must be torch or hf")
+        if self.basis_method not in ("svd", "randomized"):
+            bad("basis_method", "must be svd or randomized")
+        if not isinstance(self.power_iters, int) or self.power_iters < 0:
+            bad("power_iters", "must be an integer >= 0")
         if self.proj_type not in PROJ_TYPES:
             bad("proj_type", f"must be one of {', '.join(PROJ_TYPES)}")
         if not self.threshold > 0:

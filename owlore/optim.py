@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from owlore.param_groups import make_param_groups
 from owlore.projector import (
+    BASIS_METHODS,
     LEFT,
     PROJ_TYPES,
     choose_side,
@@ -29,13 +30,15 @@ from owlore.projector import (
     project,
     project_back,
     projected_shape,
+    randomized_basis,
 )
 from owlore.quant_state import CodeMaps, check_state_options, load_moments, store_moments, update_target
 
 logger = logging.getLogger(__name__)
 
 Convention = Literal["torch", "hf"]
-GALORE_GROUP_DEFAULTS: dict[str, Any] = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+GALORE_GROUP_DEFAULTS: dict[str, Any] = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
+                                         "basis_method": "svd", "power_iters": 2}
 
 
 def adamw_update(
@@ -200,6 +203,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 raise ValueError(f"{where}: rank must be a positive int, got {rank!r}")
             if not (isinstance(gap, int) and gap >= 1):
                 raise ValueError(f"{where}: update_proj_gap must be a positive int, got {gap!r}")
+            if param_group["basis_method"] not in BASIS_METHODS:
+                raise ValueError(f"{where}: basis_method must be one of {', '.join(BASIS_METHODS)}, got "
+                                 f"{param_group['basis_method']!r}")
+            if not (isinstance(param_group["power_iters"], int) and param_group["power_iters"] >= 0):
+                raise ValueError(f"{where}: power_iters must be an int >= 0, got {param_group['power_iters']!r}")
             if param_group["proj_type"] not in PROJ_TYPES:
                 raise ValueError(
                     f"{where}: proj_type must be one of {', '.join(PROJ_TYPES)}, got {param_group['proj_type']!r}"
@@ -293,7 +301,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         side = choose_side(group["proj_type"], grad.shape)
         start = time.perf_counter()
         try:
-            basis = compute_basis(grad, group["rank"], side)
+            if group.get("basis_method", "svd") == "randomized":
+                warm = state.get("basis") if state.get("side") == side else None
+                seed = (where[0] * 1_000_003 + where[1] * 7_919 + state.get("step", 0)) % 2**62  # resumable
+                basis = randomized_basis(grad, group["rank"], side, warm=warm, seed=seed,
+                                         power_iters=group.get("power_iters", 2))
+            else:
+                basis = compute_basis(grad, group["rank"], side)
         except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
             self.svd_seconds += time.perf_counter() - start
             keep = "basis" in state

@@ -67,6 +67,8 @@ def make_param_groups(
     weight_decay: float = 0.0,
     no_decay: Sequence[str] = ("bias", "norm"),
     layers_path: str | None = None,
+    basis_method: str = "svd",
+    power_iters: int = 2,
 ) -> list[dict[str, Any]]:
     """Split a model's params into one GaLore group and full-rank AdamW groups, so the optimizer never walks the model.
 
@@ -85,6 +87,9 @@ def make_param_groups(
         weight_decay: decay of the GaLore weights and other full-rank weights.
         no_decay: substrings of param names (lower-cased) that get no weight decay (biases, norms).
         layers_path: dotted path to the decoder blocks if ``find_decoder_layers`` cannot find them.
+        basis_method: ``svd`` (GaLore's full SVD) or ``randomized`` (range finder, warm-started from the previous
+            basis; ``owlore.projector.randomized_basis``).
+        power_iters: subspace iterations of the randomized range finder.
 
     Returns:
         Non-empty groups named ``"galore"``, ``"adamw"`` and ``"adamw_no_decay"``.
@@ -104,7 +109,8 @@ def make_param_groups(
             plain.append(p)
         else:
             decay.append(p)
-    galore_opts = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type}
+    galore_opts = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type,
+                   "basis_method": basis_method, "power_iters": power_iters}
     groups = [
         {"name": "galore", "params": galore, "weight_decay": weight_decay, **galore_opts},
         {"name": "adamw", "params": decay, "weight_decay": weight_decay},

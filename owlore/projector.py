@@ -78,6 +78,51 @@ def compute_basis(grad: Tensor, rank: int, side: int) -> Tensor:
     return basis.to(grad.dtype).contiguous()
 
 
+BASIS_METHODS: tuple[str, ...] = ("svd", "randomized")
+
+
+def randomized_basis(grad: Tensor, rank: int, side: int, *, warm: Tensor | None = None, oversample: int = 8,
+                     power_iters: int = 2, seed: int = 0) -> Tensor:
+    """The top-``rank`` subspace of ``grad`` by a randomized range finder (Halko, Martinsson & Tropp, 2011,
+    arXiv 0909.4061): O(m·n·(r+p)) per pass instead of a full SVD's O(m·n·min(m, n)).
+
+    The sketch is ``G Ω`` for a Gaussian ``Ω`` with ``rank + oversample`` columns, sharpened by ``power_iters``
+    subspace iterations (QR between them for stability), then an SVD of the small ``(r+p)×n`` matrix ``QᵀG``
+    picks the top ``rank`` directions inside it. ``warm`` (the previous basis, same ``side``) replaces the first
+    ``rank`` random columns by ``Gᵀ P_prev``, so when the gradient's subspace drifts slowly (GaLore refreshes every
+    ``update_proj_gap`` steps) one iteration recovers it. Same return convention as ``compute_basis``; ``seed``
+    makes the sketch reproducible (the optimizer derives it from the parameter and its step, so a resumed run
+    draws the same basis).
+    """
+    a = grad.float() if side == LEFT else grad.float().t()  # work on A (m×n) and return its left basis
+    m, n = a.shape
+    r = min(rank, m, n)
+    k = min(r + oversample, m, n)
+    gen = torch.Generator(device=a.device).manual_seed(seed)
+    omega = torch.randn(n, k, generator=gen, device=a.device, dtype=a.dtype)
+    if warm is not None:
+        prev = warm.float() if side == LEFT else warm.float().t()  # m×r
+        if prev.shape[0] == m:
+            cols = min(prev.shape[1], k)
+            omega[:, :cols] = a.t() @ prev[:, :cols]
+    y = a @ omega
+    for _ in range(power_iters):
+        q, _ = torch.linalg.qr(y)
+        z, _ = torch.linalg.qr(a.t() @ q)
+        y = a @ z
+    q, _ = torch.linalg.qr(y)
+    u_small, _, _ = torch.linalg.svd(q.t() @ a, full_matrices=False)
+    basis = q @ u_small[:, :r]  # m×r, orthonormal columns
+    basis = basis if side == LEFT else basis.t()
+    return basis.to(grad.dtype).contiguous()
+
+
+def captured_energy(grad: Tensor, basis: Tensor, side: int) -> float:
+    """``‖project(G)‖² / ‖G‖²``: the share of the gradient a basis keeps (1.0 = nothing lost)."""
+    g = grad.float()
+    return float(project(g, basis.float(), side).pow(2).sum() / g.pow(2).sum().clamp_min(1e-30))
+
+
 def project(grad: Tensor, basis: Tensor, side: int) -> Tensor:
     """Low-rank gradient: ``Pᵀ G`` (r×n) for ``LEFT``, ``G Qᵀ`` (m×r) for ``RIGHT``."""
     return basis.t() @ grad if side == LEFT else grad @ basis.t()

@@ -55,12 +55,14 @@ def create_owlore_optimizer(
         update_proj_gap=config.update_proj_gap,
         scale=config.scale,
         proj_type=config.proj_type,
+        basis_method=config.basis_method,
+        power_iters=config.power_iters,
         weight_decay=weight_decay,
         layers_path=config.layers_path,
     )
     if config.rank is None:
         for g in groups:
-            for k in ("rank", "update_proj_gap", "scale", "proj_type"):
+            for k in ("rank", "update_proj_gap", "scale", "proj_type", "basis_method", "power_iters"):
                 g.pop(k, None)
     return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention,
                        **optimizer_kwargs)

@@ -27,6 +27,10 @@ class GaLoreConfig:
     """std, reverse_std, left or right."""
     convention: str = "torch"
     """torch (torch.optim.AdamW's eps/decay order) or hf (galore-torch's)."""
+    basis_method: str = "svd"
+    """svd (GaLore's full SVD) or randomized (warm-started range finder)."""
+    power_iters: int = 2
+    """Subspace iterations of the randomized range finder."""
     target_modules: str | list[str] = "decoder-linear"
     """decoder-linear, all-linear, or regexes fullmatched against module names."""
     layers_path: str | None = None
@@ -44,6 +48,10 @@ class GaLoreConfig:
             out.append(f"{prefix}proj_type={self.proj_type!r}: must be one of {', '.join(PROJ_TYPES)}")
         if self.convention not in ("torch", "hf"):
             out.append(f"{prefix}convention={self.convention!r}: must be torch or hf")
+        if self.basis_method not in ("svd", "randomized"):
+            out.append(f"{prefix}basis_method={self.basis_method!r}: must be svd or randomized")
+        if self.power_iters < 0:
+            out.append(f"{prefix}power_iters={self.power_iters}: must be >= 0")
         return out
 
 
@@ -54,6 +62,7 @@ def build(ctx: BuildContext) -> MethodParts:
     kw = adam_kwargs(ctx.args)
     groups = make_param_groups(ctx.model, target_modules=c.target_modules, rank=c.rank,
                                update_proj_gap=c.update_proj_gap, scale=c.scale, proj_type=c.proj_type,
+                               basis_method=c.basis_method, power_iters=c.power_iters,
                                weight_decay=kw.pop("weight_decay"), layers_path=c.layers_path)
     optimizer = GaLoreAdamW(groups, **kw, convention=c.convention, **ctx.section("optimizer").optimizer_kwargs())
     return MethodParts(ctx.model, optimizer)
