@@ -5,21 +5,21 @@ gradient ``R = Pᵀ G`` (or ``G Qᵀ``), refresh the basis from an SVD every ``u
 ``W <- W - lr · scale · backproject(N)``. OwLore (arXiv 2405.18380, https://arxiv.org/abs/2405.18380) uses it on the
 sampled decoder layers, so this optimizer can also drop, move and measure the state of given parameters.
 
-Math lives in the pure function ``adamw_update`` (like torchao's ``single_param_adam``); the class only does
+Math lives in the pure function ``owlore.adamw.adamw_update`` (like torchao's ``single_param_adam``); the class only does
 bookkeeping. State holds tensors and ints only, so ``torch.load(path, weights_only=True)`` restores it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from owlore.adamw import Convention, adamw_update
 from owlore.param_groups import make_param_groups
 from owlore.projector import (
     BASIS_METHODS,
@@ -27,8 +27,6 @@ from owlore.projector import (
     PROJ_TYPES,
     choose_side,
     compute_basis,
-    project,
-    project_back,
     projected_shape,
     randomized_basis,
 )
@@ -36,78 +34,8 @@ from owlore.quant_state import CodeMaps, check_state_options, load_moments, stor
 
 logger = logging.getLogger(__name__)
 
-Convention = Literal["torch", "hf"]
 GALORE_GROUP_DEFAULTS: dict[str, Any] = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
                                          "basis_method": "svd", "power_iters": 2}
-
-
-def adamw_update(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    step: int,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    convention: Convention = "torch",
-    basis: Tensor | None = None,
-    side: int = LEFT,
-    scale: float = 1.0,
-) -> None:
-    """One AdamW step for one parameter, in the GaLore subspace if ``basis`` is given (updates tensors in place).
-
-    ``convention="torch"`` is ``torch.optim.AdamW`` op for op (bias-corrected moments, eps added after the bias
-    correction, decoupled decay ``p *= 1 - lr·wd`` before the update), so full-rank params match it bit for bit.
-    ``convention="hf"`` is the HF/galore-torch AdamW used by the official OwLore code (eps added before the bias
-    correction, decay applied to the already-updated weight), kept to reproduce published runs.
-
-    Args:
-        param: the weight, updated in place.
-        grad: its full-size gradient.
-        exp_avg: first moment, shaped like the (projected) gradient.
-        exp_avg_sq: second moment, same shape.
-        step: this step's 1-based count for bias correction.
-        lr: learning rate.
-        beta1: first-moment decay.
-        beta2: second-moment decay.
-        eps: denominator epsilon.
-        weight_decay: decoupled weight decay.
-        convention: ``"torch"`` or ``"hf"`` (see above).
-        basis: GaLore basis, or None for plain AdamW.
-        side: ``projector.LEFT`` or ``projector.RIGHT``.
-        scale: GaLore scale applied to the back-projected update.
-    """
-    hf = convention == "hf"
-    if weight_decay != 0 and not hf:
-        param.mul_(1 - lr * weight_decay)
-    if basis is not None:
-        grad = project(grad, basis, side)
-    if hf:
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-    else:
-        exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    if hf:
-        step_size = lr * math.sqrt(bias_correction2) / bias_correction1
-        denom = exp_avg_sq.sqrt().add_(eps)
-    else:
-        step_size = lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-    if basis is None and not hf:
-        param.addcdiv_(exp_avg, denom, value=-step_size)
-    else:
-        direction = exp_avg / denom
-        if basis is not None:
-            direction = project_back(direction, basis, side, scale)
-        param.add_(direction, alpha=-step_size)
-    if weight_decay != 0 and hf:
-        param.add_(param, alpha=-lr * weight_decay)
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
