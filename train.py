@@ -24,7 +24,7 @@ from typing import Any
 
 from owlore.config import ConfigError
 from owlore.methods.base import LAYER_STATE_FILE
-from owlore.recipe import RunConfig, apply_overrides, load_config, parse_yaml, preflight  # noqa: F401
+from owlore.recipe import RunConfig, load_config, missing_checkpoint_files, preflight
 
 logger = logging.getLogger("train")
 
@@ -33,7 +33,7 @@ def last_complete_checkpoint(output_dir: str | Path, state_files: tuple[str, ...
     """Newest ``checkpoint-N`` holding the Trainer's state and the method's ``state_files`` (a crash mid-save
     leaves a checkpoint without ``trainer_state.json``, which the Trainer writes last)."""
     ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    complete = [p for p in ckpts if (p / "trainer_state.json").is_file() and all((p / f).is_file() for f in state_files)]
+    complete = [p for p in ckpts if not missing_checkpoint_files(p, state_files)]
     return str(complete[-1]) if complete else None
 
 
@@ -125,11 +125,17 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from transformers import DataCollatorForSeq2Seq, Trainer
     from transformers.trainer_utils import set_seed
 
-    from owlore import metrics
+    from owlore.callback import RECORD_FILE
     from owlore.data.sft import load_rows, tokenize_rows, vet_rows
     from owlore.fileio import atomic_write
     from owlore.methods import BuildContext, get_method
-    from owlore.metrics import OwLoreLogger, owlore_tensorboard_dir, peak_memory_bytes
+    from owlore.metrics import (
+        OwLoreLogger,
+        StepTimer,
+        owlore_tensorboard_dir,
+        peak_memory_bytes,
+        rss_after_touch,
+    )
     from owlore.optim_state import state_bytes
     from owlore.plotting import layer_table, plot_layer_statistics
 
@@ -148,7 +154,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if not cfg.data.skip_bad_rows:
         vet_rows(rows)
     model, tokenizer = load_model_and_tokenizer(cfg.model, **load_kwargs)
-    rss_after_load = metrics.rss_after_touch(model)  # weights resident: the baseline for memory above the model
+    rss_after_load = rss_after_touch(model)  # weights resident: the baseline for memory above the model
     train_ds = tokenize_rows(rows, tokenizer, max_seq_length=cfg.data.max_seq_length, packing=cfg.data.packing,
                              skip_bad_rows=cfg.data.skip_bad_rows)
     logger.info("method %s: training on %d examples from %s", cfg.method, len(train_ds), cfg.data.train)
@@ -156,7 +162,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     parts = method.build(BuildContext(model=model, config=cfg, args=training_args, tokenizer=tokenizer))
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
-    timer = metrics.StepTimer()  # first, so a layer switch in a method callback's on_step_begin is timed with its step
+    timer = StepTimer()  # first, so a layer switch in a method callback's on_step_begin is timed with its step
     trainer = Trainer(model=parts.model, args=training_args, train_dataset=train_ds, data_collator=collator,
                       processing_class=tokenizer, optimizers=(parts.optimizer, None),
                       callbacks=[timer, *parts.callbacks])
@@ -202,11 +208,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if main:
         text = json.dumps({"method": cfg.method, "sources": cfg.sources, **record, "summary": summary}, indent=1,
                           default=str)
-        atomic_write(out_dir / "owlore_record.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(out_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
         _write_evals(before, after, out_dir, trainer.state.global_step,
                      OwLoreLogger(owlore_tensorboard_dir(out_dir))
                      if "tensorboard" in (training_args.report_to or []) else None)
-        _print_summary(summary, before, after, cb, final_dir, out_dir)
+        _print_summary(summary, before, after, cb, final_dir, out_dir / RECORD_FILE)
     return summary
 
 
@@ -222,7 +228,7 @@ def _write_evals(before: dict, after: dict, out_dir: Path, step: int, tb) -> Non
         tb.close()
 
 
-def _print_summary(summary: dict, before: dict, after: dict, cb, final_dir: Path, out_dir: Path) -> None:
+def _print_summary(summary: dict, before: dict, after: dict, cb, final_dir: Path, record_path: Path) -> None:
     rows = [("method", summary["method"]), ("train loss", f"{summary['train_loss']:.4f}"),
             ("optimizer steps", str(summary["optimizer_steps"])), ("steps/s", f"{summary['steps_per_second']:.3f}"),
             ("train time", f"{summary['train_seconds']:.0f} s"),
@@ -244,7 +250,7 @@ def _print_summary(summary: dict, before: dict, after: dict, cb, final_dir: Path
                 b = before[suite]["results"].get(task, {}).get("acc")
                 print(f"  {task:<22} {b:.3f} -> {r['acc']:.3f}  (n={r.get('n')})")
     plot = f"\nplot: {summary['plot']}" if "plot" in summary else ""
-    print(f"\nmodel: {final_dir}{plot}\nrecord: {out_dir / 'owlore_record.json'}")
+    print(f"\nmodel: {final_dir}{plot}\nrecord: {record_path}")
 
 
 if __name__ == "__main__":

@@ -234,11 +234,9 @@ class OwLoreCallback(TrainerCallback):
             logger.info("froze %d parameters outside the language model (e.g. a vision tower)", frozen_other)
 
     def _prepare_checkpointing(self, model: nn.Module) -> None:
-        handle = prepare_checkpointing(model, peft=self._peft)
-        if handle is not None and self._input_grad_hook is None:
-            self._input_grad_hook = handle
-        elif handle is not None:
-            handle.remove()
+        if self._input_grad_hook is not None:  # at most one input-grad hook, however often training begins
+            self._input_grad_hook.remove()
+        self._input_grad_hook = prepare_checkpointing(model, peft=self._peft)
 
     # ------------------------------------------------------------------------------------------ switching
     def _params_of(self, layer_ids) -> list[torch.Tensor]:
@@ -359,11 +357,7 @@ class OwLoreCallback(TrainerCallback):
                     self.scores = data["scores"].double()
                 self.active = data["active"].tolist()
                 self.last_switch_step = int(data["last_switch_step"])
-                flat = data["history_layers"].tolist()
-                chunks, start = [], 0
-                for n in data["history_sizes"].tolist():
-                    chunks.append(flat[start : start + n])
-                    start += n
+                chunks = [t.tolist() for t in torch.split(data["history_layers"], data["history_sizes"].tolist())]
                 self.history = list(zip(data["history_steps"].tolist(), chunks, strict=True))
                 logger.info("OwLore state restored from %s (active layers %s)", c, self.active)
                 return data

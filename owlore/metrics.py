@@ -18,9 +18,7 @@ logger = logging.getLogger(__name__)
 
 def peak_memory_bytes() -> int:
     """Peak accelerator memory if on CUDA, else the process's peak resident set size (RSS)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return int(torch.cuda.max_memory_allocated())
-    return _maxrss_bytes()
+    return int(torch.cuda.max_memory_allocated()) if memory_kind() == "cuda" else _maxrss_bytes()
 
 
 def _maxrss_bytes() -> int:

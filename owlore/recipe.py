@@ -238,6 +238,12 @@ def training_problems(training: dict[str, Any], texts: dict[str, str], *, own_op
     return out, problems
 
 
+def missing_checkpoint_files(checkpoint: str | Path, state_files: tuple[str, ...] = ()) -> list[str]:
+    """Files a complete checkpoint lacks: ``trainer_state.json`` (the Trainer writes it last, so a crash mid-save
+    leaves it out) and the method's ``state_files``."""
+    return [f for f in ("trainer_state.json", *state_files) if not (Path(checkpoint) / f).is_file()]
+
+
 def _resume_problems(training: dict[str, Any], state_files: tuple[str, ...]) -> list[str]:
     """``resume_from_checkpoint``: ``last``, or a complete checkpoint directory (checked before weights load)."""
     if "resume_from_checkpoint" not in training:
@@ -250,7 +256,7 @@ def _resume_problems(training: dict[str, Any], state_files: tuple[str, ...]) -> 
         training["resume_from_checkpoint"] = None if value in ("false", "False", False) else value
         return []
     path = Path(str(value))
-    missing = [f for f in ("trainer_state.json", *state_files) if not (path / f).is_file()]
+    missing = missing_checkpoint_files(path, state_files)
     if not path.is_dir():
         return [f"training.resume_from_checkpoint={value!r}: no such directory; give a checkpoint-N directory "
                 "or 'last' (the newest complete checkpoint in output_dir)"]

@@ -9,13 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback
 
 from owlore.layers import find_decoder_layers
 from owlore.methods import BuildContext, OptimizerConfig, get_method
 from owlore.methods.badam import BAdamConfig, BlockSchedule
 from owlore.optim_state import params_with_state, unwrap_optimizer
 from tests.conftest import tiny_llama_config
+from tests.test_callback import RandomLM, _args
 
 
 @pytest.fixture(autouse=True)
@@ -110,17 +111,6 @@ def test_bad_arguments_raise_value_error():
 
 
 # ------------------------------------------------------------------------------ BAdam in a stock Trainer
-class RandomLM(torch.utils.data.Dataset):
-    def __init__(self, n=32, t=12, vocab=128, seed=0):
-        self.ids = torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
-
-
 class StateProbe(TrainerCallback):
     """After every optimizer step: the active layers, the layers holding optimizer state (and which state keys),
     the Adam step counts of the active layers' parameters, and whether the non-block parameters are trainable."""
@@ -149,14 +139,6 @@ class StateProbe(TrainerCallback):
         })
 
 
-def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", max_steps=8,
-                per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, disable_tqdm=True, seed=0,
-                lr_scheduler_type="constant")
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
 def _run_badam(tmp_path, *, layers=4, dtype=torch.float32, steps=8, optimizer=None, **knobs):
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(layers)).to(dtype)
@@ -165,7 +147,8 @@ def _run_badam(tmp_path, *, layers=4, dtype=torch.float32, steps=8, optimizer=No
     config = SimpleNamespace(sections={"badam": BAdamConfig(**knobs), "optimizer": optimizer or OptimizerConfig()})
     parts = get_method("badam").build(BuildContext(model=model, config=config, args=args))
     probe = StateProbe(model, parts.layer_callback)
-    trainer = Trainer(model=parts.model, args=args, train_dataset=RandomLM(), optimizers=(parts.optimizer, None),
+    trainer = Trainer(model=parts.model, args=args, train_dataset=RandomLM(n=32, t=12),
+                      optimizers=(parts.optimizer, None),
                       callbacks=[*parts.callbacks, probe])
     result = trainer.train()
     return SimpleNamespace(model=model, before=before, probe=probe, cb=parts.layer_callback, result=result,

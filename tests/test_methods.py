@@ -29,6 +29,7 @@ from owlore.methods import REGISTRY, BuildContext, OptimizerConfig, get_method  
 from owlore.methods.qlora import keep_4bit_weights_trainable  # noqa: E402
 from owlore.optim_state import params_with_state, state_bytes, unwrap_optimizer  # noqa: E402
 from tests.conftest import tiny_llama_config  # noqa: E402
+from tests.test_callback import RandomLM  # noqa: E402
 
 ROOT = ms.ROOT
 METHODS = list(REGISTRY)
@@ -374,17 +375,6 @@ def test_qlora_without_4bit_support_is_a_config_error(failure, monkeypatch, tmp_
 
 
 # --------------------------------------------------------------------------------- 4. LISA's state policies
-class RandomLM(torch.utils.data.Dataset):
-    def __init__(self, n=32, t=12, vocab=128, seed=0):
-        self.ids = torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
-
-
 class StateProbe(transformers.TrainerCallback):
     def __init__(self, model, cb):
         self.model, self.cb, self.rows = model, cb, []
@@ -414,7 +404,7 @@ def _lisa_run(tmp_path, policy: str, steps: int = 8) -> tuple[StateProbe, torch.
                                        "optimizer": OptimizerConfig()})
     parts = get_method("lisa").build(BuildContext(model=model, config=config, args=args))
     probe = StateProbe(model, parts.layer_callback)
-    transformers.Trainer(model=parts.model, args=args, train_dataset=RandomLM(),
+    transformers.Trainer(model=parts.model, args=args, train_dataset=RandomLM(n=32, t=12),
                          optimizers=(parts.optimizer, None), callbacks=[*parts.callbacks, probe]).train()
     return probe, model
 
