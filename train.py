@@ -109,7 +109,9 @@ def training_arguments(cfg: RunConfig):
 
     training = dict(cfg.training)
     training.pop("resume_from_checkpoint", None)
-    if cfg.model.gradient_checkpointing:  # newer transformers call it activation_checkpointing (old name: an alias)
+    from owlore.memory.options import checkpointing_enabled
+
+    if checkpointing_enabled(cfg):  # newer transformers call it activation_checkpointing (old name: an alias)
         names = {f.name for f in dataclasses.fields(TrainingArguments)}
         new = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
         for suffix, default in (("", True), ("_kwargs", {"use_reentrant": False})):
@@ -128,6 +130,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from owlore.callback import RECORD_FILE
     from owlore.data.sft import load_rows, tokenize_rows, vet_rows
     from owlore.fileio import atomic_write
+    from owlore.memory.options import apply_memory_options
     from owlore.methods import BuildContext, get_method
     from owlore.metrics import (
         OwLoreLogger,
@@ -161,11 +164,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     before = run_eval(model, tokenizer, cfg, "before") if not resume else {}
 
     parts = method.build(BuildContext(model=model, config=cfg, args=training_args, tokenizer=tokenizer))
+    memory_callbacks = apply_memory_options(parts, cfg)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
     timer = StepTimer()  # first, so a layer switch in a method callback's on_step_begin is timed with its step
     trainer = Trainer(model=parts.model, args=training_args, train_dataset=train_ds, data_collator=collator,
                       processing_class=tokenizer, optimizers=(parts.optimizer, None),
-                      callbacks=[timer, *parts.callbacks])
+                      callbacks=[timer, *parts.callbacks, *memory_callbacks])
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - t_train
@@ -195,6 +199,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "eval_after": after,
         "model_dir": str(final_dir),
     }
+    for extra in memory_callbacks:
+        if hasattr(extra, "summary"):
+            summary.update(extra.summary())
     record = cb.record() if cb is not None else {}
     if cb is not None:
         summary["layers_sampled"] = sorted({i for _, ls in cb.history for i in ls})

@@ -214,6 +214,36 @@ class DataConfig:
         return out
 
 
+CHECKPOINTING = ("off", "all", "frozen")
+
+
+@dataclass
+class MemoryConfig:
+    """Memory-saving options of every method (``owlore/memory/``); each is off by default and changes no result
+    where it should not (tests compare against the plain run)."""
+
+    chunked_loss: int = 0
+    """Tokens per chunk of the output head + cross-entropy (``owlore.memory.chunked_loss``): the full logits and
+    their gradient are never materialised. 0: the model's own loss (default). 1024-4096 is a good chunk."""
+    checkpointing: str = "off"
+    """Activation checkpointing: off (``model.gradient_checkpointing`` decides, which means all), all (every
+    decoder layer), frozen (layer-switching methods: only the layers not trained now; the γ active layers keep
+    their activations, so the recompute is the frozen layers' forward only)."""
+    profile: bool = False
+    """Record live tensor bytes by kind (weights, gradients, optimizer state, saved activations) at the peak of
+    each step into ``owlore_record.json`` (``owlore.memory.probe``; costs a little time; ``eval/bench.py`` sets
+    it)."""
+
+    def problems(self, prefix: str = "memory.") -> list[str]:
+        out = []
+        if not isinstance(self.chunked_loss, int) or self.chunked_loss < 0:
+            out.append(f"{prefix}chunked_loss={self.chunked_loss!r}: must be 0 (off) or a positive number of "
+                       "tokens per chunk, e.g. 2048")
+        if self.checkpointing not in CHECKPOINTING:
+            out.append(f"{prefix}checkpointing={self.checkpointing!r}: must be one of {', '.join(CHECKPOINTING)}")
+        return out
+
+
 @dataclass
 class EvalConfig:
     """Evaluations run before/after training (results go to the JSON record and TensorBoard)."""

@@ -25,10 +25,11 @@ from typing import Any
 
 import yaml
 
-from owlore.config import ConfigError, DataConfig, EvalConfig, ModelConfig, dataclass_from_dict
+from owlore.config import ConfigError, DataConfig, EvalConfig, MemoryConfig, ModelConfig, dataclass_from_dict
 from owlore.typecheck import coerce, suggest
 
-COMMON_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig}
+COMMON_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig,
+                                   "memory": MemoryConfig}
 TOP_KEYS = ("method", "include")
 DEFAULT_METHOD = "owlore"
 _OWN_OPTIMIZER_DEFAULT = "adamw_torch"
@@ -91,6 +92,7 @@ class RunConfig:
     data: DataConfig
     training: dict[str, Any]
     eval: EvalConfig = field(default_factory=EvalConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     sections: dict[str, Any] = field(default_factory=dict)
     """The method's sections by name, e.g. ``{"owlore": OwLoreConfig(...), "optimizer": OptimizerConfig(...)}``."""
     sources: list[str] = field(default_factory=list)
@@ -317,11 +319,34 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
                                        own_optimizer=method.own_optimizer, method=method_name,
                                        state_files=method.state_files)
     problems += errs
+    if not problems:
+        problems += _memory_problems(method, built, training)
     if problems:
         where = ", ".join(map(str, paths))
         raise ConfigError(f"{where}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
     return RunConfig(method=method_name, model=built["model"], data=built["data"], eval=built["eval"],
-                     training=training, sections={k: built[k] for k in own}, sources=[str(p) for p in paths])
+                     memory=built["memory"], training=training, sections={k: built[k] for k in own}, sources=[str(p) for p in paths])
+
+
+LAYER_SWITCHING = ("owlore", "lisa", "badam")
+
+
+def _memory_problems(method: Any, built: dict[str, Any], training: dict[str, Any]) -> list[str]:
+    """Checks across sections for the memory options (``memory`` and the ``optimizer`` section)."""
+    out = []
+    memory = built["memory"]
+    if memory.checkpointing == "frozen" and method.name not in LAYER_SWITCHING:
+        out.append(f"memory.checkpointing=frozen: only layer-switching methods ({', '.join(LAYER_SWITCHING)}) "
+                   f"have frozen layers to checkpoint; method {method.name} trains every layer it trains at once, "
+                   "use memory.checkpointing=all")
+    optimizer = built.get("optimizer")
+    if optimizer is not None and optimizer.update_in_backward:
+        clip = training.get("max_grad_norm", 1.0)  # TrainingArguments' default clips at 1.0
+        if clip not in (None, 0, 0.0):
+            out.append(f"optimizer.update_in_backward=true with training.max_grad_norm={clip!r}: each tensor "
+                       "steps inside backward, before a global gradient norm exists; set training.max_grad_norm=0 "
+                       "(or optimizer.update_in_backward=false to keep global clipping)")
+    return out
 
 
 def _layer_count(hf_config: Any) -> int | None:

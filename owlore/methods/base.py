@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+EMBEDDING_STATES = ("full", "8bit", "lowrank", "factored")
+
 
 @dataclass
 class OptimizerConfig:
@@ -32,6 +34,16 @@ class OptimizerConfig:
     """Keep fp32 master copies of bf16/fp16 weights while they train. The copies live in the optimizer state, so
     under layer sampling (state dropped on a switch) only the active layers have one. None: the method's default
     (on for badam, as BAdam does; off for the others)."""
+    update_in_backward: bool = False
+    """Step each tensor inside backward as soon as its gradient is complete (``owlore.memory.in_backward``), so
+    the gradients of the trained layers never coexist. Needs ``training.max_grad_norm=0`` (no global norm exists
+    yet when a tensor steps); gradient accumulation works (the update waits for the last micro-batch)."""
+    embedding_state: str = "full"
+    """Optimizer state of the input embedding / output head (on a large vocabulary the biggest trained tensors):
+    full (AdamW), 8bit (blockwise 8-bit moments), lowrank (GaLore projection at ``embedding_rank``), factored
+    (Adafactor-style row/column second moment, no first moment)."""
+    embedding_rank: int = 128
+    """Rank of the embedding's GaLore projection when ``embedding_state=lowrank``."""
 
     def problems(self, prefix: str = "optimizer.") -> list[str]:
         out = []
@@ -39,6 +51,11 @@ class OptimizerConfig:
             out.append(f"{prefix}state_bits={self.state_bits!r}: must be 32 or 8")
         if self.state_dtype not in ("float32", "auto"):
             out.append(f"{prefix}state_dtype={self.state_dtype!r}: must be float32 or auto")
+        if self.embedding_state not in EMBEDDING_STATES:
+            out.append(f"{prefix}embedding_state={self.embedding_state!r}: must be one of "
+                       f"{', '.join(EMBEDDING_STATES)}")
+        if not isinstance(self.embedding_rank, int) or self.embedding_rank < 1:
+            out.append(f"{prefix}embedding_rank={self.embedding_rank!r}: must be a positive integer")
         return out
 
     def optimizer_kwargs(self, *, master_weights_default: bool = False) -> dict[str, Any]:

@@ -1,0 +1,11 @@
+"""Memory: what a run costs, and the options that make it cost less.
+
+- ``estimator``: ``estimate(...)`` breaks a run's peak into weights, gradients, optimizer state, activations,
+  logits and temporaries from the model config alone (``python -m owlore.memory --config ...``).
+- ``probe``: live tensor bytes by kind during a real run (``memory.profile``; ``eval/bench.py``).
+- ``chunked_loss``: output head + cross-entropy in chunks, never the full logits (``memory.chunked_loss``).
+- ``in_backward``: each tensor steps inside backward, so trained gradients never coexist
+  (``optimizer.update_in_backward``).
+- ``checkpoint_policy``: activation checkpointing of the frozen layers only (``memory.checkpointing=frozen``).
+- ``options``: wires the ``memory`` section into a run (train.py calls it).
+"""

@@ -1,0 +1,37 @@
+"""The ``memory`` section applied to a built run: patches on the model and callbacks for the Trainer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def checkpointing_enabled(cfg: Any) -> bool:
+    """Whether the Trainer must enable activation checkpointing (``model.gradient_checkpointing`` or
+    ``memory.checkpointing`` all/frozen)."""
+    return bool(cfg.model.gradient_checkpointing) or cfg.memory.checkpointing in ("all", "frozen")
+
+
+def apply_memory_options(parts: Any, cfg: Any) -> list[Any]:
+    """Apply ``cfg.memory`` to ``parts`` (a ``MethodParts``); returns the callbacks to add after the method's.
+
+    The callbacks go after the method's own, so a per-layer policy sees the layers a switch has just chosen.
+    """
+    memory = cfg.memory
+    callbacks: list[Any] = []
+    if memory.chunked_loss:
+        from owlore.memory.chunked_loss import enable_chunked_loss
+
+        enable_chunked_loss(parts.model, memory.chunked_loss)
+        logger.info("chunked loss: output head + cross-entropy in chunks of %d tokens", memory.chunked_loss)
+    if memory.checkpointing == "frozen":
+        from owlore.memory.checkpoint_policy import FrozenLayerCheckpointing
+
+        callbacks.append(FrozenLayerCheckpointing(parts.layer_callback))
+    if memory.profile:
+        from owlore.memory.probe import MemoryProbe
+
+        callbacks.append(MemoryProbe())
+    return callbacks
