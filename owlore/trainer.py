@@ -36,6 +36,9 @@ def create_owlore_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-6,
     convention: str | None = None,
+    embedding_state: str = "full",
+    embedding_rank: int = 128,
+    optimizer_cls: type[GaLoreAdamW] = GaLoreAdamW,
     **optimizer_kwargs: Any,
 ) -> GaLoreAdamW:
     """``GaLoreAdamW`` over *all* parameters: decoder linears projected with the config's GaLore settings.
@@ -44,7 +47,9 @@ def create_owlore_optimizer(
     ``config.rank=None`` the decoder linears are trained full-rank ("OwLore (Full-Rank)").
     ``convention`` (default ``config.convention``): ``"hf"`` reproduces galore-torch's order of eps and weight
     decay (the official OwLore code), ``"torch"`` follows ``torch.optim.AdamW``. ``optimizer_kwargs`` go to
-    ``GaLoreAdamW`` (``state_bits=8``, ``state_dtype``, ``master_weights``).
+    ``optimizer_cls`` (``GaLoreAdamW`` or a subclass such as ``InBackwardGaLoreAdamW``)
+    (``state_bits=8``, ``state_dtype``, ``master_weights``). ``embedding_state`` / ``embedding_rank``: the state of
+    the input embedding and output head (``make_param_groups``).
     """
     config = config or OwLoreConfig()
     convention = convention or config.convention
@@ -59,12 +64,16 @@ def create_owlore_optimizer(
         power_iters=config.power_iters,
         weight_decay=weight_decay,
         layers_path=config.layers_path,
+        embedding_state=embedding_state,
+        embedding_rank=embedding_rank,
     )
     if config.rank is None:
         for g in groups:
+            if g["name"] == "embedding":
+                continue
             for k in ("rank", "update_proj_gap", "scale", "proj_type", "basis_method", "power_iters"):
                 g.pop(k, None)
-    return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention,
+    return optimizer_cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention,
                        **optimizer_kwargs)
 
 

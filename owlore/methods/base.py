@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-EMBEDDING_STATES = ("full", "8bit", "lowrank", "factored")
+from owlore.param_groups import EMBEDDING_STATES
 
 
 @dataclass
@@ -57,6 +57,10 @@ class OptimizerConfig:
         if not isinstance(self.embedding_rank, int) or self.embedding_rank < 1:
             out.append(f"{prefix}embedding_rank={self.embedding_rank!r}: must be a positive integer")
         return out
+
+    def group_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``make_param_groups`` / ``create_owlore_optimizer`` (the embedding's state)."""
+        return {"embedding_state": self.embedding_state, "embedding_rank": self.embedding_rank}
 
     def optimizer_kwargs(self, *, master_weights_default: bool = False) -> dict[str, Any]:
         """Keyword arguments for ``GaLoreAdamW``."""
@@ -140,7 +144,8 @@ def layer_switching_parts(ctx: BuildContext, config: Any, *, schedule: Callable[
     from owlore.trainer import create_owlore_optimizer
 
     opt_kwargs = ctx.section("optimizer").optimizer_kwargs(master_weights_default=master_weights_default)
-    optimizer = create_owlore_optimizer(ctx.model, config, **adam_kwargs(ctx.args), **opt_kwargs)
+    optimizer = create_owlore_optimizer(ctx.model, config, **adam_kwargs(ctx.args), **opt_kwargs,
+                                        **ctx.section("optimizer").group_options())
     callback = (callback_cls or OwLoreCallback)(config, schedule=schedule, tokenizer=ctx.tokenizer)
     return MethodParts(ctx.model, optimizer, [callback], layer_callback=callback)
 

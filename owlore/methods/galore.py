@@ -63,7 +63,8 @@ def build(ctx: BuildContext) -> MethodParts:
     groups = make_param_groups(ctx.model, target_modules=c.target_modules, rank=c.rank,
                                update_proj_gap=c.update_proj_gap, scale=c.scale, proj_type=c.proj_type,
                                basis_method=c.basis_method, power_iters=c.power_iters,
-                               weight_decay=kw.pop("weight_decay"), layers_path=c.layers_path)
+                               weight_decay=kw.pop("weight_decay"), layers_path=c.layers_path,
+                               **ctx.section("optimizer").group_options())
     optimizer = GaLoreAdamW(groups, **kw, convention=c.convention, **ctx.section("optimizer").optimizer_kwargs())
     return MethodParts(ctx.model, optimizer)
 

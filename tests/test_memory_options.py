@@ -1,0 +1,170 @@
+"""The ``memory`` section and the embedding-state options: config checks, selective checkpointing (same losses
+and gradients, fewer saved activations), and the embedding's optimizer state (8bit / lowrank / factored)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+import method_support as ms  # noqa: E402
+
+import train  # noqa: E402
+from owlore.config import ConfigError  # noqa: E402
+from owlore.memory.checkpoint_policy import checkpoint_plan  # noqa: E402
+from owlore.optim import GaLoreAdamW  # noqa: E402
+from owlore.param_groups import make_param_groups  # noqa: E402
+from owlore.recipe import load_config  # noqa: E402
+
+CONFIGS = ms.ROOT / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return ms.save_checkpoint(tmp_path_factory.mktemp("tiny4"))
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> Path:
+    return ms.write_rows(tmp_path_factory.mktemp("sft") / "train.jsonl")
+
+
+def _losses(out: Path) -> list[float]:
+    record = json.loads((out / "owlore_record.json").read_text())
+    return record["summary"]["log_losses"]
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_memory_section_errors_name_key_value_and_fix():
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "smollm2_owlore.yaml", ["memory.chunked_loss=-1", "memory.checkpointing=some",
+                                                        "optimizer.embedding_state=tiny"])
+    text = str(e.value)
+    assert "memory.chunked_loss=-1" in text and "memory.checkpointing='some'" in text
+    assert "optimizer.embedding_state='tiny'" in text and "full, 8bit, lowrank, factored" in text
+
+
+def test_frozen_checkpointing_needs_a_layer_switching_method():
+    with pytest.raises(ConfigError, match="memory.checkpointing=frozen: only layer-switching methods"):
+        load_config(CONFIGS / "smollm2_full.yaml", ["memory.checkpointing=frozen"])
+    assert load_config(CONFIGS / "smollm2_lisa.yaml", ["memory.checkpointing=frozen"]).memory.checkpointing == "frozen"
+
+
+def test_update_in_backward_refuses_global_clipping():
+    with pytest.raises(ConfigError, match=r"training.max_grad_norm=1.0.*set training.max_grad_norm=0"):
+        load_config(CONFIGS / "smollm2_owlore.yaml", ["optimizer.update_in_backward=true"])
+    cfg = load_config(CONFIGS / "smollm2_owlore.yaml", ["optimizer.update_in_backward=true",
+                                                        "training.max_grad_norm=0"])
+    assert cfg.sections["optimizer"].update_in_backward
+
+
+# ------------------------------------------------------------------------------------------------ checkpointing
+def test_checkpoint_plan():
+    # frozen embeddings: layers below the lowest trained one save nothing, so they are not checkpointed
+    assert checkpoint_plan(6, [2, 4], embeddings_train=False) == [False, False, False, True, False, True]
+    # trained embeddings: backward runs through every layer, every frozen one is checkpointed
+    assert checkpoint_plan(6, [2, 4], embeddings_train=True) == [True, True, False, True, False, True]
+    assert checkpoint_plan(3, [], embeddings_train=False) == [False] * 3
+
+
+def _saved_bytes(model, batch) -> int:
+    seen: dict[int, int] = {}
+    params = {p.data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    return sum(seen.values())
+
+
+def test_frozen_layer_checkpointing_keeps_gradients_and_saves_less():
+    """Checkpointing the frozen layers changes no gradient and keeps fewer activations than no checkpointing;
+    checkpointing everything keeps fewer still (the trained layers' activations are the difference)."""
+    from owlore.layers import find_decoder_layers, set_layers_trainable
+
+    torch.manual_seed(0)
+    ids = torch.randint(2, 200, (2, 48))
+    batch = {"input_ids": ids, "labels": ids}
+    results = {}
+    for mode in ("off", "frozen", "all"):
+        model = ms.tiny_model().train()
+        layers = find_decoder_layers(model)
+        set_layers_trainable(layers, [2])
+        if mode != "off":
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            plan = checkpoint_plan(len(layers), [2], embeddings_train=True) if mode == "frozen" else [True] * 4
+            for layer, on in zip(layers, plan):
+                layer.gradient_checkpointing = on
+        saved = _saved_bytes(model, batch)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[mode] = saved, grads
+    assert set(results["frozen"][1]) == set(results["off"][1]) and "model.layers.2.mlp.up_proj.weight" in \
+        results["off"][1]
+    for name, g in results["off"][1].items():
+        torch.testing.assert_close(results["frozen"][1][name], g, rtol=0, atol=1e-6)
+        torch.testing.assert_close(results["all"][1][name], g, rtol=0, atol=1e-6)
+    assert results["all"][0] < results["frozen"][0] < results["off"][0], {k: v[0] for k, v in results.items()}
+
+
+def test_frozen_checkpointing_through_train_py_gives_the_same_losses(tmp_path, tiny_dir, rows):
+    base = ms.train_argv("owlore", tiny_dir, rows, tmp_path / "off", steps=4)
+    train.main(base)
+    train.main([*ms.train_argv("owlore", tiny_dir, rows, tmp_path / "frozen", steps=4),
+                "memory.checkpointing=frozen"])
+    off, frozen = _losses(tmp_path / "off"), _losses(tmp_path / "frozen")
+    assert len(off) == 4 and frozen == pytest.approx(off, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ embedding state
+def test_embedding_groups():
+    model = ms.tiny_model()
+    full = {g["name"]: g for g in make_param_groups(model, rank=4)}
+    assert "embedding" not in full  # full: embeddings stay in the AdamW group, as before
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    for state, key in (("8bit", "state_bits"), ("lowrank", "rank"), ("factored", "factored")):
+        groups = {g["name"]: g for g in make_param_groups(model, rank=4, embedding_state=state, embedding_rank=8)}
+        ids = {id(p) for p in groups["embedding"]["params"]}
+        assert ids == {id(emb), id(head)} and key in groups["embedding"], state
+        assert not ids & {id(p) for g in groups.values() if g["name"] != "embedding" for p in g["params"]}
+        if state == "lowrank":
+            assert groups["embedding"]["rank"] == 8 and groups["embedding"]["scale"] == 1.0
+    with pytest.raises(ValueError, match="embedding_state must be one of"):
+        make_param_groups(model, embedding_state="half")
+
+
+def test_lowrank_embedding_state_is_rank_sized():
+    model = ms.tiny_model()
+    opt = GaLoreAdamW(make_param_groups(model, rank=4, embedding_state="lowrank", embedding_rank=8), lr=1e-3)
+    ids = torch.randint(2, 200, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    emb = model.get_input_embeddings().weight
+    vocab, width = emb.shape
+    assert opt.state[emb]["exp_avg"].shape == (vocab, 8) and opt.state[emb]["basis"].numel() == width * 8
+
+
+@pytest.mark.parametrize("state", ["8bit", "lowrank"])
+def test_embedding_state_through_train_py(tmp_path, tiny_dir, rows, state):
+    summary = train.main([*ms.train_argv("lisa", tiny_dir, rows, tmp_path, steps=3),
+                          f"optimizer.embedding_state={state}", "optimizer.embedding_rank=8"])
+    full = train.main(ms.train_argv("lisa", tiny_dir, rows, tmp_path / "full", steps=3))
+    assert summary["optimizer_state_bytes"] < full["optimizer_state_bytes"]
+    assert all(torch.isfinite(torch.tensor(_losses(tmp_path))))
