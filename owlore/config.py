@@ -229,6 +229,9 @@ class MemoryConfig:
     """Activation checkpointing: off (``model.gradient_checkpointing`` decides, which means all), all (every
     decoder layer), frozen (layer-switching methods: only the layers not trained now; the γ active layers keep
     their activations, so the recompute is the frozen layers' forward only)."""
+    frozen_weights: str = "full"
+    """Layer-switching methods: full, or int8 (frozen decoder layers as int8 + per-row scales on the device, exact
+    weights on the host, swapped back when a layer is sampled; ``owlore.memory.int8_frozen``)."""
     profile: bool = False
     """Record live tensor bytes by kind (weights, gradients, optimizer state, saved activations) at the peak of
     each step into ``owlore_record.json`` (``owlore.memory.probe``; costs a little time; ``eval/bench.py`` sets
@@ -241,6 +244,8 @@ class MemoryConfig:
                        "tokens per chunk, e.g. 2048")
         if self.checkpointing not in CHECKPOINTING:
             out.append(f"{prefix}checkpointing={self.checkpointing!r}: must be one of {', '.join(CHECKPOINTING)}")
+        if self.frozen_weights not in ("full", "int8"):
+            out.append(f"{prefix}frozen_weights={self.frozen_weights!r}: must be full or int8")
         return out
 
 

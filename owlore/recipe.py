@@ -339,6 +339,10 @@ def _memory_problems(method: Any, built: dict[str, Any], training: dict[str, Any
         out.append(f"memory.checkpointing=frozen: only layer-switching methods ({', '.join(LAYER_SWITCHING)}) "
                    f"have frozen layers to checkpoint; method {method.name} trains every layer it trains at once, "
                    "use memory.checkpointing=all")
+    if memory.frozen_weights == "int8" and method.name not in LAYER_SWITCHING:
+        out.append(f"memory.frozen_weights=int8: only layer-switching methods ({', '.join(LAYER_SWITCHING)}) keep "
+                   f"frozen decoder layers; for method {method.name} quantise the base with method=qlora, or "
+                   "remove memory.frozen_weights")
     optimizer = built.get("optimizer")
     if optimizer is not None and optimizer.update_in_backward:
         clip = training.get("max_grad_norm", 1.0)  # TrainingArguments' default clips at 1.0

@@ -168,3 +168,95 @@ def test_embedding_state_through_train_py(tmp_path, tiny_dir, rows, state):
     full = train.main(ms.train_argv("lisa", tiny_dir, rows, tmp_path / "full", steps=3))
     assert summary["optimizer_state_bytes"] < full["optimizer_state_bytes"]
     assert all(torch.isfinite(torch.tensor(_losses(tmp_path))))
+
+
+def test_factored_update_matches_transformers_adafactor():
+    from transformers.optimization import Adafactor
+
+    from owlore.factored import factored_state_bytes, factored_update
+
+    torch.manual_seed(0)
+    w0 = torch.randn(40, 12)
+    ours, ref = w0.clone(), torch.nn.Parameter(w0.clone())
+    oracle = Adafactor([ref], lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False,
+                       beta1=None, weight_decay=0.1)
+    state: dict = {}
+    for _ in range(5):
+        g = torch.randn(40, 12)
+        ref.grad = g.clone()
+        oracle.step()
+        factored_update(ours, g, state, lr=1e-2, weight_decay=0.1)
+    torch.testing.assert_close(ours, ref.detach(), rtol=1e-6, atol=1e-7)
+    assert state["step"] == 5 and factored_state_bytes(w0.shape) == 4 * 52
+    assert sum(t.numel() * 4 for t in state.values() if isinstance(t, torch.Tensor)) == 4 * 52
+
+
+# ------------------------------------------------------------------------------------------------ int8 frozen layers
+def test_int8_rows_round_trip():
+    from owlore.memory.int8_frozen import dequantize_rows, quantize_rows
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 48)
+    codes, scale = quantize_rows(w)
+    assert codes.dtype == torch.int8 and scale.shape == (32,)
+    err = (dequantize_rows(codes, scale, torch.float32) - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-7).all()  # within half a step of each row's grid
+
+
+def test_int8_store_keeps_exact_weights_and_close_gradients():
+    from owlore.layers import find_decoder_layers, set_layers_trainable
+    from owlore.memory.int8_frozen import Int8Store
+
+    torch.manual_seed(0)
+    ids = torch.randint(2, 200, (2, 32))
+    ref = ms.tiny_model().train()
+    model = ms.tiny_model().train()
+    exact = {k: v.clone() for k, v in model.state_dict().items()}
+    for m in (ref, model):
+        set_layers_trainable(find_decoder_layers(m), [2])
+    store = Int8Store(find_decoder_layers(model))
+    store.sync([2])
+    assert store.quantized == {0, 1, 3} and model.model.layers[0].mlp.up_proj.weight.numel() == 0
+    linears = [m for m in ref.model.layers[0].modules() if type(m) is torch.nn.Linear]
+    per_layer = sum(m.weight.numel() + 4 * m.out_features for m in linears)  # 1-byte codes + fp32 row scales
+    assert store.device_bytes() == 3 * per_layer
+    for name, value in model.state_dict().items():  # checkpoints see the exact weights
+        assert torch.equal(value, exact[name]), name
+    loss_ref, loss = ref(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss
+    assert abs(loss.item() - loss_ref.item()) < 1e-2 * loss_ref.item()
+    loss_ref.backward()
+    loss.backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0)
+            assert cos > 0.999, (name, cos.item())
+    set_layers_trainable(find_decoder_layers(model), [0])
+    store.sync([0])  # layer 2 leaves (int8), layer 0 comes back exactly as it was
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, exact["model.layers.0.mlp.up_proj.weight"])
+    assert 2 in store.quantized
+
+
+def test_int8_frozen_layers_through_train_py(tmp_path, tiny_dir, rows):
+    """Same draws, losses within int8 noise of the exact run; never-sampled layers saved bit-exact; the run is
+    evaluated and saved with every layer exact again."""
+    summary = train.main([*ms.train_argv("lisa", tiny_dir, rows, tmp_path / "int8", steps=4),
+                          "memory.frozen_weights=int8"])
+    train.main(ms.train_argv("lisa", tiny_dir, rows, tmp_path / "exact", steps=4))
+    assert summary["int8_frozen_layer_bytes"] > 0
+    record = json.loads((tmp_path / "int8" / "owlore_record.json").read_text())
+    exact_record = json.loads((tmp_path / "exact" / "owlore_record.json").read_text())
+    assert record["history"] == exact_record["history"]
+    assert _losses(tmp_path / "int8") == pytest.approx(_losses(tmp_path / "exact"), rel=2e-2)
+    initial = ms.load_safetensors(tiny_dir / "model.safetensors")
+    final = ms.load_safetensors(tmp_path / "int8" / "final" / "model.safetensors")
+    sampled = {i for h in record["history"] for i in h["layers"]}
+    unsampled = set(range(ms.NUM_LAYERS)) - sampled
+    assert unsampled
+    for name, value in initial.items():
+        if name.startswith("model.layers.") and int(name.split(".")[2]) in unsampled:
+            assert torch.equal(final[name], value), name
+
+
+def test_int8_frozen_needs_a_layer_switching_method():
+    with pytest.raises(ConfigError, match="memory.frozen_weights=int8: only layer-switching methods"):
+        load_config(CONFIGS / "smollm2_galore.yaml", ["memory.frozen_weights=int8"])

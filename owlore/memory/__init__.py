@@ -7,5 +7,7 @@
 - ``in_backward``: each tensor steps inside backward, so trained gradients never coexist
   (``optimizer.update_in_backward``).
 - ``checkpoint_policy``: activation checkpointing of the frozen layers only (``memory.checkpointing=frozen``).
+- ``int8_frozen``: frozen decoder layers as int8 on the device, exact weights on the host
+  (``memory.frozen_weights=int8``).
 - ``options``: wires the ``memory`` section into a run (train.py calls it).
 """

@@ -30,6 +30,10 @@ def apply_memory_options(parts: Any, cfg: Any) -> list[Any]:
         from owlore.memory.checkpoint_policy import FrozenLayerCheckpointing
 
         callbacks.append(FrozenLayerCheckpointing(parts.layer_callback))
+    if memory.frozen_weights == "int8":
+        from owlore.memory.int8_frozen import Int8FrozenLayers
+
+        callbacks.append(Int8FrozenLayers(parts.layer_callback))
     if memory.profile:
         from owlore.memory.probe import MemoryProbe
 
