@@ -141,13 +141,16 @@ def layer_switching_parts(ctx: BuildContext, config: Any, *, schedule: Callable[
     ``schedule`` replaces its outlier-weighted sampler (BAdam's block order).
     """
     from owlore.callback import OwLoreCallback
+    from owlore.memory.in_backward import in_backward_callbacks, in_backward_kwargs
     from owlore.trainer import create_owlore_optimizer
 
-    opt_kwargs = ctx.section("optimizer").optimizer_kwargs(master_weights_default=master_weights_default)
+    section = ctx.section("optimizer")
+    opt_kwargs = section.optimizer_kwargs(master_weights_default=master_weights_default)
     optimizer = create_owlore_optimizer(ctx.model, config, **adam_kwargs(ctx.args), **opt_kwargs,
-                                        **ctx.section("optimizer").group_options())
+                                        **section.group_options(),
+                                        **in_backward_kwargs(section.update_in_backward, ctx.args))
     callback = (callback_cls or OwLoreCallback)(config, schedule=schedule, tokenizer=ctx.tokenizer)
-    return MethodParts(ctx.model, optimizer, [callback], layer_callback=callback)
+    return MethodParts(ctx.model, optimizer, [callback, *in_backward_callbacks(optimizer)], layer_callback=callback)
 
 
 def layer_count_problems(key: str, value: int, num_layers: int) -> list[str]:

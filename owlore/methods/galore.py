@@ -56,6 +56,7 @@ class GaLoreConfig:
 
 
 def build(ctx: BuildContext) -> MethodParts:
+    from owlore.memory.in_backward import in_backward_callbacks, in_backward_kwargs
     from owlore.optim import GaLoreAdamW, make_param_groups
 
     c: GaLoreConfig = ctx.section("galore")
@@ -65,8 +66,11 @@ def build(ctx: BuildContext) -> MethodParts:
                                basis_method=c.basis_method, power_iters=c.power_iters,
                                weight_decay=kw.pop("weight_decay"), layers_path=c.layers_path,
                                **ctx.section("optimizer").group_options())
-    optimizer = GaLoreAdamW(groups, **kw, convention=c.convention, **ctx.section("optimizer").optimizer_kwargs())
-    return MethodParts(ctx.model, optimizer)
+    section = ctx.section("optimizer")
+    extra = in_backward_kwargs(section.update_in_backward, ctx.args)
+    optimizer_cls = extra.pop("optimizer_cls", GaLoreAdamW)
+    optimizer = optimizer_cls(groups, **kw, convention=c.convention, **section.optimizer_kwargs(), **extra)
+    return MethodParts(ctx.model, optimizer, in_backward_callbacks(optimizer))
 
 
 METHOD = Method(
