@@ -170,6 +170,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     trainer = Trainer(model=parts.model, args=training_args, train_dataset=train_ds, data_collator=collator,
                       processing_class=tokenizer, optimizers=(parts.optimizer, None),
                       callbacks=[timer, *parts.callbacks, *memory_callbacks])
+    _report_before_loggers(trainer)
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - t_train
@@ -221,6 +222,17 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                      if "tensorboard" in (training_args.report_to or []) else None)
         _print_summary(summary, before, after, cb, final_dir, out_dir / RECORD_FILE)
     return summary
+
+
+def _report_before_loggers(trainer) -> None:
+    """Move callbacks that correct logged values (the in-backward optimizer's ``grad_norm``) in front of the
+    Trainer's reporters (TensorBoard, wandb), which the Trainer puts first."""
+    from owlore.memory.in_backward import InBackwardGradNorm
+
+    handler = trainer.callback_handler
+    for cb in [c for c in handler.callbacks if isinstance(c, InBackwardGradNorm)]:
+        handler.callbacks.remove(cb)
+        handler.callbacks.insert(0, cb)
 
 
 def _write_evals(before: dict, after: dict, out_dir: Path, step: int, tb) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from owlore.adamw import Convention, adamw_update
+from owlore.factored import factored_update
 from owlore.param_groups import make_param_groups
 from owlore.projector import (
     BASIS_METHODS,
@@ -71,6 +72,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
       is dropped by ``drop_state``: under OwLore's layer sampling only the *active* layers hold master copies
       (4 extra bytes per weight of γ layers), and a re-activated layer restarts from its current bf16 weight.
       While a copy exists, change the weight only through the optimizer (or drop its state first).
+    - ``factored`` (group key only, ``optimizer.embedding_state=factored``): 2-D params of the group keep an
+      Adafactor row/column second moment and no first moment instead of AdamW's moments (``owlore.factored``).
     - ``state_bits`` (default 32): 8 stores the moments, low-rank and full-rank alike, 8-bit blockwise quantised
       with bitsandbytes (``owlore.quant_state``; about 4x less moment memory), on CPU and CUDA; moments with
       fewer than ``quant_state.MIN_8BIT_SIZE`` (4096) elements stay unquantised. bitsandbytes is imported only
@@ -170,6 +173,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _step_param(self, p: Tensor, group: dict[str, Any], where: tuple[int, int]) -> None:
         state = self.state[p]
+        if group.get("factored") and p.dim() == 2:  # Adafactor-style state (owlore.factored)
+            factored_update(p, p.grad, state, lr=group["lr"], weight_decay=group["weight_decay"])
+            return
         dtype = group["state_dtype"] or p.grad.dtype
         grad = p.grad.to(dtype)  # no copy when the gradient already has the state dtype
         projected = "rank" in group and p.dim() == 2

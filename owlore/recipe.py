@@ -350,6 +350,10 @@ def _memory_problems(method: Any, built: dict[str, Any], training: dict[str, Any
             out.append(f"optimizer.update_in_backward=true with training.max_grad_norm={clip!r}: each tensor "
                        "steps inside backward, before a global gradient norm exists; set training.max_grad_norm=0 "
                        "(or optimizer.update_in_backward=false to keep global clipping)")
+        if training.get("fp16"):
+            out.append("optimizer.update_in_backward=true with training.fp16=true: the GradScaler unscales and "
+                       "skips whole steps after backward, but each tensor steps inside it; use training.bf16=true "
+                       "or fp32")
     return out
 
 

@@ -68,6 +68,9 @@ def test_update_in_backward_refuses_global_clipping():
     cfg = load_config(CONFIGS / "smollm2_owlore.yaml", ["optimizer.update_in_backward=true",
                                                         "training.max_grad_norm=0"])
     assert cfg.sections["optimizer"].update_in_backward
+    with pytest.raises(ConfigError, match="training.fp16=true: the GradScaler"):
+        load_config(CONFIGS / "smollm2_owlore.yaml", ["optimizer.update_in_backward=true",
+                                                      "training.max_grad_norm=0", "training.fp16=true"])
 
 
 # ------------------------------------------------------------------------------------------------ checkpointing
@@ -260,3 +263,19 @@ def test_int8_frozen_layers_through_train_py(tmp_path, tiny_dir, rows):
 def test_int8_frozen_needs_a_layer_switching_method():
     with pytest.raises(ConfigError, match="memory.frozen_weights=int8: only layer-switching methods"):
         load_config(CONFIGS / "smollm2_galore.yaml", ["memory.frozen_weights=int8"])
+
+
+def test_factored_embedding_state_steps_with_adafactor(tmp_path, tiny_dir, rows):
+    """GaLoreAdamW's factored group takes owlore.factored's step: row/column state only, the weight moves."""
+    model = ms.tiny_model()
+    opt = GaLoreAdamW(make_param_groups(model, rank=4, embedding_state="factored"), lr=1e-3)
+    emb = model.get_input_embeddings().weight
+    before = emb.detach().clone()
+    ids = torch.randint(2, 200, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert set(opt.state[emb]) == {"step", "exp_avg_sq_row", "exp_avg_sq_col"} and not torch.equal(emb, before)
+    summary = train.main([*ms.train_argv("owlore", tiny_dir, rows, tmp_path, steps=3),
+                          "optimizer.embedding_state=factored", "owlore.train_embeddings=true",
+                          "owlore.train_lm_head=true"])
+    assert all(torch.isfinite(torch.tensor(_losses(tmp_path)))) and summary["optimizer_state_bytes"] > 0

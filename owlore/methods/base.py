@@ -37,7 +37,8 @@ class OptimizerConfig:
     update_in_backward: bool = False
     """Step each tensor inside backward as soon as its gradient is complete (``owlore.memory.in_backward``), so
     the gradients of the trained layers never coexist. Needs ``training.max_grad_norm=0`` (no global norm exists
-    yet when a tensor steps); gradient accumulation works (the update waits for the last micro-batch)."""
+    yet when a tensor steps); gradient accumulation works (the update waits for the last micro-batch), but then the
+    gradients accumulate across micro-batches as usual and the option saves no gradient memory."""
     embedding_state: str = "full"
     """Optimizer state of the input embedding / output head (on a large vocabulary the biggest trained tensors):
     full (AdamW), 8bit (blockwise 8-bit moments), lowrank (GaLore projection at ``embedding_rank``), factored
