@@ -73,7 +73,7 @@ def adamw_update(
         denom = exp_avg_sq.sqrt().add_(eps)
     else:
         step_size = lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+        denom = exp_avg_sq.sqrt().div_(bias_correction2**0.5).add_(eps)  # one param-sized temporary, not two
     if basis is None and not hf:
         param.addcdiv_(exp_avg, denom, value=-step_size)
     else:
