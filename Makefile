@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup model test demo lint clean bench-optim bench-vlm lod compare
+.PHONY: setup model test demo lint clean bench-optim bench-vlm lod compare bench
 
 setup: $(STAMP) $(SMOLLM2)
 
@@ -44,6 +44,9 @@ bench-optim: setup
 
 compare: setup
 	$(PY) eval/compare.py --methods full,lora,qlora,galore,lisa,badam,owlore --steps 60 --out outputs/compare
+
+bench: setup
+	$(PY) eval/bench.py --methods full,lora,qlora,galore,lisa,badam,owlore --steps 20 --batch 4 --seq 128 --out outputs/bench
 
 bench-vlm: setup
 	$(PY) eval/vlm_pruning.py speed --out outputs/vlm_pruning

@@ -72,11 +72,18 @@ def run_command(method: str, *, steps: int, batch: int, seq: int, output_dir: Pa
 
 def method_overrides(method: str, overrides: Sequence[str]) -> list[str]:
     """The overrides for ``method``'s runs: the unprefixed ones and those prefixed ``<method>:``."""
+    return column_overrides(method, method, overrides)
+
+
+def column_overrides(label: str, method: str, overrides: Sequence[str]) -> list[str]:
+    """The overrides for one column of a benchmark: a column ``label`` runs ``method`` (``owlore_opt`` runs
+    owlore with options), so it takes the unprefixed ones and those prefixed ``<method>:`` or ``<label>:``, in
+    the order given."""
     out = []
     for o in overrides:
         prefix, sep, rest = o.partition(":")
         if sep and "=" not in prefix:  # a ':' inside the value (a URL, a path) is no prefix
-            if prefix == method:
+            if prefix in (method, label):
                 out.append(rest)
         else:
             out.append(o)
@@ -180,7 +187,8 @@ def spread(values: Iterable[float | None]) -> dict[str, Any] | None:
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
-def aggregate(rows: Sequence[Mapping[str, Any]], reference: str = REFERENCE) -> dict[str, dict[str, Any]]:
+def aggregate(rows: Sequence[Mapping[str, Any]], reference: str = REFERENCE, *, metrics: Sequence[str] = METRICS,
+              ratio_metrics: Sequence[str] = RATIO_METRICS) -> dict[str, dict[str, Any]]:
     """Per method, in first-seen order: ``{metric: spread}``, ``ratio`` ``{metric: spread of per-repeat ratios}``,
     the run count and failures.
 
@@ -200,9 +208,9 @@ def aggregate(rows: Sequence[Mapping[str, Any]], reference: str = REFERENCE) -> 
                                  "tokens_estimated": any(r.get("tokens_estimated") for r in ok),
                                  "peak_is_training_only": all(r.get("peak_is_training_only") for r in ok),
                                  "warmup_timed": any(r.get("warmup_skipped") == 0 for r in ok)}
-        entry["metrics"] = {m: spread(r.get(m) for r in ok) for m in METRICS}
+        entry["metrics"] = {m: spread(r.get(m) for r in ok) for m in metrics}
         ratios: dict[str, Any] = {}
-        for m in RATIO_METRICS:
+        for m in ratio_metrics:
             vals = []
             for r in ok:
                 base = ref.get(r["repeat"], {}).get(m)

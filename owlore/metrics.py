@@ -75,7 +75,7 @@ def rss_after_touch(model: nn.Module) -> int:
 
 class StepTimer(TrainerCallback):
     """Seconds and input tokens of every optimizer step (``on_step_begin`` to ``on_step_end``), and the peak
-    memory of training alone.
+    memory of training alone (on CUDA also the peak reserved by the caching allocator).
 
     Put it first in the Trainer's callbacks: a layer switch made in another callback's ``on_step_begin``
     (OwLore, LISA, BAdam) then falls inside the step it precedes, so switch costs show in the mean step time.
@@ -89,6 +89,7 @@ class StepTimer(TrainerCallback):
         self.memory_at_train_begin: int | None = None
         self.peak_before_train: int | None = None
         self.train_peak: int | None = None
+        self.train_peak_reserved: int | None = None
         self.peak_reset = False
         self._t0: float | None = None
         self._tokens0 = 0
@@ -121,12 +122,15 @@ class StepTimer(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.train_peak = peak_memory_bytes()
+        if memory_kind() == "cuda":  # what the caching allocator held: allocated + cached blocks (fragmentation)
+            self.train_peak_reserved = int(torch.cuda.max_memory_reserved())
 
     def summary(self) -> dict[str, Any]:
         """The entries train.py adds to its run summary."""
         return {"memory_kind": memory_kind(), "step_seconds": self.seconds, "step_tokens": self.tokens or None,
                 "memory_at_train_begin_bytes": self.memory_at_train_begin,
-                "train_peak_memory_bytes": self.train_peak, "train_peak_is_training_only": self.peak_reset}
+                "train_peak_memory_bytes": self.train_peak, "train_peak_is_training_only": self.peak_reset,
+                "train_peak_reserved_bytes": self.train_peak_reserved}
 
 
 def owlore_tensorboard_dir(output_dir: str | os.PathLike) -> str:
