@@ -232,6 +232,10 @@ class MemoryConfig:
     frozen_weights: str = "full"
     """Layer-switching methods: full, or int8 (frozen decoder layers as int8 + per-row scales on the device, exact
     weights on the host, swapped back when a layer is sampled; ``owlore.memory.int8_frozen``)."""
+    sparse_embedding_grad: bool = False
+    """Methods with their own optimizer: the input embedding's gradient as the row-sparse tensor it is (rows of the
+    batch's tokens only; ``nn.Embedding(sparse=True)``), made dense only when it steps. A tied head's dense
+    gradient then takes the embedding's rows in place instead of a second vocabulary-sized buffer."""
     profile: bool = False
     """Record live tensor bytes by kind (weights, gradients, optimizer state, saved activations) at the peak of
     each step into ``owlore_record.json`` (``owlore.memory.probe``; costs a little time; ``eval/bench.py`` sets

@@ -29,33 +29,52 @@ def factored_state_bytes(shape: torch.Size | tuple[int, ...]) -> int:
     return 4 * (m + n)
 
 
+CHUNK_ELEMENTS = 2**20
+"""Rows are processed in chunks of about this many elements, so the squared gradient and the update never
+exist at full size: the only V×d tensor of the step is the gradient itself (the step would otherwise be the
+peak of a run whose other tensors are small)."""
+
+
 @torch.no_grad()
 def factored_update(param: Tensor, grad: Tensor, state: dict, *, lr: float, weight_decay: float = 0.0) -> None:
     """One Adafactor step of a 2-D ``param`` (in place); ``state`` gets ``step``, ``exp_avg_sq_row``/``_col``.
 
-    The update is computed in fp32 and written back in the param's dtype.
+    Three passes over row chunks (row/column means of the squared gradient; the update's RMS for the clipping;
+    the update itself), each chunk computed in fp32 and written back in the param's dtype.
     """
     if grad.dim() != 2:
         raise ValueError(f"factored state needs a 2-D weight, got shape {tuple(grad.shape)}")
-    grad = grad.float()
+    m, n = grad.shape
     if "exp_avg_sq_row" not in state:
         state["step"] = 0
-        state["exp_avg_sq_row"] = torch.zeros(grad.shape[0], dtype=torch.float32, device=grad.device)
-        state["exp_avg_sq_col"] = torch.zeros(grad.shape[1], dtype=torch.float32, device=grad.device)
+        state["exp_avg_sq_row"] = torch.zeros(m, dtype=torch.float32, device=grad.device)
+        state["exp_avg_sq_col"] = torch.zeros(n, dtype=torch.float32, device=grad.device)
     state["step"] += 1
     beta2t = 1.0 - state["step"] ** DECAY_RATE
     row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-    squared = grad.square().add_(EPS)
-    row.mul_(beta2t).add_(squared.mean(dim=-1), alpha=1.0 - beta2t)
-    col.mul_(beta2t).add_(squared.mean(dim=-2), alpha=1.0 - beta2t)
-    del squared
-    update = (row / row.mean()).rsqrt_().unsqueeze(-1) * col.rsqrt().unsqueeze(0)
-    update.mul_(grad)
-    rms = update.norm() / update.numel() ** 0.5
-    update.div_((rms / CLIP_THRESHOLD).clamp_(min=1.0)).mul_(lr)
-    target = param.float() if param.dtype in (torch.float16, torch.bfloat16) else param
-    if weight_decay:
-        target.add_(target, alpha=-weight_decay * lr)
-    target.sub_(update)
-    if target is not param:
-        param.copy_(target)
+    step = max(1, CHUNK_ELEMENTS // max(n, 1))
+    chunks = [(s, min(s + step, m)) for s in range(0, m, step)]
+    row_mean = torch.empty_like(row)
+    col_sum = torch.zeros_like(col)
+    for s, e in chunks:
+        squared = grad[s:e].float().square().add_(EPS)  # never in place: .float() of fp32 is the gradient
+        row_mean[s:e] = squared.mean(dim=-1)
+        col_sum += squared.sum(dim=0)
+    row.mul_(beta2t).add_(row_mean, alpha=1.0 - beta2t)
+    col.mul_(beta2t).add_(col_sum / m, alpha=1.0 - beta2t)
+    r_factor = (row / row.mean()).rsqrt_().unsqueeze(-1)
+    c_factor = col.rsqrt().unsqueeze(0)
+
+    def update(s: int, e: int) -> Tensor:
+        return (r_factor[s:e] * c_factor).mul_(grad[s:e].float())
+
+    sum_sq = sum(update(s, e).square_().sum(dtype=torch.float64) for s, e in chunks)
+    rms = (sum_sq / (m * n)) ** 0.5
+    step_size = lr / max(float(rms) / CLIP_THRESHOLD, 1.0)
+    for s, e in chunks:
+        target = param[s:e].float() if param.dtype in (torch.float16, torch.bfloat16) else param[s:e]
+        if weight_decay:
+            target.add_(target, alpha=-weight_decay * lr)
+        target.sub_(update(s, e), alpha=step_size)
+        if target.data_ptr() != param[s:e].data_ptr():
+            param[s:e].copy_(target)

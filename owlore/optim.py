@@ -162,8 +162,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for index, p in enumerate(group["params"])
             if p.grad is not None
         ]
-        if any(p.grad.is_sparse for p, _, _ in todo):
-            raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+        for p, _, _ in todo:
+            if p.grad.is_sparse:  # a row-sparse embedding gradient (memory.sparse_embedding_grad): same math dense
+                p.grad = p.grad.to_dense()
         for (p, group, where), finite in zip(todo, _finite_flags([p.grad for p, _, _ in todo])):
             if finite:
                 self._step_param(p, group, where)

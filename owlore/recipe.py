@@ -343,6 +343,10 @@ def _memory_problems(method: Any, built: dict[str, Any], training: dict[str, Any
         out.append(f"memory.frozen_weights=int8: only layer-switching methods ({', '.join(LAYER_SWITCHING)}) keep "
                    f"frozen decoder layers; for method {method.name} quantise the base with method=qlora, or "
                    "remove memory.frozen_weights")
+    if memory.sparse_embedding_grad and not method.own_optimizer:
+        out.append(f"memory.sparse_embedding_grad=true: method {method.name} uses the Trainer's optimizer "
+                   f"({training.get('optim', 'adamw_torch')}), which takes no sparse gradients; use a method with "
+                   "its own optimizer (owlore, lisa, galore, badam) or remove the option")
     optimizer = built.get("optimizer")
     if optimizer is not None and optimizer.update_in_backward:
         clip = training.get("max_grad_norm", 1.0)  # TrainingArguments' default clips at 1.0

@@ -130,13 +130,18 @@ class InBackwardGaLoreAdamW(GaLoreAdamW):
         self._update(p, where)
 
     def _note_live(self, grad: Tensor, where: Where) -> None:
-        nbytes = grad.numel() * grad.element_size()
+        if grad.is_sparse:
+            nbytes = grad._values().nbytes + grad._indices().nbytes
+        else:
+            nbytes = grad.numel() * grad.element_size()
         self._live_bytes += nbytes - self._live.get(where, 0)
         self._live[where] = nbytes
         self._step_peak = max(self._step_peak, self._live_bytes)
 
     def _update(self, p: Tensor, where: Where) -> None:
         """``GaLoreAdamW.step`` for one param (same finiteness test), then free its gradient."""
+        if p.grad.is_sparse:  # a row-sparse input-embedding gradient: the update is the dense one
+            p.grad = p.grad.to_dense()
         grad = p.grad
         norm = float(torch.linalg.vector_norm(grad, dtype=torch.float32))  # the host sync (see the class doc)
         finite = math.isfinite(norm) or bool(torch.isfinite(grad).all())  # a finite grad whose norm overflows

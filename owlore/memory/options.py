@@ -5,7 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from torch import nn
+
 logger = logging.getLogger(__name__)
+
+
+def _densify(p) -> None:
+    if p.grad is not None and p.grad.is_sparse:
+        p.grad = p.grad.to_dense()
 
 
 def checkpointing_enabled(cfg: Any) -> bool:
@@ -26,6 +33,15 @@ def apply_memory_options(parts: Any, cfg: Any) -> list[Any]:
 
         enable_chunked_loss(parts.model, memory.chunked_loss)
         logger.info("chunked loss: output head + cross-entropy in chunks of %d tokens", memory.chunked_loss)
+    if memory.sparse_embedding_grad:
+        emb = parts.model.get_input_embeddings()
+        if not isinstance(emb, nn.Embedding):
+            raise ValueError(f"memory.sparse_embedding_grad=true: the input embedding of {type(parts.model).__name__} "
+                             f"is a {type(emb).__name__}, not an nn.Embedding")
+        emb.sparse = True
+        # dense again once backward has accumulated it: the Trainer's gradient norm (clip_grad_norm_) and optimizers
+        # take no sparse tensors; until then (through all of backward) it holds only the batch's rows
+        emb.weight.register_post_accumulate_grad_hook(_densify)
     if memory.checkpointing == "frozen":
         from owlore.memory.checkpoint_policy import FrozenLayerCheckpointing
 
