@@ -11,3 +11,8 @@
   (``memory.frozen_weights=int8``).
 - ``options``: wires the ``memory`` section into a run (train.py calls it).
 """
+
+from owlore.memory.estimator import MemoryEstimate, Options, estimate, estimate_run
+from owlore.memory.shapes import ModelShape, load_model_shape
+
+__all__ = ["MemoryEstimate", "ModelShape", "Options", "estimate", "estimate_run", "load_model_shape"]
