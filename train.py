@@ -5,7 +5,7 @@
     python train.py --config configs/smollm2.yaml method=lisa lisa.gamma=2      # the base file has no method section
 
 A config has ``method:`` (default owlore), the sections ``model``, ``data``, ``training``
-(``transformers.TrainingArguments``), ``eval``, and the method's own (``owlore``, ``lora``, ``galore``, ``lisa``,
+(``transformers.TrainingArguments``), ``eval``, ``memory`` (``owlore/memory/options.py``), and the method's own (``owlore``, ``lora``, ``galore``, ``lisa``,
 ``badam``, ``quantization``, ``optimizer``); see ``owlore/recipe.py``. Overrides are YAML values read against the
 field's type: ``owlore.gamma=2``, ``training.max_steps=5``, ``training.resume_from_checkpoint=last``.
 The method builds the model wrapper, optimizer and callbacks (``owlore/methods/``); this script hands them to a

@@ -1,7 +1,7 @@
 """A run's configuration: YAML files (composable), ``key=value`` overrides, and one validation pass.
 
 A config file has a top-level ``method:`` (default ``owlore``; see ``owlore.methods.REGISTRY``), the common
-sections ``model``, ``data``, ``training`` (``transformers.TrainingArguments``) and ``eval``, and the sections of
+sections ``model``, ``data``, ``training`` (``transformers.TrainingArguments``), ``eval`` and ``memory``, and the sections of
 its method (``owlore``, ``lora``, ``galore``, ``lisa``, ``badam``, ``quantization``, ``optimizer`` ...).
 
 Composition: a file may say ``include: base.yaml`` (or a list; paths relative to the file), and several files may
