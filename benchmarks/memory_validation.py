@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -138,6 +139,7 @@ def run_case(case: dict, args: argparse.Namespace) -> dict:
         with (out_dir / "train.log").open("w") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
         command_path.write_text(stamp)
+        shutil.rmtree(out_dir / "final", ignore_errors=True)  # only the record is read; a 7B-width model is GBs
     row = {**case, "command": shlex.join(cmd), "returncode": rc, "seconds": time.perf_counter() - start}
     if rc != 0 or not record_path.is_file():
         row["error"] = cmp.tail((out_dir / "train.log").read_text(errors="replace"))
