@@ -347,6 +347,10 @@ def _memory_problems(method: Any, built: dict[str, Any], training: dict[str, Any
         out.append(f"memory.sparse_embedding_grad=true: method {method.name} uses the Trainer's optimizer "
                    f"({training.get('optim', 'adamw_torch')}), which takes no sparse gradients; use a method with "
                    "its own optimizer (owlore, lisa, galore, badam) or remove the option")
+    if memory.frozen_weights == "int8" and training.get("load_best_model_at_end"):
+        out.append("memory.frozen_weights=int8 with training.load_best_model_at_end=true: the Trainer loads the best "
+                   "checkpoint while frozen layers still hold int8 codes (their exact weights come back only at the "
+                   "end of training); set training.load_best_model_at_end=false")
     optimizer = built.get("optimizer")
     if optimizer is not None and optimizer.update_in_backward:
         clip = training.get("max_grad_norm", 1.0)  # TrainingArguments' default clips at 1.0

@@ -264,6 +264,9 @@ def test_int8_frozen_layers_through_train_py(tmp_path, tiny_dir, rows):
 def test_int8_frozen_needs_a_layer_switching_method():
     with pytest.raises(ConfigError, match="memory.frozen_weights=int8: only layer-switching methods"):
         load_config(CONFIGS / "smollm2_galore.yaml", ["memory.frozen_weights=int8"])
+    with pytest.raises(ConfigError, match="training.load_best_model_at_end=true: the Trainer loads the best"):
+        load_config(CONFIGS / "smollm2_lisa.yaml", ["memory.frozen_weights=int8",
+                                                    "training.load_best_model_at_end=true"])
 
 
 def test_factored_embedding_state_steps_with_adafactor(tmp_path, tiny_dir, rows):
