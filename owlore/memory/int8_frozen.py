@@ -14,7 +14,8 @@ layers here stay in full precision and no update is ever rounded to int8.
 
 A quantised layer's ``weight`` parameter is emptied (the same ``Parameter`` object, so the optimizer's groups
 stay valid); ``state_dict`` returns the exact host weight in its place, so checkpoints and the saved model are
-exact. ``on_train_end`` restores every layer, so evaluation after training uses the exact model.
+exact. ``on_train_end`` restores every layer, so evaluation after training uses the exact model; an evaluation
+*during* training (``eval_strategy``) sees the frozen layers in int8, and ``load_best_model_at_end`` is refused.
 """
 
 from __future__ import annotations
