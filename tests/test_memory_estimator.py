@@ -105,7 +105,10 @@ def test_qlora_layers_run_in_fp32_after_kbit_preparation(tmp_path):
     got = saved_bytes(peft, model.model.layers)
     want = layer_saved(ModelShape.from_config(model.config), Tokens(B, T, 4, device="cpu"), role="lora",
                        input_grad=True, lora=LoraShape(4, act_bytes=4))
-    assert sum(want.values()) == pytest.approx(got[1], rel=0.05)
+    # 10 %, not 5: bitsandbytes' CPU 4-bit path differs between runs of the suite (its weights are repacked at the
+    # first CPU inference, see tests/test_methods.py), and one path saves one more fp32 hidden-sized tensor (B·T·d·4
+    # bytes, +6 % here). Still tells fp32 activations (the claim) from bf16 ones (half the bytes).
+    assert sum(want.values()) == pytest.approx(got[1], rel=0.10)
 
 
 @pytest.mark.parametrize("method", ["full", "lisa", "owlore", "lora"])
