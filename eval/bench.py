@@ -48,7 +48,6 @@ import logging
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,7 +57,7 @@ from owlore import comparison as cmp
 
 REPO = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("bench")
-RECORD = "owlore_record.json"
+RECORD = cmp.RECORD
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 """Set in every child unless already in the environment (see the module docstring; ``--no-malloc-env``)."""
 
@@ -130,15 +129,7 @@ def child_env(malloc: bool) -> dict[str, str]:
 
 def run_one(cmd: list[str], out_dir: Path, timeout: float | None, env: dict[str, str]) -> tuple[int, str]:
     """Run one training process with its logs in ``out_dir``; the exit code and the stderr tail."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RECORD).unlink(missing_ok=True)  # never read a stale record from an earlier run
-    with (out_dir / "train.log").open("w") as out, (out_dir / "train.stderr").open("w") as err:
-        try:
-            rc = subprocess.run(cmd, stdout=out, stderr=err, cwd=REPO, env=env, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            err.write(f"\nbench.py: killed after {timeout:.0f} s (--timeout)\n")
-            rc = 124
-    return rc, cmp.tail((out_dir / "train.stderr").read_text(errors="replace"))
+    return cmp.run_process(cmd, out_dir, cwd=REPO, timeout=timeout, env=env, who="bench.py")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,6 @@ import logging
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from owlore import comparison as cmp
 
 REPO = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("compare")
-RECORD = "owlore_record.json"
+RECORD = cmp.RECORD
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,16 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_one(cmd: list[str], out_dir: Path, timeout: float | None) -> tuple[int, str]:
     """Run one training process with its logs in ``out_dir``; the exit code and the stderr tail."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RECORD).unlink(missing_ok=True)  # never read a stale record from an earlier run
     env = {**os.environ, "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false")}
-    with (out_dir / "train.log").open("w") as out, (out_dir / "train.stderr").open("w") as err:
-        try:
-            rc = subprocess.run(cmd, stdout=out, stderr=err, cwd=REPO, env=env, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            err.write(f"\ncompare.py: killed after {timeout:.0f} s (--timeout)\n")
-            rc = 124
-    return rc, cmp.tail((out_dir / "train.stderr").read_text(errors="replace"))
+    return cmp.run_process(cmd, out_dir, cwd=REPO, timeout=timeout, env=env, who="compare.py")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -260,12 +260,6 @@ def plot_bench(agg: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping[str,
         a.set_title(t)
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    logger.debug("wrote %s", path)
-    return path
+    from owlore.plotting import save_figure
+
+    return save_figure(fig, path, title=title)

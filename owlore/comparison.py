@@ -2,7 +2,8 @@
 
 ``eval/compare.py`` runs ``train.py`` once per method (and repeat) in a fresh process, so no run inherits another's
 allocator state, caches or peak memory, and reads each run's ``owlore_record.json``. Everything here is a pure
-function of those records, so the numbers in the table can be unit-tested on synthetic ones.
+function of those records (``run_process`` aside, which starts one run), so the numbers in the table can be
+unit-tested on synthetic ones.
 
 Host noise (a shared CPU, steal time) moves step times by tens of percent between runs; repeats are interleaved
 (A B C A B C) and ratios to the reference method are taken within a repeat, where both runs saw the same host.
@@ -170,6 +171,32 @@ def failed_row(method: str, repeat: int, returncode: int, stderr_tail: str) -> d
     """The row of a run that exited non-zero (or left no record): the table names it with its stderr tail."""
     return {"method": method, "repeat": repeat, "status": "failed", "returncode": returncode,
             "stderr_tail": stderr_tail}
+
+
+RECORD = "owlore_record.json"
+"""The run record ``train.py`` writes into its output directory (``owlore.callback.RECORD_FILE``)."""
+
+
+def run_process(cmd: Sequence[str], out_dir: Path, *, cwd: Path, timeout: float | None = None,
+                env: Mapping[str, str] | None = None, who: str = "compare.py") -> tuple[int, str]:
+    """Run one ``train.py`` process with its logs in ``out_dir`` (``train.log``, ``train.stderr``), after deleting
+    a record left by an earlier run; the exit code (124 when ``timeout`` killed it) and the stderr tail.
+
+    The one place eval/compare.py and eval/bench.py start their runs.
+    """
+    import subprocess
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RECORD).unlink(missing_ok=True)  # never read a stale record from an earlier run
+    with (out_dir / "train.log").open("w") as out, (out_dir / "train.stderr").open("w") as err:
+        try:
+            rc = subprocess.run(list(cmd), stdout=out, stderr=err, cwd=cwd, env=None if env is None else dict(env),
+                                timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            err.write(f"\n{who}: killed after {timeout:.0f} s (--timeout)\n")
+            rc = 124
+    return rc, tail((out_dir / "train.stderr").read_text(errors="replace"))
 
 
 def tail(text: str, lines: int = 15, chars: int = 2000) -> str:
@@ -345,12 +372,6 @@ def plot_comparison(agg: Mapping[str, Mapping[str, Any]], path: str | Path, *, t
         for i, m in enumerate(methods):
             if not agg[m]["ok"]:
                 ax.text(i, 0, "failed", ha="center", va="bottom", color="red", rotation=90)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    logger.debug("wrote %s", path)
-    return path
+    from owlore.plotting import save_figure
+
+    return save_figure(fig, path, title=title)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def layer_table(ratios: Sequence[float] | None, inclusion: Sequence[float] | None,
@@ -56,9 +59,19 @@ def plot_layer_statistics(
     axes[-1].set_xlabel("decoder layer")
     if title:
         axes[0].set_title(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, *, title: str | None = None) -> Path:
+    """Lay out, write (PNG, 110 dpi; parent directories made) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    logger.debug("wrote %s", path)
     return path
