@@ -129,6 +129,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     from owlore.callback import RECORD_FILE
     from owlore.data.sft import load_rows, tokenize_rows, vet_rows
+    from owlore.distributed import DDPByteCounter, ReplicaCheck, install_active_gradient_sync
     from owlore.fileio import atomic_write
     from owlore.memory.options import apply_memory_options
     from owlore.methods import BuildContext, get_method
@@ -149,6 +150,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         resume = last_complete_checkpoint(out_dir, method.state_files)
         logger.info("resuming from %s", resume or "scratch (no complete checkpoint)")
     training_args = training_arguments(cfg)
+    if training_args.process_index != 0:  # one log under torchrun / accelerate launch / deepspeed
+        logging.getLogger().setLevel(logging.WARNING)
     training_args.resume_from_checkpoint = resume  # the layer-switching callback restores its state from here
     set_seed(training_args.seed)
     t_start = time.perf_counter()
@@ -165,12 +168,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     parts = method.build(BuildContext(model=model, config=cfg, args=training_args, tokenizer=tokenizer))
     memory_callbacks = apply_memory_options(parts, cfg)
+    replica_check = ReplicaCheck()  # several processes: the replicas must stay equal (a no-op on one)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
     timer = StepTimer()  # first, so a layer switch in a method callback's on_step_begin is timed with its step
     trainer = Trainer(model=parts.model, args=training_args, train_dataset=train_ds, data_collator=collator,
                       processing_class=tokenizer, optimizers=(parts.optimizer, None),
-                      callbacks=[timer, *parts.callbacks, *memory_callbacks])
+                      callbacks=[timer, *parts.callbacks, *memory_callbacks, replica_check])
     _report_before_loggers(trainer)
+    install_active_gradient_sync(trainer)  # layer switching on several processes: no DDP (owlore.distributed)
+    ddp_bytes = DDPByteCounter(trainer)  # the other methods under DDP: count what it all-reduces
+    trainer.add_callback(ddp_bytes)
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - t_train
@@ -200,9 +207,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "eval_after": after,
         "model_dir": str(final_dir),
     }
-    for extra in memory_callbacks:
+    summary["world_size"] = training_args.world_size
+    for extra in [*memory_callbacks, replica_check, ddp_bytes]:
         if hasattr(extra, "summary"):
             summary.update(extra.summary())
+    if cb is not None:
+        summary.update(cb.data_parallel_stats())  # bytes the active-gradient reducer all-reduced (several processes)
     record = cb.record() if cb is not None else {}
     if cb is not None:
         summary["layers_sampled"] = sorted({i for _, ls in cb.history for i in ls})

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from owlore.checkpointing import prepare_checkpointing
 from owlore.config import OwLoreConfig
+from owlore.distributed import SwitchingDataParallel, deepspeed_stage, engine_of
 from owlore.fileio import atomic_write
 from owlore.layers import find_decoder_layers, set_layers_trainable
 from owlore.methods.base import LAYER_STATE_FILE as STATE_FILE
@@ -85,6 +86,8 @@ class OwLoreCallback(TrainerCallback):
         self._is_main = True
         self._saved_step = -1
         self._input_grad_hook: torch.utils.hooks.RemovableHandle | None = None
+        self.data_parallel = SwitchingDataParallel()
+        """Several processes: the active-gradient reducer and the cross-rank checks (``owlore.distributed``)."""
 
     # ----------------------------------------------------------------------------------------------- set-up
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -94,6 +97,7 @@ class OwLoreCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise RuntimeError("OwLoreCallback needs the Trainer's model and optimizer in on_train_begin")
         self.optimizer = unwrap_optimizer(optimizer)
+        model = getattr(model, "module", model) if engine_of(args) == "deepspeed" else model  # the engine's module
         self.layers = find_decoder_layers(model, self.config.layers_path)
         self._peft = hasattr(model, "peft_config")
         if self._peft and self._peft_ids is None:
@@ -111,6 +115,7 @@ class OwLoreCallback(TrainerCallback):
             self.scores = self._compute_scores(model, args, train_dataloader)
         if self.scores is not None and len(self.scores) != len(self.layers):
             raise ValueError(f"got {len(self.scores)} outlier scores for {len(self.layers)} decoder layers")
+        self.data_parallel.check_scores(self.scores)
         if self.sampler is None:
             self.sampler = self._new_sampler()
         if restored is not None:
@@ -118,6 +123,8 @@ class OwLoreCallback(TrainerCallback):
         self._freeze_outside_layers(model)
         self._prepare_checkpointing(model)
         self._apply_active(self.active)
+        if SwitchingDataParallel.wanted(args):
+            self.data_parallel.attach(model, bucket_mb=args.ddp_bucket_cap_mb or 25.0)
         if self.config.state_policy == "offload":  # a resumed optimizer loads every state onto the param device
             move_state(self.optimizer, self._params_of(set(range(len(self.layers))) - set(self.active)), "cpu")
         if args.process_index == 0 and "tensorboard" in (args.report_to or []):
@@ -127,19 +134,18 @@ class OwLoreCallback(TrainerCallback):
         self.write_record()
 
     def _check_distributed(self, args) -> None:
-        ds = getattr(args, "hf_deepspeed_config", None)
-        stage = (ds.config.get("zero_optimization", {}) or {}).get("stage", 0) if ds is not None else 0
-        if stage and self.config.rank is not None:
+        engine = engine_of(args)
+        stage = deepspeed_stage(args) if engine == "deepspeed" else 0
+        if stage:
             raise NotImplementedError(
-                f"DeepSpeed ZeRO stage {stage} hands the optimizer flattened 1-D partitions, so GaLore cannot project "
-                "them (GaLore #2/#23). Use ZeRO stage 0 / no DeepSpeed, or owlore.rank=null (full-rank layers).")
-        if getattr(args, "fsdp", None):
+                f"DeepSpeed ZeRO stage {stage} with layer switching: ZeRO flattens every layer into fp32 partitions "
+                "when it starts, so state memory does not shrink with gamma, frozen layers are stepped with zero "
+                "gradients (their momentum keeps moving them), and GaLore cannot project 1-D partitions (GaLore "
+                "#2). Use ZeRO stage 0 (training.deepspeed=configs/deepspeed/zero0.json), plain data parallelism "
+                "(torchrun, no training.deepspeed), or FSDP2.")
+        if engine == "fsdp":
             raise NotImplementedError("OwLore with FSDP is not supported yet (the optimizer must see unsharded "
                                       "2-D weights and all decoder layers); train without fsdp.")
-        if args.world_size > 1:
-            logger.warning("OwLore under %d processes is untested: every rank draws the same layers from the same "
-                           "seed; set ddp_find_unused_parameters=true since frozen layers get no gradient.",
-                           args.world_size)
 
     def _check_optimizer_covers_layers(self) -> None:
         in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
@@ -172,7 +178,7 @@ class OwLoreCallback(TrainerCallback):
                                  "processing_class= to the Trainer")
             spec = CalibrationSpec(c.calibration_source, c.calibration_samples, c.calibration_seqlen, c.seed)
             return outlier_ratios_from_spec(model, self.tokenizer, spec, threshold=c.threshold, layers=self.layers,
-                                            cache_dir=c.cache_dir, progress=True)
+                                            cache_dir=c.cache_dir, progress=self._is_main)
         batches = self.calibration_batches or self._first_batches(args, train_dataloader)
         digest = hashlib.sha256()  # the cache key must change with the calibration tokens themselves
         for b in batches:
@@ -180,7 +186,7 @@ class OwLoreCallback(TrainerCallback):
         spec = CalibrationSpec(source=f"train-batches:{digest.hexdigest()[:16]}", nsamples=len(batches),
                                seqlen=0, seed=c.seed)
         return outlier_ratios_from_spec(model, None, spec, threshold=c.threshold, layers=self.layers,
-                                        cache_dir=c.cache_dir, progress=True, batches=batches)
+                                        cache_dir=c.cache_dir, progress=self._is_main, batches=batches)
 
     def _first_batches(self, args, dl) -> list[dict[str, torch.Tensor]]:
         if dl is None:
@@ -261,7 +267,9 @@ class OwLoreCallback(TrainerCallback):
             move_state(self.optimizer, self._params_of(leaving), "cpu")
             for p in self._params_of(entering):
                 move_state(self.optimizer, [p], p.device)
+        self.data_parallel.check_switch(step, new)
         self._apply_active(new)
+        self.data_parallel.after_switch()
         self.active = new
         self.last_switch_step = step
         self.history.append((step, list(new)))
@@ -278,7 +286,12 @@ class OwLoreCallback(TrainerCallback):
             "owlore/svd_seconds": float(getattr(self.optimizer, "svd_seconds", 0.0)),
             "owlore/peak_memory_bytes": float(peak_memory_bytes()),
             "owlore/active_layers": float(len(self.active)),
+            **{f"owlore/{k}": v for k, v in self.data_parallel.metrics().items()},
         }
+
+    def data_parallel_stats(self) -> dict[str, float]:
+        """Bytes the active-gradient reducer all-reduced (empty on one process or under DeepSpeed)."""
+        return self.data_parallel.metrics()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._tb:
@@ -367,6 +380,7 @@ class OwLoreCallback(TrainerCallback):
             "checkpoint, or pass OwLoreCallback(resume_dir=<checkpoint dir>).")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.data_parallel.close()
         if self._input_grad_hook is not None:
             self._input_grad_hook.remove()
             self._input_grad_hook = None

@@ -321,6 +321,7 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
     problems += errs
     if not problems:
         problems += _memory_problems(method, built, training)
+        problems += engine_problems(method.name, method.own_optimizer, training)
     if problems:
         where = ", ".join(map(str, paths))
         raise ConfigError(f"{where}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
@@ -363,6 +364,55 @@ def _memory_problems(method: Any, built: dict[str, Any], training: dict[str, Any
                        "skips whole steps after backward, but each tensor steps inside it; use training.bf16=true "
                        "or fp32")
     return out
+
+
+ZERO_METHODS = ("full", "lora", "qlora")
+"""Methods whose optimizer is the Trainer's own, which DeepSpeed ZeRO 1-3 may partition."""
+
+
+def deepspeed_config_stage(value: Any) -> tuple[int | None, str | None]:
+    """The ZeRO stage of ``training.deepspeed`` (a JSON file or a dict), or the problem reading it."""
+    import json
+
+    if isinstance(value, dict):
+        data = value
+    else:
+        path = Path(str(value))
+        if not path.is_file():
+            return None, (f"training.deepspeed={value!r}: no such file; the shipped DeepSpeed configs are "
+                          "configs/deepspeed/zero0.json, zero2.json and zero3.json")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            return None, f"training.deepspeed={value!r}: not valid JSON ({e})"
+    stage = (data.get("zero_optimization") or {}).get("stage", 0)
+    return (stage if isinstance(stage, int) else None,
+            None if isinstance(stage, int) else f"training.deepspeed: zero_optimization.stage={stage!r} is not 0-3")
+
+
+def engine_problems(method: str, own_optimizer: bool, training: dict[str, Any]) -> list[str]:
+    """Which method runs under which scale-out engine (README "Scale out"), checked before anything loads."""
+    out = []
+    ds = training.get("deepspeed")
+    if ds:
+        stage, why = deepspeed_config_stage(ds)
+        if why:
+            out.append(why)
+        elif stage and method not in ZERO_METHODS:
+            what = ("GaLore cannot project them (GaLore #2)" if method in ("owlore", "galore") else
+                    "frozen layers would be stepped with zero gradients and every layer's state allocated")
+            out.append(f"training.deepspeed={ds!r} is ZeRO stage {stage}, but method {method} builds its own "
+                       f"per-layer optimizer and ZeRO {stage} hands it flat 1-D partitions of every parameter ({what}). "
+                       "Use training.deepspeed=configs/deepspeed/zero0.json (DeepSpeed's all-reduce only), plain "
+                       "data parallelism (torchrun without training.deepspeed: only the active layers' gradients "
+                       f"travel){FSDP_HINT.get(method, '')}; ZeRO 2/3 work for {', '.join(ZERO_METHODS)}")
+        if training.get("fsdp"):
+            out.append("training.deepspeed and training.fsdp are both set: choose one engine")
+    return out
+
+
+FSDP_HINT: dict[str, str] = {}
+"""Methods that also run sharded under FSDP2, with the option that says so."""
 
 
 def _layer_count(hf_config: Any) -> int | None:

@@ -22,6 +22,7 @@ from transformers import Trainer
 
 from owlore.callback import OwLoreCallback
 from owlore.config import OwLoreConfig
+from owlore.distributed import install_active_gradient_sync
 from owlore.optim import GaLoreAdamW, make_param_groups
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class OwLoreTrainer(Trainer):
             tokenizer=self.processing_class,
         )
         self.add_callback(self.owlore_callback)
+        install_active_gradient_sync(self)  # several processes: all-reduce the active layers only, no DDP
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:

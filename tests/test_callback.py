@@ -214,14 +214,19 @@ def test_lisa_with_plain_adamw(tmp_path):
     assert all(len(s) <= 1 for s in probe.with_state)
 
 
-def test_zero_partitioning_with_galore_is_refused():
+def test_zero_partitioning_with_layer_switching_is_refused():
+    """ZeRO >= 1 flattens every layer into partitions at start: no GaLore projection, no O(gamma) state, and
+    frozen layers stepped with zero gradients; stage 0 (gradient all-reduce only) is accepted."""
     from types import SimpleNamespace
 
-    zero2 = SimpleNamespace(hf_deepspeed_config=SimpleNamespace(config={"zero_optimization": {"stage": 2}}),
-                            world_size=1)
-    with pytest.raises(NotImplementedError, match="ZeRO stage 2.*owlore.rank=null"):
-        OwLoreCallback(OwLoreConfig(rank=8))._check_distributed(zero2)
-    OwLoreCallback(OwLoreConfig(rank=None))._check_distributed(zero2)  # full-rank layers are fine
+    def zero(stage):
+        return SimpleNamespace(hf_deepspeed_config=SimpleNamespace(config={"zero_optimization": {"stage": stage}}),
+                               deepspeed="ds.json", world_size=2, fsdp=None)
+
+    for rank in (8, None):
+        with pytest.raises(NotImplementedError, match="ZeRO stage 2.*zero0.json"):
+            OwLoreCallback(OwLoreConfig(rank=rank))._check_distributed(zero(2))
+    OwLoreCallback(OwLoreConfig(rank=8))._check_distributed(zero(0))
 
 
 def test_peft_lora_trains_only_sampled_layers_lora_weights(tmp_path):

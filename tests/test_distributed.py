@@ -1,0 +1,181 @@
+"""Scale-out through the real engines on CPU (gloo, 2 processes, ``torchrun``): each 2-process run equals a
+1-process run with the same global batch (losses and final weights), the active-gradient reducer sends only the
+active layers, checkpoints written once resume exactly across a layer switch, and unsupported engine/method pairs
+are refused with their reasons.
+
+All 2-process runs of one engine share one ``torchrun`` launch (``fixtures/dist_driver.py``), so transformers is
+imported once per engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+import method_support as ms  # noqa: E402
+
+import train  # noqa: E402
+from owlore.config import ConfigError  # noqa: E402
+
+ROOT = ms.ROOT
+DRIVER = ROOT / "tests" / "fixtures" / "dist_driver.py"
+STEPS = 4
+# γ=2 of 4 layers re-drawn every 2 steps, so runs switch at steps 0 and 2 (a resume at 2 crosses a switch).
+SWITCHING = {"owlore": ["owlore.gamma=2"], "lisa": ["lisa.gamma=2"]}
+DDP_METHODS = ["owlore", "lisa", "full", "lora", "galore", "badam"]
+LOSS_ATOL = 1e-5
+WEIGHT_ATOL = 2e-5
+
+
+def _argv(method: str, model: Path, rows: Path, out: Path, *extra: str, per_device: int, steps: int = STEPS):
+    return ms.train_argv(method, model, rows, out, f"training.per_device_train_batch_size={per_device}",
+                         "training.save_total_limit=null", "data.limit=null", *SWITCHING.get(method, []), *extra,
+                         steps=steps)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # torchrun's --master_port 0 hangs in the static rendezvous
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(plan: list[dict], tmp: Path, timeout: int = 600) -> str:
+    plan_file = tmp / f"plan_{len(list(tmp.glob('plan_*')))}.json"
+    plan_file.write_text(json.dumps(plan))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), str(DRIVER), str(plan_file)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    return proc.stdout + proc.stderr
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    final = out / "final"
+    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return ms.load_safetensors(final / name)
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    return ms.save_checkpoint(root / "model"), ms.write_rows(root / "rows.jsonl", 32), root
+
+
+@pytest.fixture(scope="module")
+def single(data):
+    """1-process references: global batch 4 = per-device 4."""
+    model, rows, root = data
+    torch.set_num_threads(1)
+    out = {}
+    for m in DDP_METHODS:
+        summary = train.main(_argv(m, model, rows, root / f"one_{m}", per_device=4))
+        out[m] = {"summary": summary, "dir": root / f"one_{m}"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp(data, tmp_path_factory):
+    """2-process runs (per-device 2, so global batch 4), plus a run resumed from its step-2 checkpoint."""
+    model, rows, root = data
+    plan = [{"train": _argv(m, model, rows, root / f"ddp_{m}", per_device=2), "result": str(root / f"ddp_{m}.json")}
+            for m in DDP_METHODS]
+    plan += [{"copy": [str(root / "ddp_owlore" / "checkpoint-2"), str(root / "resumed" / "checkpoint-2")]},
+             {"train": _argv("owlore", model, rows, root / "resumed",
+                             f"training.resume_from_checkpoint={root / 'resumed' / 'checkpoint-2'}", per_device=2),
+              "result": str(root / "resumed.json")}]
+    log = _torchrun(plan, root)
+    runs = {m: {"summary": json.loads((root / f"ddp_{m}.json").read_text()), "dir": root / f"ddp_{m}"}
+            for m in DDP_METHODS}
+    runs["resumed"] = {"summary": json.loads((root / "resumed.json").read_text()), "dir": root / "resumed"}
+    return runs, log
+
+
+@pytest.mark.parametrize("method", DDP_METHODS)
+def test_two_processes_equal_one_under_ddp(method, single, ddp):
+    runs, _ = ddp
+    one, two = single[method], runs[method]
+    assert two["summary"]["world_size"] == 2 and one["summary"]["world_size"] == 1
+    l1, l2 = one["summary"]["log_losses"], two["summary"]["log_losses"]
+    assert len(l1) == len(l2) == STEPS
+    assert max(abs(a - b) for a, b in zip(l1, l2)) <= LOSS_ATOL
+    before = ms.load_safetensors(Path(one["dir"]).parent / "model" / "model.safetensors")
+    w1, w2 = _weights(Path(one["dir"])), _weights(Path(two["dir"]))
+    diff = _max_diff(w1, w2)
+    assert diff <= WEIGHT_ATOL
+    if method != "lora":  # training moved the weights by far more than the runs differ
+        assert _max_diff(w1, {k: before[k] for k in w1}) > max(20 * diff, 1e-4)
+    assert two["summary"]["replica_checks"] >= 1  # weights (and GaLore bases) compared across ranks at each save
+
+
+def test_layer_switching_sends_only_the_active_layers(ddp, data):
+    """The reducer's bytes per step are exactly the tensors that train now (γ active layers + what trains outside
+    the layers); DDP (full) sends every parameter at every step."""
+    from safetensors import safe_open
+
+    runs, _ = ddp
+    with safe_open(str(data[2] / "model" / "model.safetensors"), "pt") as f:
+        nbytes = {k: int(torch.tensor(f.get_slice(k).get_shape()).prod()) * 4 for k in f.keys()}
+    assert runs["full"]["summary"]["comm_bytes_per_sync"] == sum(nbytes.values())  # DDP's buckets: everything
+    for m in ("owlore", "lisa", "badam"):
+        s = runs[m]["summary"]
+        record = json.loads((Path(runs[m]["dir"]) / "owlore_record.json").read_text())
+        c = record["config"]
+        active = record["history"][-1]["layers"]
+        outside = {"model.embed_tokens.weight": c["train_embeddings"], "lm_head.weight": c["train_lm_head"],
+                   "model.norm.weight": c["train_norms"]}
+        expected = sum(n for k, n in nbytes.items() if any(f"layers.{i}." in k for i in active) or outside.get(k))
+        assert s["comm_syncs"] == STEPS
+        assert s["comm_bytes_last_sync"] == expected
+        assert s["comm_bytes_last_sync"] < 0.75 * runs["full"]["summary"]["comm_bytes_per_sync"]
+
+
+def test_resume_across_a_switch_under_ddp(ddp):
+    runs, log = ddp
+    straight, resumed = runs["owlore"], runs["resumed"]
+    rec_s = json.loads((Path(straight["dir"]) / "owlore_record.json").read_text())
+    rec_r = json.loads((Path(resumed["dir"]) / "owlore_record.json").read_text())
+    assert [h["step"] for h in rec_s["history"]] == [0, 2]  # the resumed run crosses the step-2 switch
+    assert rec_r["history"] == rec_s["history"]
+    # the resumed run's log holds steps 1-2 from the checkpoint and steps 3-4 it computed itself
+    assert resumed["summary"]["log_losses"] == pytest.approx(straight["summary"]["log_losses"], abs=1e-6)
+    assert _max_diff(_weights(Path(straight["dir"])), _weights(Path(resumed["dir"]))) <= 1e-6
+
+
+def test_rank_zero_logs_once(ddp):
+    _, log = ddp
+    # one line per switch per run (owlore: 2 switches in each of 2 runs, the resumed one re-logs only step 2)
+    assert log.count("training decoder layers [") == sum(
+        len(json.loads((Path(r["dir"]) / "owlore_record.json").read_text())["history"])
+        for m, r in ddp[0].items() if m in ("owlore", "lisa", "badam")) + 1
+
+
+def test_zero_stage_above_zero_is_refused_for_per_layer_optimizers(tmp_path):
+    model = ms.save_checkpoint(tmp_path / "m")
+    rows = ms.write_rows(tmp_path / "r.jsonl")
+    for method in ("owlore", "galore", "lisa", "badam"):
+        with pytest.raises(SystemExit) as e:
+            train.main(_argv(method, model, rows, tmp_path / method,
+                             f"training.deepspeed={ROOT / 'configs/deepspeed/zero2.json'}", per_device=2))
+        assert e.value.code == 2
+    from owlore.recipe import load_config
+
+    with pytest.raises(ConfigError, match="ZeRO stage 3.*zero0.json.*plain data parallelism"):
+        load_config(ROOT / "configs/smollm2_owlore.yaml", ["training.deepspeed=configs/deepspeed/zero3.json",
+                                                            "training.output_dir=x"])
+    with pytest.raises(ConfigError, match="training.deepspeed='nope.json': no such file"):
+        load_config(ROOT / "configs/smollm2_full.yaml", ["training.deepspeed=nope.json", "training.output_dir=x"])
