@@ -129,7 +129,8 @@ def test_layer_switching_sends_only_the_active_layers(ddp, data):
 
     runs, _ = ddp
     with safe_open(str(data[2] / "model" / "model.safetensors"), "pt") as f:
-        nbytes = {k: int(torch.tensor(f.get_slice(k).get_shape()).prod()) * 4 for k in f.keys()}
+        names = f.keys()
+        nbytes = {k: int(torch.tensor(f.get_slice(k).get_shape()).prod()) * 4 for k in names}
     assert runs["full"]["summary"]["comm_bytes_per_sync"] == sum(nbytes.values())  # DDP's buckets: everything
     for m in ("owlore", "lisa", "badam"):
         s = runs[m]["summary"]
