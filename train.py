@@ -124,7 +124,7 @@ def training_arguments(cfg: RunConfig):
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
-    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers import DataCollatorForSeq2Seq
     from transformers.trainer_utils import set_seed
 
     from owlore.callback import RECORD_FILE
@@ -142,6 +142,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     )
     from owlore.optim_state import state_bytes
     from owlore.plotting import layer_table, plot_layer_statistics
+    from owlore.trainer import KeepOptimizerTrainer
 
     method = get_method(cfg.method)
     out_dir = Path(cfg.training["output_dir"])
@@ -171,9 +172,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     replica_check = ReplicaCheck()  # several processes: the replicas must stay equal (a no-op on one)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
     timer = StepTimer()  # first, so a layer switch in a method callback's on_step_begin is timed with its step
-    trainer = Trainer(model=parts.model, args=training_args, train_dataset=train_ds, data_collator=collator,
-                      processing_class=tokenizer, optimizers=(parts.optimizer, None),
-                      callbacks=[timer, *parts.callbacks, *memory_callbacks, replica_check])
+    trainer = KeepOptimizerTrainer(model=parts.model, args=training_args, train_dataset=train_ds,
+                                   data_collator=collator, processing_class=tokenizer,
+                                   optimizers=(parts.optimizer, None),
+                                   callbacks=[timer, *parts.callbacks, *memory_callbacks, replica_check])
     _report_before_loggers(trainer)
     install_active_gradient_sync(trainer)  # layer switching on several processes: no DDP (owlore.distributed)
     ddp_bytes = DDPByteCounter(trainer)  # the other methods under DDP: count what it all-reduces

@@ -193,7 +193,8 @@ class OwLoreCallback(TrainerCallback):
             raise RuntimeError("no calibration data: pass scores=, calibration_batches= or set calibration_source")
         dataset, collate = dl.dataset, dl.collate_fn
         bs = args.per_device_train_batch_size
-        n = min(len(dataset), self.config.calibration_batches * bs)
+        # the rows of the first calibration_batches *global* batches, so that every world size sees the same ones
+        n = min(len(dataset), self.config.calibration_batches * bs * max(1, args.world_size))
         out = []
         for start in range(0, n, bs):
             batch = collate([dataset[i] for i in range(start, min(start + bs, n))])

@@ -78,6 +78,24 @@ def create_owlore_optimizer(
                        **optimizer_kwargs)
 
 
+class KeepOptimizerTrainer(Trainer):
+    """A stock ``Trainer`` that always steps the optimizer it was given in ``optimizers=(optimizer, None)``.
+
+    Under DeepSpeed, ``transformers.integrations.deepspeed_init`` sets ``trainer.optimizer = None`` and calls
+    ``create_optimizer()``, which builds ``training.optim``'s AdamW: a method's own ``GaLoreAdamW`` would be
+    replaced silently (GaLore projection gone, measured on a 2-process ZeRO-0 run). ``train.py`` uses this class.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._given_optimizer = self.optimizer
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None and self._given_optimizer is not None:
+            self.optimizer = self._given_optimizer
+        return super().create_optimizer(model)
+
+
 class OwLoreTrainer(Trainer):
     """A ``Trainer`` that builds the OwLore optimizer and adds ``OwLoreCallback``.
 

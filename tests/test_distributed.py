@@ -32,6 +32,8 @@ SWITCHING = {"owlore": ["owlore.gamma=2"], "lisa": ["lisa.gamma=2"]}
 DDP_METHODS = ["owlore", "lisa", "full", "lora", "galore", "badam"]
 LOSS_ATOL = 1e-5
 WEIGHT_ATOL = 2e-5
+WEIGHT_ATOL_LORA = 1e-4  # LoRA trains at lr 1e-2 here (30x the others), so its rounding differences are larger
+DEEPSPEED = [("full", 2), ("full", 3), ("lora", 2), ("lora", 3), ("owlore", 0), ("lisa", 0), ("galore", 0)]
 
 
 def _argv(method: str, model: Path, rows: Path, out: Path, *extra: str, per_device: int, steps: int = STEPS):
@@ -107,8 +109,13 @@ def ddp(data, tmp_path_factory):
 
 @pytest.mark.parametrize("method", DDP_METHODS)
 def test_two_processes_equal_one_under_ddp(method, single, ddp):
-    runs, _ = ddp
-    one, two = single[method], runs[method]
+    one, two = single[method], ddp[0][method]
+    _assert_same_run(method, one, two)
+    assert two["summary"]["replica_checks"] >= 1  # weights (and GaLore bases) compared across ranks at each save
+
+
+def _assert_same_run(method: str, one: dict, two: dict) -> None:
+    """Same per-step losses and final weights (within float tolerance), and the run did move the weights."""
     assert two["summary"]["world_size"] == 2 and one["summary"]["world_size"] == 1
     l1, l2 = one["summary"]["log_losses"], two["summary"]["log_losses"]
     assert len(l1) == len(l2) == STEPS
@@ -116,10 +123,29 @@ def test_two_processes_equal_one_under_ddp(method, single, ddp):
     before = ms.load_safetensors(Path(one["dir"]).parent / "model" / "model.safetensors")
     w1, w2 = _weights(Path(one["dir"])), _weights(Path(two["dir"]))
     diff = _max_diff(w1, w2)
-    assert diff <= WEIGHT_ATOL
+    assert diff <= (WEIGHT_ATOL_LORA if method == "lora" else WEIGHT_ATOL)
     if method != "lora":  # training moved the weights by far more than the runs differ
         assert _max_diff(w1, {k: before[k] for k in w1}) > max(20 * diff, 1e-4)
-    assert two["summary"]["replica_checks"] >= 1  # weights (and GaLore bases) compared across ranks at each save
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(data):
+    """2-process DeepSpeed runs: ZeRO-2/3 for the Trainer-optimizer methods, ZeRO-0 for the per-layer ones."""
+    model, rows, root = data
+    plan = [{"train": _argv(m, model, rows, root / f"ds_{m}{z}",
+                            f"training.deepspeed={ROOT / 'configs' / 'deepspeed' / f'zero{z}.json'}", per_device=2),
+             "result": str(root / f"ds_{m}{z}.json")} for m, z in DEEPSPEED]
+    _torchrun(plan, root)
+    return {(m, z): {"summary": json.loads((root / f"ds_{m}{z}.json").read_text()), "dir": root / f"ds_{m}{z}"}
+            for m, z in DEEPSPEED}
+
+
+@pytest.mark.parametrize(("method", "stage"), DEEPSPEED)
+def test_two_processes_equal_one_under_deepspeed(method, stage, single, deepspeed_runs):
+    one, two = single[method], deepspeed_runs[(method, stage)]
+    _assert_same_run(method, one, two)
+    if stage < 3:
+        assert two["summary"]["replica_checks"] >= 1  # ZeRO 0-2 keep full weights on every rank: compared
 
 
 def test_layer_switching_sends_only_the_active_layers(ddp, data):
