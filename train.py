@@ -142,6 +142,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     )
     from owlore.optim_state import state_bytes
     from owlore.plotting import layer_table, plot_layer_statistics
+    from owlore.sharded import is_sharded
     from owlore.trainer import KeepOptimizerTrainer
 
     method = get_method(cfg.method)
@@ -167,6 +168,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     logger.info("method %s: training on %d examples from %s", cfg.method, len(train_ds), cfg.data.train)
     before = run_eval(model, tokenizer, cfg, "before") if not resume else {}
 
+    if cfg.parallel.fsdp2:  # before the optimizer exists, so that it holds the shards (owlore.fsdp)
+        from owlore.fsdp import shard_model
+
+        if training_args.world_size < 2:
+            raise ConfigError("parallel.fsdp2=true needs several processes: torchrun --nproc_per_node N train.py ...")
+        shard_model(model, layers_path=_layers_path(cfg), reshard_after_forward=cfg.parallel.reshard_after_forward)
     parts = method.build(BuildContext(model=model, config=cfg, args=training_args, tokenizer=tokenizer))
     memory_callbacks = apply_memory_options(parts, cfg)
     replica_check = ReplicaCheck()  # several processes: the replicas must stay equal (a no-op on one)
@@ -210,6 +217,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "model_dir": str(final_dir),
     }
     summary["world_size"] = training_args.world_size
+    summary["sharded_parameters"] = sum(is_sharded(p) for p in trainer.model.parameters())  # FSDP2 DTensors
     for extra in [*memory_callbacks, replica_check, ddp_bytes]:
         if hasattr(extra, "summary"):
             summary.update(extra.summary())
@@ -234,6 +242,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                      if "tensorboard" in (training_args.report_to or []) else None)
         _print_summary(summary, before, after, cb, final_dir, out_dir / RECORD_FILE)
     return summary
+
+
+def _layers_path(cfg: RunConfig) -> str | None:
+    for section in cfg.sections.values():
+        if getattr(section, "layers_path", None):
+            return section.layers_path
+    return None
 
 
 def _report_before_loggers(trainer) -> None:

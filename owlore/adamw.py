@@ -7,6 +7,7 @@ Kept apart from ``GaLoreAdamW``'s bookkeeping (like torchao's ``single_param_ada
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 from torch import Tensor
@@ -32,6 +33,7 @@ def adamw_update(
     basis: Tensor | None = None,
     side: int = LEFT,
     scale: float = 1.0,
+    reduce_projected: Callable[[Tensor], None] | None = None,
 ) -> None:
     """One AdamW step for one parameter, in the GaLore subspace if ``basis`` is given (updates tensors in place).
 
@@ -55,12 +57,16 @@ def adamw_update(
         basis: GaLore basis, or None for plain AdamW.
         side: ``projector.LEFT`` or ``projector.RIGHT``.
         scale: GaLore scale applied to the back-projected update.
+        reduce_projected: sums the projected gradient over ranks in place, when ``grad`` and a LEFT ``basis`` are
+            this rank's rows of a row-sharded matrix (FSDP2; ``owlore.sharded``).
     """
     hf = convention == "hf"
     if weight_decay != 0 and not hf:
         param.mul_(1 - lr * weight_decay)
     if basis is not None:
         grad = project(grad, basis, side)
+        if reduce_projected is not None:  # a row-sharded LEFT projection: sum the shards' parts (owlore.sharded)
+            reduce_projected(grad)
     if hf:
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
     else:

@@ -123,7 +123,7 @@ class OwLoreCallback(TrainerCallback):
         self._freeze_outside_layers(model)
         self._prepare_checkpointing(model)
         self._apply_active(self.active)
-        if SwitchingDataParallel.wanted(args):
+        if SwitchingDataParallel.wanted(args, model):
             self.data_parallel.attach(model, bucket_mb=args.ddp_bucket_cap_mb or 25.0)
         if self.config.state_policy == "offload":  # a resumed optimizer loads every state onto the param device
             move_state(self.optimizer, self._params_of(set(range(len(self.layers))) - set(self.active)), "cpu")
@@ -143,9 +143,6 @@ class OwLoreCallback(TrainerCallback):
                 "gradients (their momentum keeps moving them), and GaLore cannot project 1-D partitions (GaLore "
                 "#2). Use ZeRO stage 0 (training.deepspeed=configs/deepspeed/zero0.json), plain data parallelism "
                 "(torchrun, no training.deepspeed), or FSDP2.")
-        if engine == "fsdp":
-            raise NotImplementedError("OwLore with FSDP is not supported yet (the optimizer must see unsharded "
-                                      "2-D weights and all decoder layers); train without fsdp.")
 
     def _check_optimizer_covers_layers(self) -> None:
         in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}

@@ -254,6 +254,21 @@ class MemoryConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Scale-out beyond data parallelism (``torchrun``/``accelerate launch`` give DDP, ``training.deepspeed`` ZeRO;
+    README "Scale out")."""
+
+    fsdp2: bool = False
+    """Shard weights, gradients and optimizer state with FSDP2 ``fully_shard``, one unit per decoder layer
+    (``owlore.fsdp``); for full, lisa, owlore and galore. Needs several processes (``torchrun``)."""
+    reshard_after_forward: bool = True
+    """Free each layer's gathered weights after its forward (ZeRO-3-like); false keeps them until backward."""
+
+    def problems(self, prefix: str = "parallel.") -> list[str]:
+        return []
+
+
+@dataclass
 class EvalConfig:
     """Evaluations run before/after training (results go to the JSON record and TensorBoard)."""
 

@@ -229,12 +229,17 @@ def replica_digest(tensors: Iterable[Tensor]) -> Tensor:
     return s
 
 
-def engine_of(args) -> str:
-    """Which data-parallel engine the Trainer uses for ``args``: none, ddp, deepspeed or fsdp."""
+def engine_of(args, model: nn.Module | None = None) -> str:
+    """Which engine trains: none, ddp, deepspeed, fsdp (HF's plugin) or fsdp2 (``owlore.fsdp``, seen on the
+    model's ``DTensor`` parameters)."""
+    from owlore.sharded import is_sharded
+
     if getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None) is not None:
         return "deepspeed"
     if getattr(args, "fsdp", None):
         return "fsdp"
+    if model is not None and any(is_sharded(p) for p in model.parameters()):
+        return "fsdp2"
     return "ddp" if getattr(args, "world_size", 1) > 1 else "none"
 
 
@@ -269,6 +274,10 @@ def install_active_gradient_sync(trainer) -> bool:
     layers data-parallel without DDP, all-reducing only the active layers' gradients. ``train.py`` and
     ``OwLoreTrainer`` call it; a stock ``Trainer`` with ``OwLoreCallback`` needs this one call. Returns whether it
     applies (False on one process, under DeepSpeed or FSDP, or without a layer-switching callback)."""
+    if engine_of(trainer.args, trainer.model) == "fsdp2":  # FSDP2 reduces; only keep DDP off
+        if trainer.model_wrapped is trainer.model:
+            trainer.model_wrapped = Replica(trainer.model)
+        return False
     dps = [c.data_parallel for c in trainer.callback_handler.callbacks
            if isinstance(getattr(c, "data_parallel", None), SwitchingDataParallel)]
     if not dps or not SwitchingDataParallel.wanted(trainer.args):
@@ -290,8 +299,8 @@ class SwitchingDataParallel:
         self.installed = False
 
     @staticmethod
-    def wanted(args) -> bool:
-        return engine_of(args) == "ddp"
+    def wanted(args, model: nn.Module | None = None) -> bool:
+        return engine_of(args, model) == "ddp"
 
     def attach(self, model: torch.nn.Module, bucket_mb: float = DEFAULT_BUCKET_MB) -> None:
         if not self.installed:
@@ -360,7 +369,7 @@ class ReplicaCheck(TrainerCallback):
         self.bases = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        engine = engine_of(args)
+        engine = engine_of(args, model)
         stage = deepspeed_stage(args) if engine == "deepspeed" else 0
         self.enabled = world_size() > 1 and engine in ("ddp", "deepspeed") and stage < 3
         self.bases = stage == 0

@@ -32,6 +32,15 @@ from owlore.projector import (
     randomized_basis,
 )
 from owlore.quant_state import CodeMaps, check_state_options, load_moments, store_moments, update_target
+from owlore.sharded import (
+    agree_finite,
+    broadcast_basis,
+    full_gradient,
+    is_sharded,
+    local,
+    reduce_projected,
+    row_offset,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +174,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for p, _, _ in todo:
             if p.grad.is_sparse:  # a row-sparse embedding gradient (memory.sparse_embedding_grad): same math dense
                 p.grad = p.grad.to_dense()
-        for (p, group, where), finite in zip(todo, _finite_flags([p.grad for p, _, _ in todo])):
+        flags = _finite_flags([local(p.grad) for p, _, _ in todo])
+        flags = agree_finite(flags, [p for p, _, _ in todo])  # FSDP2 shards: every rank skips or steps together
+        for (p, group, where), finite in zip(todo, flags):
             if finite:
                 self._step_param(p, group, where)
             else:
@@ -174,22 +185,34 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _step_param(self, p: Tensor, group: dict[str, Any], where: tuple[int, int]) -> None:
         state = self.state[p]
+        sharded = is_sharded(p)  # an FSDP2 DTensor: update this rank's rows (owlore.sharded)
         if group.get("factored") and p.dim() == 2:  # Adafactor-style state (owlore.factored)
+            if sharded:
+                raise NotImplementedError("optimizer.embedding_state=factored under FSDP: the column statistics "
+                                          "would need a reduction over shards; use full, 8bit or lowrank")
             factored_update(p, p.grad, state, lr=group["lr"], weight_decay=group["weight_decay"])
             return
         dtype = group["state_dtype"] or p.grad.dtype
-        grad = p.grad.to(dtype)  # no copy when the gradient already has the state dtype
+        grad = local(p.grad).to(dtype)  # no copy when the gradient already has the state dtype
         projected = "rank" in group and p.dim() == 2
         step = state.get("step", 0)
         refresh = projected and ("basis" not in state or step % group["update_proj_gap"] == 0)
-        if refresh and not self._refresh_basis(grad, group, state, where):
+        if refresh and not self._refresh_basis(full_gradient(p).to(dtype) if sharded else grad, group, state,
+                                               where, sharded_param=p if sharded else None):
             if not state:
                 del self.state[p]  # a skipped first step leaves no trace; the next step is a first step
             return
         basis = state["basis"].to(dtype) if projected else None
+        reduce = None
+        if sharded and basis is not None and state["side"] == LEFT:  # this rank's rows of P; Pᵀ G summed over ranks
+            offset = row_offset(p)
+            basis = basis[offset:offset + grad.shape[0]]
+            reduce = reduce_projected(p)
         shape = projected_shape(grad.shape, basis, state["side"]) if basis is not None else grad.shape
+        if reduce is not None:
+            shape = (basis.shape[1], grad.shape[1])
         exp_avg, exp_avg_sq = load_moments(state, shape, dtype, grad.device, self._code_maps)
-        target = update_target(p, state, master_weights=group["master_weights"])
+        target = update_target(local(p), state, master_weights=group["master_weights"])
         state["step"] = step + 1
         beta1, beta2 = group["betas"]
         adamw_update(
@@ -207,10 +230,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
             basis=basis,
             side=state.get("side", LEFT),
             scale=group["scale"] if projected else 1.0,
+            reduce_projected=reduce,
         )
         store_moments(state, (exp_avg, exp_avg_sq), bits=group["state_bits"], maps=self._code_maps)
-        if target is not p:
-            p.copy_(target)  # round the fp32 master into the low-precision weight
+        if target is not local(p):
+            local(p).copy_(target)  # round the fp32 master into the low-precision weight
 
     def _skip_non_finite(self, p: Tensor, group: dict[str, Any], where: tuple[int, int]) -> None:
         """Count a skipped update and log it, rate-limited so that a diverged run cannot flood the log."""
@@ -226,7 +250,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             )
 
     def _refresh_basis(
-        self, grad: Tensor, group: dict[str, Any], state: dict[str, Any], where: tuple[int, int]
+        self, grad: Tensor, group: dict[str, Any], state: dict[str, Any], where: tuple[int, int],
+        sharded_param: Tensor | None = None,
     ) -> bool:
         """Recompute the basis (in ``grad``'s dtype, the state dtype); if the SVD fails, keep the old one.
 
@@ -254,6 +279,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 outcome,
             )
             return keep
+        if sharded_param is not None:  # the same basis on every rank of the mesh, bit for bit
+            basis = broadcast_basis(sharded_param, basis)
         self.svd_seconds += time.perf_counter() - start
         state["basis"], state["side"] = basis, side
         return True

@@ -51,12 +51,16 @@ def move_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor],
 
 
 def state_bytes(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None) -> int:
-    """Bytes held by optimizer state (all of it, or only for ``params``)."""
+    """Bytes of optimizer state this process holds (all of it, or only for ``params``; an FSDP2 ``DTensor`` state
+    counts its local shard)."""
+    from owlore.sharded import local
+
     optimizer = unwrap_optimizer(optimizer)
     if hasattr(optimizer, "state_bytes"):
         return int(optimizer.state_bytes(params))
     keys = optimizer.state.keys() if params is None else [p for p in params if p in optimizer.state]
-    return sum(v.numel() * v.element_size() for p in keys for v in optimizer.state[p].values() if torch.is_tensor(v))
+    return sum(local(v).numel() * v.element_size() for p in keys for v in optimizer.state[p].values()
+               if torch.is_tensor(v))
 
 
 def params_with_state(optimizer: torch.optim.Optimizer) -> set[int]:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from owlore.layers import find_decoder_layers, is_conv1d, linear_modules
+from owlore.sharded import is_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ def _layer_ratio(linears: list[tuple[nn.Module, _ChannelStats]], threshold: floa
         if stats.sum_sq is None or stats.count == 0:
             raise RuntimeError(f"linear {type(module).__name__} saw no calibration tokens (is it used in forward?)")
         w = _dequantized_weight(module)
+        if is_sharded(w):  # an FSDP2 shard: gather this one weight (every rank calibrates the same layers)
+            w = w.full_tensor()
         norm = (stats.sum_sq / stats.count).sqrt().to(device=w.device, dtype=torch.float32)
         scores.append(w.float().abs().mul_(norm))
     n = sum(s.numel() for s in scores)

@@ -25,11 +25,19 @@ from typing import Any
 
 import yaml
 
-from owlore.config import ConfigError, DataConfig, EvalConfig, MemoryConfig, ModelConfig, dataclass_from_dict
+from owlore.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    MemoryConfig,
+    ModelConfig,
+    ParallelConfig,
+    dataclass_from_dict,
+)
 from owlore.typecheck import coerce, suggest
 
 COMMON_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig,
-                                   "memory": MemoryConfig}
+                                   "memory": MemoryConfig, "parallel": ParallelConfig}
 TOP_KEYS = ("method", "include")
 DEFAULT_METHOD = "owlore"
 _OWN_OPTIMIZER_DEFAULT = "adamw_torch"
@@ -93,6 +101,7 @@ class RunConfig:
     training: dict[str, Any]
     eval: EvalConfig = field(default_factory=EvalConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sections: dict[str, Any] = field(default_factory=dict)
     """The method's sections by name, e.g. ``{"owlore": OwLoreConfig(...), "optimizer": OptimizerConfig(...)}``."""
     sources: list[str] = field(default_factory=list)
@@ -321,12 +330,12 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
     problems += errs
     if not problems:
         problems += _memory_problems(method, built, training)
-        problems += engine_problems(method.name, method.own_optimizer, training)
+        problems += engine_problems(method.name, method.own_optimizer, training, built["parallel"], built["memory"])
     if problems:
         where = ", ".join(map(str, paths))
         raise ConfigError(f"{where}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
     return RunConfig(method=method_name, model=built["model"], data=built["data"], eval=built["eval"],
-                     memory=built["memory"], training=training, sections={k: built[k] for k in own}, sources=[str(p) for p in paths])
+                     memory=built["memory"], parallel=built["parallel"], training=training, sections={k: built[k] for k in own}, sources=[str(p) for p in paths])
 
 
 LAYER_SWITCHING = ("owlore", "lisa", "badam")
@@ -390,9 +399,30 @@ def deepspeed_config_stage(value: Any) -> tuple[int | None, str | None]:
             None if isinstance(stage, int) else f"training.deepspeed: zero_optimization.stage={stage!r} is not 0-3")
 
 
-def engine_problems(method: str, own_optimizer: bool, training: dict[str, Any]) -> list[str]:
+FSDP2_METHODS = ("full", "lisa", "owlore", "galore")
+"""Methods tested under ``parallel.fsdp2`` (2-process equality tests)."""
+
+
+def engine_problems(method: str, own_optimizer: bool, training: dict[str, Any], parallel: Any = None,
+                    memory: Any = None) -> list[str]:
     """Which method runs under which scale-out engine (README "Scale out"), checked before anything loads."""
     out = []
+    if parallel is not None and parallel.fsdp2:
+        if method not in FSDP2_METHODS:
+            out.append(f"parallel.fsdp2=true with method {method}: FSDP2 is supported for "
+                       f"{', '.join(FSDP2_METHODS)}; for {method} use plain data parallelism (torchrun) or "
+                       "DeepSpeed (training.deepspeed=configs/deepspeed/zero2.json for full/lora)")
+        if training.get("deepspeed") or training.get("fsdp"):
+            out.append("parallel.fsdp2=true with training.deepspeed / training.fsdp: choose one engine")
+        if memory is not None and (memory.frozen_weights != "full" or memory.checkpointing == "frozen"
+                                   or memory.sparse_embedding_grad or memory.chunked_loss):
+            out.append("parallel.fsdp2=true with memory.frozen_weights / checkpointing=frozen / "
+                       "sparse_embedding_grad / chunked_loss: these swap or wrap the layers' weights and are not "
+                       "supported on shards yet; remove them (memory.checkpointing=all works)")
+    if training.get("fsdp") and own_optimizer:
+        out.append(f"training.fsdp with method {method}: HF's FSDP plugin rebuilds the optimizer around the sharded "
+                   "parameters (the method's per-layer GaLoreAdamW would not survive) and on CPU falls back to DDP; "
+                   "use parallel.fsdp2=true (configs/scale/fsdp2.yaml)")
     ds = training.get("deepspeed")
     if ds:
         stage, why = deepspeed_config_stage(ds)

@@ -14,6 +14,7 @@ One class::
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,6 +95,54 @@ class KeepOptimizerTrainer(Trainer):
         if self.optimizer is None and self._given_optimizer is not None:
             self.optimizer = self._given_optimizer
         return super().create_optimizer(model)
+
+    # A model sharded with owlore.fsdp.shard_model (parallel.fsdp2): the Trainer does not know it is sharded, so
+    # weights are gathered on every rank before rank 0 writes them, and each rank keeps its own optimizer file.
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        from owlore.fsdp import full_state_dict, has_shards
+
+        if not has_shards(self.model):
+            return super().save_model(output_dir, _internal_call)
+        self._gathered = full_state_dict(self.model)  # a collective: every rank
+        try:
+            return super().save_model(output_dir, _internal_call)
+        finally:
+            self._gathered = None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict is None and getattr(self, "_gathered", None) is not None:
+            state_dict = self._gathered
+        return super()._save(output_dir, state_dict=state_dict)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        from owlore.fsdp import has_shards, save_optimizer
+
+        if not has_shards(self.model):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        save_optimizer(self.optimizer, output_dir, self.args.process_index, self.args.world_size)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / "scheduler.pt")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        from owlore.fsdp import has_shards, load_optimizer
+
+        if checkpoint is None or not has_shards(self.model):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load_optimizer(self.optimizer, checkpoint, self.args.process_index, self.args.world_size)
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        from owlore.fsdp import has_shards, load_full_state_dict
+
+        if not has_shards(self.model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+
+        files = sorted(Path(resume_from_checkpoint).glob("model*.safetensors"))
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        load_full_state_dict(self.model, state)
 
 
 class OwLoreTrainer(Trainer):
