@@ -19,7 +19,11 @@ def __getattr__(name: str):
         from owlore.callback import OwLoreCallback
 
         return OwLoreCallback
-    if name in ("OwLoreTrainer", "create_owlore_optimizer"):
+    if name in ("install_active_gradient_sync", "ActiveGradientReducer"):
+        from owlore import distributed
+
+        return getattr(distributed, name)
+    if name in ("OwLoreTrainer", "create_owlore_optimizer", "KeepOptimizerTrainer"):
         from owlore import trainer
 
         return getattr(trainer, name)
@@ -31,9 +35,11 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ActiveGradientReducer",
     "CalibrationSpec",
     "ConfigError",
     "GaLoreAdamW",
+    "KeepOptimizerTrainer",
     "LayerSampler",
     "OutlierCache",
     "OwLoreCallback",
@@ -46,6 +52,7 @@ __all__ = [
     "create_galore_optimizer",
     "create_owlore_optimizer",
     "find_decoder_layers",
+    "install_active_gradient_sync",
     "make_param_groups",
     "outlier_ratios_from_spec",
     "set_layers_trainable",

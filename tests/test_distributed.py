@@ -297,3 +297,11 @@ def test_zero_stage_above_zero_is_refused_for_per_layer_optimizers(tmp_path):
         train.main(_argv("owlore", model, rows, tmp_path / "one", "parallel.fsdp2=true", per_device=2))
     with pytest.raises(ConfigError, match="training.deepspeed='nope.json': no such file"):
         load_config(ROOT / "configs/smollm2_full.yaml", ["training.deepspeed=nope.json", "training.output_dir=x"])
+
+
+def test_a_stock_trainer_without_the_install_call_is_told_what_to_do():
+    """Under torchrun, a layer-switching callback in a Trainer that would build DDP refuses to start."""
+    from owlore.distributed import SwitchingDataParallel
+
+    with pytest.raises(RuntimeError, match=r"install_active_gradient_sync\(trainer\) before trainer.train\(\)"):
+        SwitchingDataParallel().attach(torch.nn.Linear(2, 2))
