@@ -4,7 +4,7 @@
 
 For each method it runs the shipped ``configs/smollm2_<method>.yaml`` on SmolLM2-135M twice: on one process with
 batch 2, and under ``torchrun --nproc_per_node 2`` with batch 1 per rank (the same global batch). It reports the
-bytes each step all-reduces (DDP's buckets, counted by a comm hook, for full/lora/galore; the active-gradient reducer
+bytes each step all-reduces, optimizer state and peak RSS over the post-load RSS per rank (rank 0's record) (DDP's buckets, counted by a comm hook, for full/lora/galore; the active-gradient reducer
 for the layer-switching methods), the ratio to full fine-tuning, and the largest difference of the logged losses and
 of the saved weights between the two runs. Output: ``scale_out.json`` and ``scale_out.md`` in ``--out``.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import sys
@@ -27,6 +28,9 @@ from owlore.comparison import run_process  # noqa: E402
 METHODS = ["full", "lora", "galore", "lisa", "badam", "owlore"]
 FSDP2 = ("full", "lisa", "owlore", "galore")
 MiB = 2**20
+# glibc returns freed large blocks to the OS only above the mmap threshold, so RSS would keep what sharding freed
+# (eval/bench.py sets the same, for the same reason)
+ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _port() -> int:
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                        str(_port()), *cmd[1:]]
             t = time.perf_counter()
-            rc, err = run_process(cmd, d, cwd=ROOT, who="scale_out.py")
+            rc, err = run_process(cmd, d, cwd=ROOT, who="scale_out.py", env=ENV)
             if rc:
                 raise SystemExit(f"{method} on {world} process(es) failed ({rc}):\n{err}")
             runs[world] = json.loads((d / "owlore_record.json").read_text())["summary"]

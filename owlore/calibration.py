@@ -102,6 +102,13 @@ def calibration_batches(tokenizer: Any, spec: CalibrationSpec, *, batch_size: in
     return list(torch.split(windows, batch_size))
 
 
+def _total(t: torch.Tensor) -> torch.Tensor:
+    """A scalar on CPU; an FSDP2 shard's sum is reduced over ranks first (a collective: every rank calls it)."""
+    from owlore.sharded import is_sharded
+
+    return (t.full_tensor() if is_sharded(t) else t).cpu()
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """Identity of a model for caching: its name/path, shapes and a checksum of every weight tensor.
 
@@ -112,7 +119,7 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256(name.encode())
     params = list(model.parameters())
     with torch.no_grad():
-        sums = torch.stack([p.detach().float().abs().sum().cpu() for p in params]) if params else torch.zeros(0)
+        sums = torch.stack([_total(p.detach().float().abs().sum()) for p in params]) if params else torch.zeros(0)
     h.update(str([tuple(p.shape) for p in params]).encode())
     h.update(" ".join(f"{v:.6e}" for v in sums.tolist()).encode())
     h.update(str(sum(p.numel() for p in params)).encode())
