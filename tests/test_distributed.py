@@ -34,7 +34,7 @@ LOSS_ATOL = 1e-5
 WEIGHT_ATOL = 2e-5
 WEIGHT_ATOL_LORA = 1e-4  # LoRA trains at lr 1e-2 here (30x the others), so its rounding differences are larger
 FSDP2 = ["full", "lisa", "owlore", "galore"]
-DEEPSPEED = [("full", 2), ("full", 3), ("lora", 2), ("lora", 3), ("owlore", 0), ("lisa", 0), ("galore", 0)]
+DEEPSPEED = [("full", 2), ("full", 3), ("lora", 2), ("lora", 3), ("owlore", 0), ("lisa", 0), ("galore", 0), ("badam", 0)]
 
 
 def _argv(method: str, model: Path, rows: Path, out: Path, *extra: str, per_device: int, steps: int = STEPS):
