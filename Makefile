@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup model test demo lint clean bench-optim bench-vlm lod compare bench
+.PHONY: setup model test demo lint clean bench-optim bench-vlm lod compare bench fashion-mnist
 
 setup: $(STAMP) $(SMOLLM2)
 
@@ -50,6 +50,9 @@ bench: setup
 
 bench-vlm: setup
 	$(PY) eval/vlm_pruning.py speed --out outputs/vlm_pruning
+
+fashion-mnist: $(STAMP)
+	$(PY) scripts/prepare_fashion_mnist.py
 
 clean:
 	rm -rf $(VENV) .cache outputs

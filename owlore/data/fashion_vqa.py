@@ -1,0 +1,138 @@
+"""A visual question-answering set from real images: grids of Fashion-MNIST items, questions with one-word answers.
+
+Fashion-MNIST (Xiao, Rasul and Vollgraf 2017, arXiv 1708.07747; MIT licence) has 70,000 real 28×28 grayscale photos
+of clothing in 10 classes. Pretrained vision weights cannot be downloaded on our machines, but these images can
+(Debian's ``dataset-fashion-mnist``), so a small LLaVA trained on them has visual features that mean something,
+and visual-token pruning methods can be compared by accuracy.
+
+Each example is a ``grid × grid`` mosaic of items (3×3 by default: 84×84 pixels) and one question about it:
+
+* position: "What item is in the top-left?" -> ``boot`` (one cell matters, as in real VQA);
+* presence: "Is there a bag?" -> ``yes`` / ``no`` (half the questions ask about an absent class);
+* count: "How many shoes?" -> ``two`` (sandals, sneakers and ankle boots are shoes; also "How many bags?" etc.).
+
+The training split draws its items from the official 60,000 training images and the held-out split from the 10,000
+test images, so no held-out image is ever seen in training. Everything is a pure function of the split and the seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
+CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+"""One-word answers for the 10 labels (official names: T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt,
+Sneaker, Bag, Ankle boot)."""
+PLURALS = ("t-shirts", "trousers", "pullovers", "dresses", "coats", "sandals", "shirts", "sneakers", "bags", "boots")
+SHOES = frozenset({5, 7, 9})
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+INSTALL_HINT = ("install Debian's package (sudo apt-get install dataset-fashion-mnist; files in "
+                f"{DEFAULT_DIR}), or put the four original idx files (train-images-idx3-ubyte[.gz], ...) from "
+                "https://github.com/zalandoresearch/fashion-mnist in a directory and pass it as data_dir")
+
+
+class FashionMNISTMissing(FileNotFoundError):
+    """The idx files are not where they were looked for (the message says how to get them)."""
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte idx file (magic {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes) but holds {data.size}")
+    return data.reshape(dims)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    raise FashionMNISTMissing(f"Fashion-MNIST file {stem}[.gz] not found in {directory}: {INSTALL_HINT}")
+
+
+def load_fashion_mnist(split: str = "train", data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[N, 28, 28]`` uint8 and labels ``[N]`` of the official ``train`` (60k) or ``test`` (10k) split,
+    from the idx files (gzipped or not) in ``data_dir`` (default: Debian's install location)."""
+    if split not in FILES:
+        raise ValueError(f"split={split!r}: must be train or test")
+    directory = Path(data_dir) if data_dir is not None else DEFAULT_DIR
+    images = _read_idx(_find(directory, FILES[split][0]))
+    labels = _read_idx(_find(directory, FILES[split][1]))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{directory}: {split} images {images.shape} and labels {labels.shape} do not match")
+    if labels.max(initial=0) >= len(CLASSES):
+        raise ValueError(f"{directory}: {split} labels go up to {labels.max()}, Fashion-MNIST has 10 classes")
+    return images, labels
+
+
+def cell_name(row: int, col: int, grid: int) -> str:
+    """"top-left", "middle", "bottom-right", ... (2×2 grids have no middle row or column)."""
+    rows = ("top", "bottom") if grid == 2 else ("top", "middle", "bottom")
+    cols = ("left", "right") if grid == 2 else ("left", "center", "right")
+    if grid == 3 and row == 1 and col == 1:
+        return "middle"
+    return f"{rows[row]}-{cols[col]}"
+
+
+@dataclass(frozen=True)
+class VQAExample:
+    image: np.ndarray
+    """``[grid·28, grid·28]`` uint8."""
+    question: str
+    answer: str
+    kind: str
+    """position, presence or count."""
+    labels: tuple[int, ...]
+    """The items' classes, row by row."""
+    indices: tuple[int, ...]
+    """The items' indices in the source split."""
+
+
+def build_vqa(images: np.ndarray, labels: np.ndarray, n: int, *, grid: int = 3, seed: int = 0
+              ) -> list[VQAExample]:
+    """``n`` examples from the given split's images; deterministic in ``seed``."""
+    return list(iter_vqa(images, labels, n, grid=grid, seed=seed))
+
+
+def iter_vqa(images: np.ndarray, labels: np.ndarray, n: int, *, grid: int = 3, seed: int = 0
+             ) -> Iterator[VQAExample]:
+    if grid not in (2, 3):
+        raise ValueError(f"grid={grid}: must be 2 or 3")
+    rng = np.random.default_rng(seed)
+    size = images.shape[1]
+    for _ in range(n):
+        idx = rng.choice(len(images), size=grid * grid, replace=False)
+        cells = tuple(int(labels[i]) for i in idx)
+        mosaic = images[idx].reshape(grid, grid, size, size).transpose(0, 2, 1, 3).reshape(grid * size, grid * size)
+        kind = ("position", "presence", "count")[int(rng.integers(3))]
+        if kind == "position":
+            k = int(rng.integers(grid * grid))
+            question = f"What item is in the {cell_name(k // grid, k % grid, grid)}?"
+            answer = CLASSES[cells[k]]
+        elif kind == "presence":
+            present = sorted(set(cells))
+            absent = [c for c in range(len(CLASSES)) if c not in present]
+            ask_present = bool(rng.integers(2)) or not absent
+            c = int(rng.choice(present if ask_present else absent))
+            article = "an" if CLASSES[c][0] in "aeiou" else "a"
+            question = f"Is there {article} {CLASSES[c]}?"
+            answer = "yes" if c in cells else "no"
+        else:
+            if rng.integers(2):
+                question, count = "How many shoes?", sum(c in SHOES for c in cells)
+            else:
+                c = int(rng.integers(len(CLASSES)))
+                question, count = f"How many {PLURALS[c]}?", cells.count(c)
+            answer = NUMBERS[count]
+        yield VQAExample(np.ascontiguousarray(mosaic), question, answer, kind, cells, tuple(int(i) for i in idx))
