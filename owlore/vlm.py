@@ -1,0 +1,117 @@
+"""A small LLaVA-style model around a real language model: a CLIP-style vision tower trained from scratch, the
+LLaVA projector, and the language model's own weights, as a stock ``LlavaForConditionalGeneration``.
+
+LLaVA (Liu et al. 2023, arXiv 2304.08485): image patches -> vision transformer -> MLP projector -> visual tokens
+placed at the ``<image>`` placeholders of the prompt. No pretrained vision weights can be downloaded on our machines,
+so the tower starts from random weights and learns on real images (``owlore.data.fashion_vqa``). Because the result
+is a stock transformers model, ``VisualTokenPruner``, ``generate``, ``save_pretrained`` and ``from_pretrained`` work
+on it unchanged.
+
+Default layout, for the 84×84 Fashion-MNIST grids: patch 7 gives 12×12 = 144 visual tokens, and each 28-pixel grid
+cell is exactly 4×4 patches. So a budget of 1/9 (16 tokens) is one cell's worth, and a position question needs about
+that much.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass
+class VisionTowerConfig:
+    """The from-scratch vision tower (a ``CLIPVisionConfig``) and how LLaVA reads it."""
+
+    image_size: int = 84
+    patch_size: int = 7
+    hidden_size: int = 192
+    intermediate_size: int = 768
+    num_layers: int = 4
+    num_heads: int = 4
+    feature_layer: int = -1
+    """The tower layer whose outputs are projected (LLaVA-1.5 uses -2 of a pretrained CLIP; a tower trained with
+    the task uses its last)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def build_llava(language_model: nn.Module, tokenizer: Any, vision: VisionTowerConfig | None = None, *,
+                seed: int = 0) -> tuple[nn.Module, Any]:
+    """``LlavaForConditionalGeneration`` with ``language_model``'s weights and a random vision tower + projector.
+
+    The tokenizer gets an ``<image>`` token (the embedding matrix grows by one row if the vocabulary has no spare
+    rows). Returns the model (fp32, train mode) and the tokenizer.
+    """
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = vision or VisionTowerConfig()
+    if vision.image_size % vision.patch_size:
+        raise ValueError(f"image_size {vision.image_size} is not a multiple of patch_size {vision.patch_size}")
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    text_config = language_model.config
+    vocab = max(text_config.vocab_size, len(tokenizer))
+    vcfg = CLIPVisionConfig(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+                            num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads,
+                            image_size=vision.image_size, patch_size=vision.patch_size, num_channels=3)
+    config = LlavaConfig(vision_config=vcfg, text_config=text_config.to_dict(), image_token_id=image_id,
+                         vision_feature_layer=vision.feature_layer, vision_feature_select_strategy="default",
+                         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)))
+    config.text_config.vocab_size = vocab
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    language_model.resize_token_embeddings(vocab)
+    model.model.language_model.load_state_dict(language_model.model.state_dict())
+    model.lm_head.load_state_dict(language_model.lm_head.state_dict())
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.float().train(), tokenizer
+
+
+def pixel_values(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+    """``[B, 3, H, W]`` float pixels in [-1, 1] from grayscale uint8 images (the gray channel repeated)."""
+    x = torch.as_tensor(np.stack(list(images)) if not isinstance(images, np.ndarray) else images)
+    x = x.float().div(127.5).sub(1.0)
+    return x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+def prompt_ids(tokenizer: Any, question: str, num_image_tokens: int) -> list[int]:
+    """``<image>`` × N, then the question and ``Answer:`` (the answer follows as a short word)."""
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    text = tokenizer(f"\nQuestion: {question}\nAnswer:", add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + [image_id] * num_image_tokens + text
+
+
+def encode_example(tokenizer: Any, example: Any, num_image_tokens: int) -> dict[str, Any]:
+    """Training features of one ``VQAExample``: labels only on the answer and the end-of-sequence token."""
+    prompt = prompt_ids(tokenizer, example.question, num_image_tokens)
+    answer = tokenizer(" " + example.answer, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer = answer + [tokenizer.eos_token_id]
+    return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer, "image": example.image}
+
+
+def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` and ``pixel_values``."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "pixel_values": pixel_values([f["image"] for f in features])}

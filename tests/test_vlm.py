@@ -1,0 +1,101 @@
+"""``owlore.vlm``: the LLaVA builder keeps the language model's weights, encodes VQA examples with labels on the answer
+only, saves and reloads to the same logits, works with ``VisualTokenPruner`` unchanged, and learns from images."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+import eval_support  # noqa: E402
+import method_support as ms  # noqa: E402
+
+from owlore.data.fashion_vqa import build_vqa  # noqa: E402
+from owlore.vlm import IMAGE_TOKEN, VisionTowerConfig, build_llava, collate, encode_example  # noqa: E402
+
+TOWER = VisionTowerConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
+
+
+@pytest.fixture
+def parts():
+    lm = ms.tiny_model(2)
+    reference = lm(torch.tensor([[3, 4, 5, 6]])).logits
+    model, tok = build_llava(lm, eval_support.tokenizer(), TOWER)
+    rng = np.random.default_rng(0)
+    examples = build_vqa(rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), np.arange(40) % 10, 4)
+    return model.eval(), tok, examples, reference
+
+
+def _batch(tok, examples):
+    return collate([encode_example(tok, e, TOWER.num_tokens) for e in examples], tok.pad_token_id)
+
+
+def test_language_model_weights_carry_over(parts):
+    model, tok, _, reference = parts
+    assert TOWER.num_tokens == 144
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=torch.tensor([[3, 4, 5, 6]])).logits, reference)
+    assert tok.convert_tokens_to_ids(IMAGE_TOKEN) == model.config.image_token_id
+
+
+def test_labels_cover_only_the_answer(parts):
+    _, tok, examples, _ = parts
+    f = encode_example(tok, examples[0], TOWER.num_tokens)
+    answer = [t for t, lab in zip(f["input_ids"], f["labels"]) if lab != -100]
+    assert tok.decode(answer).strip() == examples[0].answer + tok.eos_token
+    assert f["input_ids"].count(tok.convert_tokens_to_ids(IMAGE_TOKEN)) == TOWER.num_tokens
+    b = _batch(tok, examples)
+    assert b["pixel_values"].shape == (4, 3, 84, 84) and -1 <= b["pixel_values"].min() <= b["pixel_values"].max() <= 1
+    assert (b["attention_mask"].sum(1) == torch.tensor([len(encode_example(tok, e, 144)["input_ids"])
+                                                        for e in examples])).all()
+
+
+def test_save_and_load_give_the_same_logits(parts, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    model, tok, examples, _ = parts
+    b = _batch(tok, examples)
+    with torch.no_grad():
+        before = model(**b).logits
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**b).logits, before)
+
+
+def test_the_pruner_works_on_it_unchanged(parts):
+    from owlore.pruning import VisualTokenPruner
+
+    model, tok, examples, _ = parts
+    b = _batch(tok, examples[:2])
+    inputs = {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    real = inputs["attention_mask"].bool()  # right padding: logits at padded positions mean nothing
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        for method in ("zoo", "random"):
+            kept_all = VisualTokenPruner(method, TOWER.num_tokens).prepare(model, **inputs)
+            assert torch.equal(model(**kept_all).logits[real], reference[real])
+            ninth = VisualTokenPruner(method, 16).prepare(model, **inputs)
+            assert ninth["input_ids"].shape[1] == inputs["input_ids"].shape[1] - (TOWER.num_tokens - 16)
+            assert model(**ninth).logits.shape[1] == ninth["input_ids"].shape[1]
+
+
+def test_the_vision_tower_learns(parts):
+    model, tok, examples, _ = parts
+    model.train()
+    b = _batch(tok, examples)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = model(**b).loss
+        loss.backward()
+        assert model.model.vision_tower.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
