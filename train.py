@@ -155,16 +155,22 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if training_args.process_index != 0:  # one log under torchrun / accelerate launch / deepspeed
         logging.getLogger().setLevel(logging.WARNING)
     training_args.resume_from_checkpoint = resume  # the layer-switching callback restores its state from here
+    if cfg.vision.enabled:  # the collator needs each example's image, which the Trainer would drop as "unused"
+        training_args.remove_unused_columns = False
     set_seed(training_args.seed)
     t_start = time.perf_counter()
     load_kwargs = method.model_kwargs(cfg) if method.model_kwargs else {}
-    rows = load_rows(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)  # bad data fails before weights
-    if not cfg.data.skip_bad_rows:
-        vet_rows(rows)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, **load_kwargs)
-    rss_after_load = rss_after_touch(model)  # weights resident: the baseline for memory above the model
-    train_ds = tokenize_rows(rows, tokenizer, max_seq_length=cfg.data.max_seq_length, packing=cfg.data.packing,
-                             skip_bad_rows=cfg.data.skip_bad_rows)
+    if cfg.vision.enabled:  # a LLaVA on Fashion-MNIST grid questions (owlore.vlm)
+        model, tokenizer, train_ds, collator, rss_after_load = _vision_model_and_data(cfg, load_kwargs)
+    else:
+        rows = load_rows(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)  # bad data fails first
+        if not cfg.data.skip_bad_rows:
+            vet_rows(rows)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, **load_kwargs)
+        rss_after_load = rss_after_touch(model)  # weights resident: the baseline for memory above the model
+        train_ds = tokenize_rows(rows, tokenizer, max_seq_length=cfg.data.max_seq_length, packing=cfg.data.packing,
+                                 skip_bad_rows=cfg.data.skip_bad_rows)
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
     logger.info("method %s: training on %d examples from %s", cfg.method, len(train_ds), cfg.data.train)
     before = run_eval(model, tokenizer, cfg, "before") if not resume else {}
 
@@ -177,7 +183,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     parts = method.build(BuildContext(model=model, config=cfg, args=training_args, tokenizer=tokenizer))
     memory_callbacks = apply_memory_options(parts, cfg)
     replica_check = ReplicaCheck()  # several processes: the replicas must stay equal (a no-op on one)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
+    if cfg.vision.enabled and parts.layer_callback is not None:  # the from-scratch tower trains with the layers
+        parts.layer_callback.config.train_vision = cfg.vision.train_tower
     timer = StepTimer()  # first, so a layer switch in a method callback's on_step_begin is timed with its step
     trainer = KeepOptimizerTrainer(model=parts.model, args=training_args, train_dataset=train_ds,
                                    data_collator=collator, processing_class=tokenizer,
@@ -242,6 +249,30 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                      if "tensorboard" in (training_args.report_to or []) else None)
         _print_summary(summary, before, after, cb, final_dir, out_dir / RECORD_FILE)
     return summary
+
+
+def _vision_model_and_data(cfg: RunConfig, load_kwargs: dict[str, Any]):
+    """The LLaVA around the configured language model, its training questions and collator."""
+    import functools
+
+    from owlore.data.fashion_vqa import load_fashion_mnist
+    from owlore.metrics import rss_after_touch
+    from owlore.vlm import build_llava, collate, tower_config, vqa_features
+
+    load_fashion_mnist("train", cfg.vision.data_dir)  # missing images fail before any weights load
+    lm, tokenizer = load_model_and_tokenizer(cfg.model, **load_kwargs)
+    model, tokenizer = build_llava(lm, tokenizer, tower_config(cfg.vision), seed=cfg.vision.seed)
+    del lm
+    if cfg.vision.freeze_language_model:
+        for p in model.model.language_model.parameters():
+            p.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
+    elif not cfg.vision.train_tower:
+        for module in (model.model.vision_tower, model.model.multi_modal_projector):
+            module.requires_grad_(False)
+    rss = rss_after_touch(model)
+    train_ds = vqa_features(tokenizer, cfg.vision, split="train")
+    return model, tokenizer, train_ds, functools.partial(collate, pad_id=tokenizer.pad_token_id), rss
 
 
 def _layers_path(cfg: RunConfig) -> str | None:

@@ -230,9 +230,9 @@ class OwLoreCallback(TrainerCallback):
                 on = c.train_embeddings
             elif id(p) in lm_norm:
                 on = c.train_norms
-            else:
-                on = False
-                frozen_other += p.numel()
+            else:  # outside the language model: a LLaVA vision tower and projector
+                on = c.train_vision
+                frozen_other += 0 if on else p.numel()
             p.requires_grad_(on)
         if frozen_other:
             logger.info("froze %d parameters outside the language model (e.g. a vision tower)", frozen_other)

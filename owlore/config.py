@@ -68,6 +68,8 @@ class OwLoreConfig:
     """Train the output head (paper: yes). A tied head is the embedding matrix: it trains if either flag is on."""
     train_norms: bool = True
     """Train norms outside decoder layers, e.g. the final norm (paper: yes)."""
+    train_vision: bool = False
+    """LLaVA models: also train the vision tower and projector (one trained from scratch); default frozen."""
     layers_path: str | None = None
     """Explicit attribute path of the decoder layers (e.g. model.layers) when auto-discovery fails."""
     calibration_batches: int = 8
@@ -250,6 +252,47 @@ class MemoryConfig:
             out.append(f"{prefix}checkpointing={self.checkpointing!r}: must be one of {', '.join(CHECKPOINTING)}")
         if self.frozen_weights not in ("full", "int8"):
             out.append(f"{prefix}frozen_weights={self.frozen_weights!r}: must be full or int8")
+        return out
+
+
+@dataclass
+class VisionConfig:
+    """Train a LLaVA-style model on the Fashion-MNIST grid VQA set (``owlore.vlm``, ``owlore.data.fashion_vqa``):
+    the loaded language model gets a CLIP-style vision tower trained from scratch and the LLaVA projector."""
+
+    enabled: bool = False
+    image_size: int = 84
+    """Pixels per side of the grid image (grid × 28)."""
+    patch_size: int = 7
+    """84 / 7 = 12 × 12 = 144 visual tokens; each grid cell is 4 × 4 patches."""
+    hidden_size: int = 192
+    intermediate_size: int = 768
+    num_layers: int = 4
+    num_heads: int = 4
+    feature_layer: int = -1
+    grid: int = 3
+    """Items per side of each image (2 or 3)."""
+    data_dir: str | None = None
+    """Directory of the Fashion-MNIST idx files (default: Debian's /usr/share/datasets/fashion-mnist)."""
+    train_examples: int = 20000
+    """Questions generated from the official training images."""
+    seed: int = 0
+    train_tower: bool = True
+    """Train the vision tower and projector (they start from random weights, so almost always)."""
+    freeze_language_model: bool = False
+    """Method full only: train the tower and projector alone (a frozen LM)."""
+
+    def problems(self, prefix: str = "vision.") -> list[str]:
+        out = []
+        if self.enabled and self.image_size % self.patch_size:
+            out.append(f"{prefix}patch_size={self.patch_size}: must divide image_size={self.image_size}")
+        if self.enabled and self.image_size != self.grid * 28:
+            out.append(f"{prefix}image_size={self.image_size}: must be grid × 28 = {self.grid * 28} (Fashion-MNIST "
+                       "items are 28 pixels)")
+        if self.grid not in (2, 3):
+            out.append(f"{prefix}grid={self.grid}: must be 2 or 3")
+        if self.train_examples < 1:
+            out.append(f"{prefix}train_examples={self.train_examples}: must be >= 1")
         return out
 
 

@@ -32,12 +32,13 @@ from owlore.config import (
     MemoryConfig,
     ModelConfig,
     ParallelConfig,
+    VisionConfig,
     dataclass_from_dict,
 )
 from owlore.typecheck import coerce, suggest
 
 COMMON_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig,
-                                   "memory": MemoryConfig, "parallel": ParallelConfig}
+                                   "memory": MemoryConfig, "parallel": ParallelConfig, "vision": VisionConfig}
 TOP_KEYS = ("method", "include")
 DEFAULT_METHOD = "owlore"
 _OWN_OPTIMIZER_DEFAULT = "adamw_torch"
@@ -102,6 +103,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
     sections: dict[str, Any] = field(default_factory=dict)
     """The method's sections by name, e.g. ``{"owlore": OwLoreConfig(...), "optimizer": OptimizerConfig(...)}``."""
     sources: list[str] = field(default_factory=list)
@@ -331,11 +333,12 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
     if not problems:
         problems += _memory_problems(method, built, training)
         problems += engine_problems(method.name, method.own_optimizer, training, built["parallel"], built["memory"])
+        problems += _vision_problems(method.name, built["vision"], built["data"])
     if problems:
         where = ", ".join(map(str, paths))
         raise ConfigError(f"{where}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
     return RunConfig(method=method_name, model=built["model"], data=built["data"], eval=built["eval"],
-                     memory=built["memory"], parallel=built["parallel"], training=training, sections={k: built[k] for k in own}, sources=[str(p) for p in paths])
+                     memory=built["memory"], parallel=built["parallel"], vision=built["vision"], training=training, sections={k: built[k] for k in own}, sources=[str(p) for p in paths])
 
 
 LAYER_SWITCHING = ("owlore", "lisa", "badam")
@@ -372,6 +375,27 @@ def _memory_problems(method: Any, built: dict[str, Any], training: dict[str, Any
             out.append("optimizer.update_in_backward=true with training.fp16=true: the GradScaler unscales and "
                        "skips whole steps after backward, but each tensor steps inside it; use training.bf16=true "
                        "or fp32")
+    return out
+
+
+VISION_METHODS = ("full", "galore", "owlore", "lisa", "badam")
+"""Methods that train a ``vision:`` LLaVA (the tower trains with them; adapters would not save it)."""
+
+
+def _vision_problems(method: str, vision: Any, data: Any) -> list[str]:
+    if not vision.enabled:
+        return []
+    out = []
+    if method not in VISION_METHODS:
+        out.append(f"vision.enabled=true with method {method}: the from-scratch vision tower must train and be saved, "
+                   f"which an adapter-only method does not do yet; use one of {', '.join(VISION_METHODS)} (a frozen "
+                   "language model: method=full with vision.freeze_language_model=true)")
+    if vision.freeze_language_model and method != "full":
+        out.append(f"vision.freeze_language_model=true with method {method}: only method full trains the tower "
+                   "alone; remove it, or set method: full")
+    if data.train != "fashion-vqa":
+        out.append(f"data.train={data.train!r} with vision.enabled=true: the vision model trains on data.train: "
+                   "fashion-vqa (Fashion-MNIST grid questions, owlore.data.fashion_vqa)")
     return out
 
 

@@ -115,3 +115,23 @@ def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
             "pixel_values": pixel_values([f["image"] for f in features])}
+
+
+def tower_config(vision: Any) -> VisionTowerConfig:
+    """The tower of a ``vision:`` config section (``owlore.config.VisionConfig``)."""
+    return VisionTowerConfig(image_size=vision.image_size, patch_size=vision.patch_size,
+                             hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+                             num_layers=vision.num_layers, num_heads=vision.num_heads,
+                             feature_layer=vision.feature_layer)
+
+
+def vqa_features(tokenizer: Any, vision: Any, *, split: str = "train", n: int | None = None) -> list[dict[str, Any]]:
+    """Encoded Fashion-MNIST grid questions of ``split`` (train: the official training images; test: the held-out
+    ones), ``n`` of them (default ``vision.train_examples``), deterministic in ``vision.seed``."""
+    from owlore.data.fashion_vqa import build_vqa, load_fashion_mnist
+
+    images, labels = load_fashion_mnist(split, vision.data_dir)
+    seed = vision.seed if split == "train" else vision.seed + 1_000_003
+    examples = build_vqa(images, labels, n or vision.train_examples, grid=vision.grid, seed=seed)
+    tokens = (vision.image_size // vision.patch_size) ** 2
+    return [encode_example(tokenizer, e, tokens) for e in examples]

@@ -99,3 +99,68 @@ def test_the_vision_tower_learns(parts):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def _idx_dir(root: Path) -> Path:
+    import gzip
+
+    rng = np.random.default_rng(2)
+    for split, n in (("train", 64), ("t10k", 32)):
+        for kind, arr in (("images-idx3", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
+                          ("labels-idx1", (np.arange(n) % 10).astype(np.uint8))):
+            header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+            (root / f"{split}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + arr.tobytes()))
+    return root
+
+
+VISION = ["vision.enabled=true", "data.train=fashion-vqa", "vision.train_examples=16", "vision.hidden_size=32",
+          "vision.intermediate_size=64", "vision.num_layers=1", "vision.num_heads=2"]
+
+
+@pytest.mark.parametrize("method", ["full", "owlore"])
+def test_train_py_trains_a_llava_that_reloads(method, tmp_path):
+    """train.py with a vision section: the tower trains (from scratch) with the method, the saved model reloads as
+    a stock LlavaForConditionalGeneration; under owlore only the sampled decoder layers change."""
+    import json
+
+    from transformers import LlavaForConditionalGeneration
+
+    import train
+
+    lm_dir = ms.save_checkpoint(tmp_path / "lm", num_layers=4)
+    data = _idx_dir(tmp_path)
+    out = tmp_path / "out"
+    argv = ms.train_argv(method, lm_dir, tmp_path / "unused.jsonl", out, *VISION, f"vision.data_dir={data}",
+                         "data.max_seq_length=512", "training.learning_rate=1e-3")
+    summary = train.main(argv)
+    assert len(summary["log_losses"]) == 3
+    model = LlavaForConditionalGeneration.from_pretrained(out / "final")
+    saved = model.state_dict()
+    assert model.config.vision_config.patch_size == 7 and model.config.image_token_id is not None
+    torch.manual_seed(0)  # the same seed build_llava used: the tower's initial weights
+    fresh, _ = build_llava(ms.tiny_model(4), eval_support.tokenizer(), VisionTowerConfig(
+        hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2))
+    start = fresh.state_dict()
+    key = "model.vision_tower.embeddings.patch_embedding.weight"
+    assert not torch.equal(saved[key], start[key])  # the tower trained
+    if method == "owlore":
+        record = json.loads((out / "owlore_record.json").read_text())
+        trained = {i for h in record["history"] for i in h["layers"]}
+        for i in range(4):
+            k = f"model.language_model.layers.{i}.mlp.down_proj.weight"
+            assert torch.equal(saved[k], start[k]) == (i not in trained)
+
+
+def test_vision_config_refusals():
+    from owlore.config import ConfigError
+    from owlore.recipe import load_config
+
+    base = [*VISION, "training.output_dir=x"]
+    with pytest.raises(ConfigError, match="vision.enabled=true with method lora: the from-scratch vision tower"):
+        load_config(ms.ROOT / "configs/smollm2_lora.yaml", base)
+    with pytest.raises(ConfigError, match="data.train='demo' with vision.enabled=true"):
+        load_config(ms.ROOT / "configs/smollm2_full.yaml", [*base, "data.train=demo"])
+    with pytest.raises(ConfigError, match="vision.freeze_language_model=true with method owlore"):
+        load_config(ms.ROOT / "configs/smollm2_owlore.yaml", [*base, "vision.freeze_language_model=true"])
+    with pytest.raises(ConfigError, match="vision.patch_size=5: must divide image_size=84"):
+        load_config(ms.ROOT / "configs/smollm2_full.yaml", [*base, "vision.patch_size=5"])
