@@ -164,3 +164,61 @@ def test_vision_config_refusals():
         load_config(ms.ROOT / "configs/smollm2_owlore.yaml", [*base, "vision.freeze_language_model=true"])
     with pytest.raises(ConfigError, match="vision.patch_size=5: must divide image_size=84"):
         load_config(ms.ROOT / "configs/smollm2_full.yaml", [*base, "vision.patch_size=5"])
+
+
+def _reference_choices(model, tok, examples, *, first_token: bool):
+    """Naive oracle: one unbatched forward per example and candidate, no padding."""
+    from owlore.pruning.accuracy import CANDIDATES
+    from owlore.vlm import pixel_values, prompt_ids
+
+    out = []
+    with torch.no_grad():
+        for e in examples:
+            prompt = prompt_ids(tok, e.question, TOWER.num_tokens)
+            px = pixel_values([e.image])
+            scores = {}
+            for w in CANDIDATES[e.kind]:
+                ans = tok(" " + w, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([prompt + (ans[:1] if first_token else ans)])
+                logp = model(input_ids=ids, pixel_values=px).logits.log_softmax(-1)[0]
+                n = 1 if first_token else len(ans)
+                scores[w] = float(sum(logp[len(prompt) - 1 + k, ids[0, len(prompt) + k]] for k in range(n)))
+            out.append(max(scores, key=scores.get))
+    return out
+
+
+def test_accuracy_matches_a_naive_loop_and_keep_all_pruning(parts):
+    from owlore.pruning import VisualTokenPruner
+    from owlore.pruning.accuracy import vqa_accuracy
+
+    model, tok, _, _ = parts
+    rng = np.random.default_rng(5)
+    examples = build_vqa(rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), np.arange(40) % 10, 9)
+    res = vqa_accuracy(model, tok, examples, num_image_tokens=TOWER.num_tokens, batch_size=4)
+    assert res["scoring"] == "full"  # this tokenizer's candidates share first tokens
+    assert res["choices"] == _reference_choices(model, tok, examples, first_token=False)
+    assert res["accuracy"] == sum(c == e.answer for c, e in zip(res["choices"], examples)) / 9
+    kept = vqa_accuracy(model, tok, examples, num_image_tokens=TOWER.num_tokens, batch_size=4,
+                        pruner=VisualTokenPruner("zoo", TOWER.num_tokens))
+    assert kept["choices"] == res["choices"]
+    pruned = vqa_accuracy(model, tok, examples, num_image_tokens=TOWER.num_tokens, batch_size=4,
+                          pruner=VisualTokenPruner("random", 16))
+    assert pruned["n"] == 9 and set(pruned["by_kind"]) <= {"position", "presence", "count"}
+
+
+@pytest.mark.slow
+def test_first_token_scoring_with_smollm2s_tokenizer(smollm2_path):
+    """SmolLM2's tokenizer gives every candidate of a kind its own first token: one pass per batch, same choices
+    as the naive loop."""
+    from transformers import AutoTokenizer
+
+    from owlore.pruning.accuracy import vqa_accuracy
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    model, tok = build_llava(ms.tiny_model(2), tok, TOWER)
+    model.eval()
+    rng = np.random.default_rng(6)
+    examples = build_vqa(rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), np.arange(40) % 10, 9)
+    res = vqa_accuracy(model, tok, examples, num_image_tokens=TOWER.num_tokens, batch_size=4)
+    assert res["scoring"] == "first-token"
+    assert res["choices"] == _reference_choices(model, tok, examples, first_token=True)
