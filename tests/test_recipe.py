@@ -16,7 +16,7 @@ from owlore.typecheck import coerce, suggest
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-BASES_7B = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("smollm2"))
+BASES_7B = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("smollm2", "fashion_llava")))
 OVERLAYS = sorted((CONFIGS / "paper").glob("*.yaml"))
 OWLORE = CONFIGS / "smollm2_owlore.yaml"
 
