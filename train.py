@@ -257,11 +257,11 @@ def _vision_model_and_data(cfg: RunConfig, load_kwargs: dict[str, Any]):
 
     from owlore.data.fashion_vqa import load_fashion_mnist
     from owlore.metrics import rss_after_touch
-    from owlore.vlm import build_llava, collate, tower_config, vqa_features
+    from owlore.vlm import build_llava, collate, vqa_features
 
     load_fashion_mnist("train", cfg.vision.data_dir)  # missing images fail before any weights load
     lm, tokenizer = load_model_and_tokenizer(cfg.model, **load_kwargs)
-    model, tokenizer = build_llava(lm, tokenizer, tower_config(cfg.vision), seed=cfg.vision.seed)
+    model, tokenizer = build_llava(lm, tokenizer, cfg.vision, seed=cfg.vision.seed)  # a VisionConfig is a tower config
     del lm
     if cfg.vision.freeze_language_model:
         for p in model.model.language_model.parameters():

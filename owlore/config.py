@@ -256,11 +256,9 @@ class MemoryConfig:
 
 
 @dataclass
-class VisionConfig:
-    """Train a LLaVA-style model on the Fashion-MNIST grid VQA set (``owlore.vlm``, ``owlore.data.fashion_vqa``):
-    the loaded language model gets a CLIP-style vision tower trained from scratch and the LLaVA projector."""
+class VisionTowerConfig:
+    """The from-scratch vision tower of ``owlore.vlm.build_llava`` (a ``CLIPVisionConfig``) and how LLaVA reads it."""
 
-    enabled: bool = False
     image_size: int = 84
     """Pixels per side of the grid image (grid × 28)."""
     patch_size: int = 7
@@ -270,6 +268,21 @@ class VisionConfig:
     num_layers: int = 4
     num_heads: int = 4
     feature_layer: int = -1
+    """The tower layer whose outputs are projected (LLaVA-1.5 uses -2 of a pretrained CLIP; a tower trained with
+    the task uses its last)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class VisionConfig(VisionTowerConfig):
+    """Train a LLaVA-style model on the Fashion-MNIST grid VQA set (``owlore.vlm``, ``owlore.data.fashion_vqa``):
+    the loaded language model gets a CLIP-style vision tower (the inherited fields) trained from scratch and the
+    LLaVA projector."""
+
+    enabled: bool = False
     grid: int = 3
     """Items per side of each image (2 or 3)."""
     data_dir: str | None = None

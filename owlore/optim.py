@@ -209,8 +209,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
             basis = basis[offset:offset + grad.shape[0]]
             reduce = reduce_projected(p)
         shape = projected_shape(grad.shape, basis, state["side"]) if basis is not None else grad.shape
-        if reduce is not None:
-            shape = (basis.shape[1], grad.shape[1])
         exp_avg, exp_avg_sq = load_moments(state, shape, dtype, grad.device, self._code_maps)
         target = update_target(local(p), state, master_weights=group["master_weights"])
         state["step"] = step + 1

@@ -15,33 +15,18 @@ that much.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from owlore.config import VisionTowerConfig
+
+__all__ = ["IMAGE_TOKEN", "VisionTowerConfig", "build_llava", "collate", "encode_example", "pixel_values",
+           "prompt_ids", "vqa_features"]
+
 IMAGE_TOKEN = "<image>"
-
-
-@dataclass
-class VisionTowerConfig:
-    """The from-scratch vision tower (a ``CLIPVisionConfig``) and how LLaVA reads it."""
-
-    image_size: int = 84
-    patch_size: int = 7
-    hidden_size: int = 192
-    intermediate_size: int = 768
-    num_layers: int = 4
-    num_heads: int = 4
-    feature_layer: int = -1
-    """The tower layer whose outputs are projected (LLaVA-1.5 uses -2 of a pretrained CLIP; a tower trained with
-    the task uses its last)."""
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
 
 def build_llava(language_model: nn.Module, tokenizer: Any, vision: VisionTowerConfig | None = None, *,
@@ -117,21 +102,12 @@ def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
             "pixel_values": pixel_values([f["image"] for f in features])}
 
 
-def tower_config(vision: Any) -> VisionTowerConfig:
-    """The tower of a ``vision:`` config section (``owlore.config.VisionConfig``)."""
-    return VisionTowerConfig(image_size=vision.image_size, patch_size=vision.patch_size,
-                             hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
-                             num_layers=vision.num_layers, num_heads=vision.num_heads,
-                             feature_layer=vision.feature_layer)
-
-
 def vqa_features(tokenizer: Any, vision: Any, *, split: str = "train", n: int | None = None) -> list[dict[str, Any]]:
-    """Encoded Fashion-MNIST grid questions of ``split`` (train: the official training images; test: the held-out
+    """Encoded Fashion-MNIST grid questions of ``split`` (``vision``: a ``VisionConfig``) (train: the official training images; test: the held-out
     ones), ``n`` of them (default ``vision.train_examples``), deterministic in ``vision.seed``."""
     from owlore.data.fashion_vqa import build_vqa, load_fashion_mnist
 
     images, labels = load_fashion_mnist(split, vision.data_dir)
     seed = vision.seed if split == "train" else vision.seed + 1_000_003
     examples = build_vqa(images, labels, n or vision.train_examples, grid=vision.grid, seed=seed)
-    tokens = (vision.image_size // vision.patch_size) ** 2
-    return [encode_example(tokenizer, e, tokens) for e in examples]
+    return [encode_example(tokenizer, e, vision.num_tokens) for e in examples]
