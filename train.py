@@ -229,7 +229,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         if hasattr(extra, "summary"):
             summary.update(extra.summary())
     if cb is not None:
-        summary.update(cb.data_parallel_stats())  # bytes the active-gradient reducer all-reduced (several processes)
+        summary.update(cb.data_parallel.metrics())  # bytes the active-gradient reducer all-reduced (several processes)
     record = cb.record() if cb is not None else {}
     if cb is not None:
         summary["layers_sampled"] = sorted({i for _, ls in cb.history for i in ls})

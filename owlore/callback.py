@@ -287,10 +287,6 @@ class OwLoreCallback(TrainerCallback):
             **{f"owlore/{k}": v for k, v in self.data_parallel.metrics().items()},
         }
 
-    def data_parallel_stats(self) -> dict[str, float]:
-        """Bytes the active-gradient reducer all-reduced (empty on one process or under DeepSpeed)."""
-        return self.data_parallel.metrics()
-
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._tb:
             self._tb.scalars(state.global_step, self.metrics())

@@ -244,10 +244,11 @@ def engine_of(args, model: nn.Module | None = None) -> str:
 
 
 def deepspeed_stage(args) -> int:
+    """The ZeRO stage of the DeepSpeed config the Trainer parsed (0 without DeepSpeed)."""
+    from owlore.recipe import deepspeed_config_stage
+
     ds = getattr(args, "hf_deepspeed_config", None)
-    if ds is None:
-        return 0
-    return int((ds.config.get("zero_optimization", {}) or {}).get("stage", 0) or 0)
+    return (deepspeed_config_stage(ds.config)[0] or 0) if ds is not None else 0
 
 
 class Replica(nn.Module):
