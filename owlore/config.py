@@ -288,7 +288,10 @@ class VisionConfig(VisionTowerConfig):
     data_dir: str | None = None
     """Directory of the Fashion-MNIST idx files (default: Debian's /usr/share/datasets/fashion-mnist)."""
     train_examples: int = 20000
-    """Questions generated from the official training images."""
+    """Images (each with its questions) generated from the official training images."""
+    questions_per_image: int = 1
+    """Training conversations: questions asked about each training image (``owlore.data.fashion_vqa.build_vqa``);
+    more than one makes each step supervise several answers for the price of one image."""
     seed: int = 0
     train_tower: bool = True
     """Train the vision tower and projector (they start from random weights, so almost always)."""
@@ -306,6 +309,8 @@ class VisionConfig(VisionTowerConfig):
             out.append(f"{prefix}grid={self.grid}: must be 2 or 3")
         if self.train_examples < 1:
             out.append(f"{prefix}train_examples={self.train_examples}: must be >= 1")
+        if self.questions_per_image < 1:
+            out.append(f"{prefix}questions_per_image={self.questions_per_image}: must be >= 1")
         return out
 
 

@@ -79,12 +79,23 @@ def prompt_ids(tokenizer: Any, question: str, num_image_tokens: int) -> list[int
 
 
 def encode_example(tokenizer: Any, example: Any, num_image_tokens: int) -> dict[str, Any]:
-    """Training features of one ``VQAExample``: labels only on the answer and the end-of-sequence token."""
-    prompt = prompt_ids(tokenizer, example.question, num_image_tokens)
-    answer = tokenizer(" " + example.answer, add_special_tokens=False)["input_ids"]
+    """Training features of one ``VQAExample``: labels only on the answers and the end-of-sequence token.
+
+    Follow-up questions continue the conversation after the first answer (``\nQuestion: ...\nAnswer: ...``), so
+    the first turn is exactly the evaluation prompt and its answer.
+    """
+    ids = prompt_ids(tokenizer, example.question, num_image_tokens)
+    labels = [-100] * len(ids)
+    turns = [(example.question, example.answer), *((q, a) for q, a, _ in example.follow_ups)]
+    for i, (question, answer) in enumerate(turns):
+        if i:
+            text = tokenizer(f"\nQuestion: {question}\nAnswer:", add_special_tokens=False)["input_ids"]
+            ids, labels = ids + text, labels + [-100] * len(text)
+        target = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        ids, labels = ids + target, labels + target
     if tokenizer.eos_token_id is not None:
-        answer = answer + [tokenizer.eos_token_id]
-    return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer, "image": example.image}
+        ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
+    return {"input_ids": ids, "labels": labels, "image": example.image}
 
 
 def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -103,11 +114,13 @@ def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
 
 
 def vqa_features(tokenizer: Any, vision: Any, *, split: str = "train", n: int | None = None) -> list[dict[str, Any]]:
-    """Encoded Fashion-MNIST grid questions of ``split`` (``vision``: a ``VisionConfig``) (train: the official training images; test: the held-out
-    ones), ``n`` of them (default ``vision.train_examples``), deterministic in ``vision.seed``."""
+    """Encoded Fashion-MNIST grid questions of ``split`` (``vision``: a ``VisionConfig``; train: the official
+    training images, ``vision.questions_per_image`` questions each; test: the held-out ones, one question each),
+    ``n`` images (default ``vision.train_examples``), deterministic in ``vision.seed``."""
     from owlore.data.fashion_vqa import build_vqa, load_fashion_mnist
 
     images, labels = load_fashion_mnist(split, vision.data_dir)
     seed = vision.seed if split == "train" else vision.seed + 1_000_003
-    examples = build_vqa(images, labels, n or vision.train_examples, grid=vision.grid, seed=seed)
+    questions = vision.questions_per_image if split == "train" else 1  # held out: one question per image
+    examples = build_vqa(images, labels, n or vision.train_examples, grid=vision.grid, seed=seed, questions=questions)
     return [encode_example(tokenizer, e, vision.num_tokens) for e in examples]

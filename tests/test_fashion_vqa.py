@@ -71,8 +71,6 @@ def test_answers_and_cells_are_right(idx_dir, grid):
     x, y = load_fashion_mnist("test", idx_dir)
     examples = build_vqa(x, y, 300, grid=grid, seed=0)
     assert {e.kind for e in examples} == {"position", "presence", "count"}
-    names = {cell_name(r, c, grid): (r, c) for r in range(grid) for c in range(grid)}
-    numbers = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     for e in examples:
         assert e.image.shape == (28 * grid, 28 * grid)
         assert len(set(e.indices)) == grid * grid  # no image twice in a grid
@@ -80,23 +78,43 @@ def test_answers_and_cells_are_right(idx_dir, grid):
             r, c = divmod(k, grid)
             assert np.array_equal(e.image[28 * r:28 * (r + 1), 28 * c:28 * (c + 1)], x[i])
             assert e.labels[k] == y[i]
-        q = e.question
-        if e.kind == "position":
-            where = q.removeprefix("What item is in the ").removesuffix("?")
-            r, c = names[where]
-            assert e.answer == CLASSES[e.labels[r * grid + c]]
-        elif e.kind == "presence":
-            asked = q.split()[-1].rstrip("?")
-            assert e.answer == ("yes" if CLASSES.index(asked) in e.labels else "no")
-        else:
-            asked = q.removeprefix("How many ").removesuffix("?")
-            if asked == "shoes":
-                n = sum(CLASSES[lab] in ("sandal", "sneaker", "boot") for lab in e.labels)
-            else:
-                n = sum(CLASSES[lab] + ("es" if CLASSES[lab] == "dress" else "s") == asked for lab in e.labels)
-            assert e.answer == numbers[n]
+        _check_answer(e.question, e.answer, e.kind, e.labels, grid)
     presence = [e.answer for e in examples if e.kind == "presence"]
     assert 0.3 < presence.count("yes") / len(presence) < 0.7  # both answers occur about equally
+
+
+def _check_answer(q: str, answer: str, kind: str, labels: tuple[int, ...], grid: int) -> None:
+    """Recompute the answer of question ``q`` from the grid's labels."""
+    names = {cell_name(r, c, grid): (r, c) for r in range(grid) for c in range(grid)}
+    numbers = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    if kind == "position":
+        r, c = names[q.removeprefix("What item is in the ").removesuffix("?")]
+        assert answer == CLASSES[labels[r * grid + c]]
+    elif kind == "presence":
+        asked = q.split()[-1].rstrip("?")
+        assert answer == ("yes" if CLASSES.index(asked) in labels else "no")
+    else:
+        asked = q.removeprefix("How many ").removesuffix("?")
+        if asked == "shoes":
+            n = sum(CLASSES[lab] in ("sandal", "sneaker", "boot") for lab in labels)
+        else:
+            n = sum(CLASSES[lab] + ("es" if CLASSES[lab] == "dress" else "s") == asked for lab in labels)
+        assert answer == numbers[n]
+
+
+def test_follow_up_questions_are_distinct_right_and_leave_the_first_unchanged(idx_dir):
+    x, y = load_fashion_mnist("train", idx_dir)
+    single = build_vqa(x, y, 50, seed=2)
+    multi = build_vqa(x, y, 50, seed=2, questions=9)
+    assert all(not e.follow_ups for e in single)
+    for a, b in zip(single, multi):
+        assert (a.question, a.answer, a.indices) == (b.question, b.answer, b.indices)
+        asked = [b.question, *(q for q, _, _ in b.follow_ups)]
+        assert len(asked) == len(set(asked)) and 5 <= len(asked) <= 9
+        for q, answer, kind in b.follow_ups:
+            _check_answer(q, answer, kind, b.labels, 3)
+    with pytest.raises(ValueError, match="questions=0"):
+        build_vqa(x, y, 1, questions=0)
 
 
 def test_cell_names_cover_the_grid():

@@ -54,6 +54,47 @@ def test_labels_cover_only_the_answer(parts):
                                                         for e in examples])).all()
 
 
+def test_follow_up_turns_are_labelled_and_the_first_turn_is_the_eval_prompt(parts):
+    _, tok, _, _ = parts
+    rng = np.random.default_rng(1)
+    images, labels = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), np.arange(40) % 10
+    single = encode_example(tok, build_vqa(images, labels, 1)[0], TOWER.num_tokens)
+    example = build_vqa(images, labels, 1, questions=4)[0]
+    f = encode_example(tok, example, TOWER.num_tokens)
+    first = len(single["input_ids"]) - 1  # the single-question features up to (not including) the eos
+    assert f["input_ids"][:first] == single["input_ids"][:first]
+    assert f["labels"][:first] == single["labels"][:first]
+    answers = [example.answer, *(a for _, a, _ in example.follow_ups)]
+    labelled = [t for t, lab in zip(f["input_ids"], f["labels"]) if lab != -100]
+    expected = [t for a in answers for t in tok(" " + a, add_special_tokens=False)["input_ids"]] + [tok.eos_token_id]
+    assert labelled == expected
+    assert tok.decode(f["input_ids"]).count("Question:") == len(answers) == 4
+
+
+def test_chunked_loss_reproduces_the_llava_loss_and_gradients(parts):
+    from owlore.memory.chunked_loss import disable_chunked_loss, enable_chunked_loss
+
+    model, tok, examples, _ = parts
+    model.train()
+    b = _batch(tok, examples)
+    weight = model.model.multi_modal_projector.linear_1.weight
+
+    def loss_and_grad():
+        model.zero_grad()
+        loss = model(**b).loss
+        loss.backward()
+        return loss.detach(), weight.grad.clone()
+
+    reference = loss_and_grad()
+    enable_chunked_loss(model, 5)
+    try:
+        chunked = loss_and_grad()
+    finally:
+        disable_chunked_loss(model)
+    torch.testing.assert_close(chunked[0], reference[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked[1], reference[1], rtol=1e-4, atol=1e-6)
+
+
 def test_save_and_load_give_the_same_logits(parts, tmp_path):
     from transformers import LlavaForConditionalGeneration
 

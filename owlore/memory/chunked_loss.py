@@ -156,6 +156,11 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     return total / num_items_in_batch
 
 
+_DECODER_THEN_HEAD = frozenset({"LlavaForConditionalGeneration"})
+"""Multimodal models whose forward is also ``self.model(...)`` (vision + language, returning ``last_hidden_state``)
+then ``lm_head`` and ``ForCausalLMLoss``, so the chunked loss reproduces theirs (tested for LLaVA)."""
+
+
 def _causal_lm(model: nn.Module) -> nn.Module:
     """The HF causal LM inside ``model`` (itself, or the base model of a peft wrapper)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -173,7 +178,8 @@ def _unsupported(lm: nn.Module) -> list[str]:
         issues.append("output_router_logits=True adds a router auxiliary loss")
     if getattr(lm, "loss_function", None) is not ForCausalLMLoss:
         issues.append("its loss_function is not transformers' ForCausalLMLoss")
-    if not hasattr(lm, "get_decoder") or lm.get_decoder() is not getattr(lm, "model", None):
+    if type(lm).__name__ not in _DECODER_THEN_HEAD and (
+            not hasattr(lm, "get_decoder") or lm.get_decoder() is not getattr(lm, "model", None)):
         issues.append("its forward is not `model` (the decoder) then the head (e.g. a multimodal model)")
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if type(head) is not nn.Linear:
