@@ -73,9 +73,13 @@ def pixel_values(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
 def prompt_ids(tokenizer: Any, question: str, num_image_tokens: int) -> list[int]:
     """``<image>`` × N, then the question and ``Answer:`` (the answer follows as a short word)."""
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    text = tokenizer(f"\nQuestion: {question}\nAnswer:", add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + [image_id] * num_image_tokens + text
+    return bos + [image_id] * num_image_tokens + _question_ids(tokenizer, question)
+
+
+def _question_ids(tokenizer: Any, question: str) -> list[int]:
+    """One turn's ``\nQuestion: ...\nAnswer:`` (the prompt's and every follow-up's)."""
+    return tokenizer(f"\nQuestion: {question}\nAnswer:", add_special_tokens=False)["input_ids"]
 
 
 def encode_example(tokenizer: Any, example: Any, num_image_tokens: int) -> dict[str, Any]:
@@ -89,7 +93,7 @@ def encode_example(tokenizer: Any, example: Any, num_image_tokens: int) -> dict[
     turns = [(example.question, example.answer), *((q, a) for q, a, _ in example.follow_ups)]
     for i, (question, answer) in enumerate(turns):
         if i:
-            text = tokenizer(f"\nQuestion: {question}\nAnswer:", add_special_tokens=False)["input_ids"]
+            text = _question_ids(tokenizer, question)
             ids, labels = ids + text, labels + [-100] * len(text)
         target = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
         ids, labels = ids + target, labels + target
