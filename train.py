@@ -161,8 +161,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     load_kwargs = method.model_kwargs(cfg) if method.model_kwargs else {}
     if cfg.vision.enabled:  # a LLaVA on Fashion-MNIST grid questions (owlore.vlm)
-        model, tokenizer, train_ds, collator, rss_after_load = _vision_model_and_data(cfg, load_kwargs)
+        model, tokenizer, train_ds, collator, rss_after_load, alignment = _vision_model_and_data(cfg, load_kwargs)
     else:
+        alignment = None
         rows = load_rows(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)  # bad data fails first
         if not cfg.data.skip_bad_rows:
             vet_rows(rows)
@@ -223,6 +224,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "eval_after": after,
         "model_dir": str(final_dir),
     }
+    if alignment is not None:
+        summary["vision_alignment"] = alignment
     summary["world_size"] = training_args.world_size
     summary["sharded_parameters"] = sum(is_sharded(p) for p in trainer.model.parameters())  # FSDP2 DTensors
     for extra in [*memory_callbacks, replica_check, ddp_bytes]:
@@ -263,6 +266,14 @@ def _vision_model_and_data(cfg: RunConfig, load_kwargs: dict[str, Any]):
     lm, tokenizer = load_model_and_tokenizer(cfg.model, **load_kwargs)
     model, tokenizer = build_llava(lm, tokenizer, cfg.vision, seed=cfg.vision.seed)  # a VisionConfig is a tower config
     del lm
+    alignment = None
+    if cfg.vision.align_steps:  # tower + projector read like class words before the LM sees them (owlore.vision_align)
+        from owlore.vision_align import align_vision
+
+        images, labels = load_fashion_mnist("train", cfg.vision.data_dir)
+        alignment = align_vision(model, tokenizer, images, labels, grid=cfg.vision.grid, steps=cfg.vision.align_steps,
+                                 batch_size=cfg.vision.align_batch_size, lr=cfg.vision.align_lr, seed=cfg.vision.seed,
+                                 heldout=load_fashion_mnist("test", cfg.vision.data_dir))
     if cfg.vision.freeze_language_model:
         for p in model.model.language_model.parameters():
             p.requires_grad_(False)
@@ -272,7 +283,7 @@ def _vision_model_and_data(cfg: RunConfig, load_kwargs: dict[str, Any]):
             module.requires_grad_(False)
     rss = rss_after_touch(model)
     train_ds = vqa_features(tokenizer, cfg.vision, split="train")
-    return model, tokenizer, train_ds, functools.partial(collate, pad_id=tokenizer.pad_token_id), rss
+    return model, tokenizer, train_ds, functools.partial(collate, pad_id=tokenizer.pad_token_id), rss, alignment
 
 
 def _layers_path(cfg: RunConfig) -> str | None:

@@ -1,7 +1,11 @@
-"""Visual-token pruning benchmarks for LLaVA-shaped models built from config (random weights, CPU).
+"""Visual-token pruning benchmarks: speed on LLaVA-shaped models built from config, accuracy on a trained LLaVA.
 
     python eval/vlm_pruning.py speed                 # LLaVA-1.5 layout, 576 -> 192/128/64, ~8 min on 2 cores
     python eval/vlm_pruning.py speed --quick --out /tmp/x   # seconds; used by the tests
+    python eval/vlm_pruning.py accuracy --model outputs/fashion_llava_full/final   # held-out Fashion-MNIST VQA
+
+``accuracy`` scores every method at 1/2, 1/4, 1/9 and 1/36 of the visual tokens on the held-out grid questions
+(``owlore.pruning.vqa_benchmark``) and writes accuracy.json / .md / .png and kept_tokens.png.
 
 Random weights make the latency and FLOPs meaningful but say nothing about accuracy. The language model
 is the 7B width (hidden 4096, ffn 11008, 32 heads) at reduced depth so it fits on a CPU; FLOPs are also
@@ -63,7 +67,55 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lm-layers", type=int, default=2, help="run depth (7B has 32)")
     g.add_argument("--full-layers", type=int, default=32, help="depth for the analytic full-model figures")
     g.add_argument("--vocab", type=int, default=32000)
+    a = sub.add_parser("accuracy", help="held-out VQA accuracy per method and budget on a trained LLaVA")
+    a.add_argument("--model", type=Path, required=True, help="a saved LlavaForConditionalGeneration (train.py final/)")
+    a.add_argument("--out", type=Path, default=Path("outputs/vlm_pruning_accuracy"))
+    a.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
+    a.add_argument("--budgets", nargs="+", type=int, default=None,
+                   help="visual tokens kept per image (default: 1/2, 1/4, 1/9 and 1/36 of them)")
+    a.add_argument("--examples", type=int, default=288, help="held-out questions (one per test-split image)")
+    a.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files (default: Debian's location)")
+    a.add_argument("--seed", type=int, default=0, help="vision.seed of the training run (held-out images follow)")
+    a.add_argument("--batch", type=int, default=16)
+    a.add_argument("--repeats", type=int, default=3, help="timed prefill repeats (median)")
+    a.add_argument("--zoo-directions", type=int, default=16)
+    a.add_argument("--draw", type=int, default=4, help="example images in kept_tokens.png")
+    a.add_argument("--threads", type=int, default=2)
     return parser
+
+
+def run_accuracy(args: argparse.Namespace) -> dict:
+    """Load the model, build the held-out questions, score every (method, budget), write the files."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from owlore.data.fashion_vqa import build_vqa, load_fashion_mnist
+    from owlore.pruning import vqa_benchmark as vb
+
+    torch.set_num_threads(args.threads)
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    v = model.config.vision_config
+    n_tokens, grid = (v.image_size // v.patch_size) ** 2, v.image_size // 28
+    budgets = args.budgets or [n_tokens // 2, n_tokens // 4, n_tokens // 9, max(1, n_tokens // 36)]
+    images, labels = load_fashion_mnist("test", args.data_dir)
+    examples = build_vqa(images, labels, args.examples, grid=grid, seed=args.seed + 1_000_003)  # as train.py's
+    rows = vb.accuracy_table(model, tokenizer, examples, methods=args.methods, budgets=budgets,
+                             num_image_tokens=n_tokens, batch_size=args.batch, repeats=args.repeats,
+                             zoo_directions=args.zoo_directions)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"command": "python " + shlex.join(sys.argv), "model": str(args.model), "visual_tokens": n_tokens,
+              "examples": args.examples, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "rows": rows}
+    (args.out / "accuracy.json").write_text(json.dumps(result, indent=2))
+    (args.out / "accuracy.md").write_text(f"Command: `{result['command']}`\n\n" + vb.to_markdown(rows))
+    vb.plot_accuracy(rows, args.out / "accuracy.png",
+                     title=f"Fashion-MNIST grid VQA, {args.examples} held-out questions")
+    if args.draw:
+        vb.draw_kept(model, tokenizer, examples[:args.draw], args.methods, budgets[min(2, len(budgets) - 1)],
+                     n_tokens, args.out / "kept_tokens.png", zoo_directions=args.zoo_directions)
+    print(vb.to_markdown(rows))
+    print(f"wrote {args.out}/accuracy.json, accuracy.md, accuracy.png" + (", kept_tokens.png" if args.draw else ""))
+    return result
 
 
 def apply_quick(args: argparse.Namespace) -> None:
@@ -341,6 +393,9 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "accuracy":
+        run_accuracy(args)
+        return 0
     if args.quick:
         apply_quick(args)
     args.out.mkdir(parents=True, exist_ok=True)

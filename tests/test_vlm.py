@@ -263,3 +263,54 @@ def test_first_token_scoring_with_smollm2s_tokenizer(smollm2_path):
     res = vqa_accuracy(model, tok, examples, num_image_tokens=TOWER.num_tokens, batch_size=4)
     assert res["scoring"] == "first-token"
     assert res["choices"] == _reference_choices(model, tok, examples, first_token=True)
+
+
+def test_aligned_training_then_pruning_accuracy_end_to_end(tmp_path):
+    """train.py with vision.align_steps (the alignment stage runs and is recorded), then
+    ``eval/vlm_pruning.py accuracy`` on the saved model: every method and budget scored, files written, keeping
+    every token scores exactly as the unpruned model."""
+    import json
+
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    import train
+    from owlore.data.fashion_vqa import build_vqa, load_fashion_mnist
+    from owlore.pruning import VisualTokenPruner
+    from owlore.pruning.accuracy import vqa_accuracy
+
+    lm_dir = ms.save_checkpoint(tmp_path / "lm", num_layers=2)
+    data = _idx_dir(tmp_path)
+    out = tmp_path / "out"
+    argv = ms.train_argv("full", lm_dir, tmp_path / "unused.jsonl", out, *VISION, f"vision.data_dir={data}",
+                         "vision.align_steps=3", "vision.align_batch_size=4", "data.max_seq_length=512")
+    summary = train.main(argv)
+    assert summary["vision_alignment"]["steps"] == 3 and summary["vision_alignment"]["rescale"] > 0
+    assert 0 <= summary["vision_alignment"]["heldout_token_accuracy"] <= 1
+
+    script = eval_support.load_script("vlm_pruning")
+    res_dir = tmp_path / "acc"
+    methods = ["random", "cls", "zoo_exact", "divprune", "fopru_rank"]
+    result = script.run_accuracy(script.build_parser().parse_args(
+        ["accuracy", "--model", str(out / "final"), "--out", str(res_dir), "--data-dir", str(data), "--examples", "6",
+         "--budgets", "144", "16", "4", "--batch", "4", "--repeats", "1", "--draw", "2", "--methods", *methods]))
+    rows = result["rows"]
+    assert [(r["method"], r["tokens"]) for r in rows] == [("none", 144)] + [(m, k) for k in (144, 16, 4)
+                                                                            for m in methods]
+    base = rows[0]
+    assert base["retention"] == 1.0 and base["n"] == 6
+    for r in rows[1:6]:  # keep = N: no pruning, the unpruned accuracy
+        assert r["accuracy"] == base["accuracy"] and r["prompt_tokens"] == base["prompt_tokens"]
+    for r in rows[6:]:
+        assert r["prompt_tokens"] == base["prompt_tokens"] - 144 + r["tokens"]
+        assert r["prefill_gflops"] < base["prefill_gflops"]
+    for name in ("accuracy.json", "accuracy.md", "accuracy.png", "kept_tokens.png"):
+        assert (res_dir / name).stat().st_size > 0
+    assert json.loads((res_dir / "accuracy.json").read_text())["rows"][0]["method"] == "none"
+    # the table's figure for one method equals a direct evaluation with that pruner
+    model = LlavaForConditionalGeneration.from_pretrained(out / "final").eval()
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    images, labels = load_fashion_mnist("test", data)
+    examples = build_vqa(images, labels, 6, grid=3, seed=1_000_003)
+    direct = vqa_accuracy(model, tok, examples, num_image_tokens=144, pruner=VisualTokenPruner("cls", 16),
+                          batch_size=4)
+    assert direct["accuracy"] == next(r["accuracy"] for r in rows if r["method"] == "cls" and r["tokens"] == 16)

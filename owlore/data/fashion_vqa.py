@@ -102,6 +102,20 @@ class VQAExample:
     evaluation, where each image gets one question)."""
 
 
+def make_mosaic(items: np.ndarray, grid: int) -> np.ndarray:
+    """``grid × grid`` items ``[grid², S, S]`` (row by row) as one ``[grid·S, grid·S]`` image."""
+    size = items.shape[-1]
+    return items.reshape(grid, grid, size, size).transpose(0, 2, 1, 3).reshape(grid * size, grid * size)
+
+
+def random_grids(images: np.ndarray, labels: np.ndarray, n: int, *, grid: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` mosaics of random items ``[n, grid·S, grid·S]`` and their cells' labels ``[n, grid²]`` (row by row)."""
+    idx = rng.integers(len(images), size=(n, grid * grid))
+    mosaics = np.stack([make_mosaic(images[i], grid) for i in idx])
+    return mosaics, labels[idx].astype(np.int64)
+
+
 def build_vqa(images: np.ndarray, labels: np.ndarray, n: int, *, grid: int = 3, seed: int = 0,
               questions: int = 1) -> list[VQAExample]:
     """``n`` examples from the given split's images; deterministic in ``seed``.
@@ -122,11 +136,10 @@ def iter_vqa(images: np.ndarray, labels: np.ndarray, n: int, *, grid: int = 3, s
         raise ValueError(f"questions={questions}: must be >= 1")
     rng = np.random.default_rng(seed)
     follow_rng = np.random.default_rng([seed, 1])  # a separate stream: the first questions do not depend on it
-    size = images.shape[1]
     for _ in range(n):
         idx = rng.choice(len(images), size=grid * grid, replace=False)
         cells = tuple(int(labels[i]) for i in idx)
-        mosaic = images[idx].reshape(grid, grid, size, size).transpose(0, 2, 1, 3).reshape(grid * size, grid * size)
+        mosaic = make_mosaic(images[idx], grid)
         question, answer, kind = _ask(rng, cells, grid)
         follow_ups: list[tuple[str, str, str]] = []
         seen = {question}
