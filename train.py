@@ -183,6 +183,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         shard_model(model, layers_path=_layers_path(cfg), reshard_after_forward=cfg.parallel.reshard_after_forward)
     parts = method.build(BuildContext(model=model, config=cfg, args=training_args, tokenizer=tokenizer))
     memory_callbacks = apply_memory_options(parts, cfg)
+    if cfg.pruning.method:  # after the memory options: pruning wraps the chunked loss's forward (owlore.pruning.training)
+        from owlore.pruning import VisualTokenPruner
+        from owlore.pruning.training import enable_training_pruning
+
+        keep = int(cfg.pruning.keep) if cfg.pruning.keep >= 1 else cfg.pruning.keep
+        enable_training_pruning(parts.model, VisualTokenPruner(cfg.pruning.method, keep, seed=cfg.pruning.seed,
+                                                               num_directions=cfg.pruning.num_directions))
+        logger.info("training with visual-token pruning: %s, keep %s per image", cfg.pruning.method, keep)
     replica_check = ReplicaCheck()  # several processes: the replicas must stay equal (a no-op on one)
     if cfg.vision.enabled and parts.layer_callback is not None:  # the from-scratch tower trains with the layers
         parts.layer_callback.config.train_vision = cfg.vision.train_tower
@@ -226,6 +234,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     }
     if alignment is not None:
         summary["vision_alignment"] = alignment
+    if cfg.pruning.method:
+        summary["training_pruning"] = {"method": cfg.pruning.method, "keep": cfg.pruning.keep}
     summary["world_size"] = training_args.world_size
     summary["sharded_parameters"] = sum(is_sharded(p) for p in trainer.model.parameters())  # FSDP2 DTensors
     for extra in [*memory_callbacks, replica_check, ddp_bytes]:

@@ -326,6 +326,35 @@ class VisionConfig(VisionTowerConfig):
         return out
 
 
+PRUNING_METHODS = ("fopru_rank", "fopru_row", "zoo", "zoo_exact", "cls", "divprune", "random")
+"""``owlore.pruning.Method`` (kept here so that reading a config imports no torch; a test checks they agree)."""
+
+
+@dataclass
+class PruningConfig:
+    """Train a ``vision:`` LLaVA with visual-token pruning on (``owlore.pruning.training``): each training forward
+    keeps ``keep`` tokens per image, chosen by ``method``, so the model learns to answer from what the pruner keeps.
+    Evaluation chooses its own pruner (``eval/vlm_pruning.py accuracy``)."""
+
+    method: str | None = None
+    """One of the ``VisualTokenPruner`` methods; None trains on every token."""
+    keep: float = 16
+    """Tokens per image (an integer >= 1) or a ratio in (0, 1)."""
+    num_directions: int = 16
+    """ZOO-Prune's random directions."""
+    seed: int = 0
+
+    def problems(self, prefix: str = "pruning.") -> list[str]:
+        out = []
+        if self.method is not None and self.method not in PRUNING_METHODS:
+            out.append(f"{prefix}method={self.method!r}: must be one of {', '.join(PRUNING_METHODS)}{suggest(str(self.method), PRUNING_METHODS)}")
+        if not (0 < self.keep < 1 or (self.keep >= 1 and float(self.keep).is_integer())):
+            out.append(f"{prefix}keep={self.keep}: must be an integer >= 1 (tokens) or a ratio in (0, 1)")
+        if self.num_directions < 1:
+            out.append(f"{prefix}num_directions={self.num_directions}: must be >= 1")
+        return out
+
+
 @dataclass
 class ParallelConfig:
     """Scale-out beyond data parallelism (``torchrun``/``accelerate launch`` give DDP, ``training.deepspeed`` ZeRO;

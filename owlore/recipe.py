@@ -32,13 +32,15 @@ from owlore.config import (
     MemoryConfig,
     ModelConfig,
     ParallelConfig,
+    PruningConfig,
     VisionConfig,
     dataclass_from_dict,
 )
 from owlore.typecheck import coerce, suggest
 
 COMMON_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig,
-                                   "memory": MemoryConfig, "parallel": ParallelConfig, "vision": VisionConfig}
+                                   "memory": MemoryConfig, "parallel": ParallelConfig, "vision": VisionConfig,
+                                   "pruning": PruningConfig}
 TOP_KEYS = ("method", "include")
 DEFAULT_METHOD = "owlore"
 _OWN_OPTIMIZER_DEFAULT = "adamw_torch"
@@ -104,6 +106,7 @@ class RunConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
     sections: dict[str, Any] = field(default_factory=dict)
     """The method's sections by name, e.g. ``{"owlore": OwLoreConfig(...), "optimizer": OptimizerConfig(...)}``."""
     sources: list[str] = field(default_factory=list)
@@ -334,11 +337,14 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
         problems += _memory_problems(method, built, training)
         problems += engine_problems(method.name, method.own_optimizer, training, built["parallel"], built["memory"])
         problems += _vision_problems(method.name, built["vision"], built["data"])
+        if built["pruning"].method and not built["vision"].enabled:
+            problems.append(f"pruning.method={built['pruning'].method}: pruning during training needs a vision model "
+                            "(vision.enabled=true); for inference use owlore.pruning.VisualTokenPruner")
     if problems:
         where = ", ".join(map(str, paths))
         raise ConfigError(f"{where}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
     return RunConfig(method=method_name, model=built["model"], data=built["data"], eval=built["eval"],
-                     memory=built["memory"], parallel=built["parallel"], vision=built["vision"], training=training, sections={k: built[k] for k in own}, sources=[str(p) for p in paths])
+                     memory=built["memory"], parallel=built["parallel"], vision=built["vision"], pruning=built["pruning"], training=training, sections={k: built[k] for k in own}, sources=[str(p) for p in paths])
 
 
 LAYER_SWITCHING = ("owlore", "lisa", "badam")

@@ -266,7 +266,7 @@ def test_first_token_scoring_with_smollm2s_tokenizer(smollm2_path):
 
 
 def test_aligned_training_then_pruning_accuracy_end_to_end(tmp_path):
-    """train.py with vision.align_steps (the alignment stage runs and is recorded), then
+    """train.py with vision.align_steps (the alignment stage runs and is recorded) and pruning on, then
     ``eval/vlm_pruning.py accuracy`` on the saved model: every method and budget scored, files written, keeping
     every token scores exactly as the unpruned model."""
     import json
@@ -282,8 +282,10 @@ def test_aligned_training_then_pruning_accuracy_end_to_end(tmp_path):
     data = _idx_dir(tmp_path)
     out = tmp_path / "out"
     argv = ms.train_argv("full", lm_dir, tmp_path / "unused.jsonl", out, *VISION, f"vision.data_dir={data}",
-                         "vision.align_steps=3", "vision.align_batch_size=4", "data.max_seq_length=512")
+                         "vision.align_steps=3", "vision.align_batch_size=4", "data.max_seq_length=512",
+                         "pruning.method=cls", "pruning.keep=16")
     summary = train.main(argv)
+    assert summary["training_pruning"] == {"method": "cls", "keep": 16}
     assert summary["vision_alignment"]["steps"] == 3 and summary["vision_alignment"]["rescale"] > 0
     assert 0 <= summary["vision_alignment"]["heldout_token_accuracy"] <= 1
 
