@@ -63,6 +63,15 @@ def run_eval(model, tokenizer, cfg: RunConfig, when: str) -> dict[str, Any]:
     if cfg.eval.demo:
         out["demo"] = evaluate(model, tokenizer, suite="demo", limit=cfg.eval.demo_limit,
                                batch_size=cfg.eval.batch_size)
+    if when == "after" and cfg.vision.enabled and cfg.vision.eval_examples:  # held-out grid questions, unpruned
+        from owlore.data.fashion_vqa import heldout_examples
+        from owlore.pruning.accuracy import vqa_accuracy
+
+        examples = heldout_examples(cfg.vision.eval_examples, grid=cfg.vision.grid, seed=cfg.vision.seed,
+                                    data_dir=cfg.vision.data_dir)
+        r = vqa_accuracy(model, tokenizer, examples, num_image_tokens=cfg.vision.num_tokens,
+                         batch_size=cfg.eval.batch_size)
+        out["vqa"] = {"average": r["accuracy"], "n": r["n"], "by_kind": r["by_kind"]}
     if when == "after":
         for suite in cfg.eval.suites:
             shots = cfg.eval.shots if cfg.eval.shots is not None else (5 if suite == "mmlu" else 0)

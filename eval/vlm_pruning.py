@@ -88,7 +88,7 @@ def run_accuracy(args: argparse.Namespace) -> dict:
     """Load the model, build the held-out questions, score every (method, budget), write the files."""
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    from owlore.data.fashion_vqa import build_vqa, load_fashion_mnist
+    from owlore.data.fashion_vqa import heldout_examples
     from owlore.pruning import vqa_benchmark as vb
 
     torch.set_num_threads(args.threads)
@@ -97,8 +97,7 @@ def run_accuracy(args: argparse.Namespace) -> dict:
     v = model.config.vision_config
     n_tokens, grid = (v.image_size // v.patch_size) ** 2, v.image_size // 28
     budgets = args.budgets or [n_tokens // 2, n_tokens // 4, n_tokens // 9, max(1, n_tokens // 36)]
-    images, labels = load_fashion_mnist("test", args.data_dir)
-    examples = build_vqa(images, labels, args.examples, grid=grid, seed=args.seed + 1_000_003)  # as train.py's
+    examples = heldout_examples(args.examples, grid=grid, seed=args.seed, data_dir=args.data_dir)  # as train.py's
     rows = vb.accuracy_table(model, tokenizer, examples, methods=args.methods, budgets=budgets,
                              num_image_tokens=n_tokens, batch_size=args.batch, repeats=args.repeats,
                              zoo_directions=args.zoo_directions)

@@ -302,6 +302,8 @@ class VisionConfig(VisionTowerConfig):
     (``owlore.vision_align``: no LM pass, ~30x cheaper per image); 0 skips it."""
     align_batch_size: int = 32
     align_lr: float = 2e-3
+    eval_examples: int = 96
+    """Held-out questions scored after training (test-split images, ``owlore.pruning.accuracy``); 0 skips."""
 
     def problems(self, prefix: str = "vision.") -> list[str]:
         out = []

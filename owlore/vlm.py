@@ -121,10 +121,10 @@ def vqa_features(tokenizer: Any, vision: Any, *, split: str = "train", n: int | 
     """Encoded Fashion-MNIST grid questions of ``split`` (``vision``: a ``VisionConfig``; train: the official
     training images, ``vision.questions_per_image`` questions each; test: the held-out ones, one question each),
     ``n`` images (default ``vision.train_examples``), deterministic in ``vision.seed``."""
-    from owlore.data.fashion_vqa import build_vqa, load_fashion_mnist
+    from owlore.data.fashion_vqa import HELDOUT_SEED_OFFSET, build_vqa, load_fashion_mnist
 
     images, labels = load_fashion_mnist(split, vision.data_dir)
-    seed = vision.seed if split == "train" else vision.seed + 1_000_003
+    seed = vision.seed if split == "train" else vision.seed + HELDOUT_SEED_OFFSET
     questions = vision.questions_per_image if split == "train" else 1  # held out: one question per image
     examples = build_vqa(images, labels, n or vision.train_examples, grid=vision.grid, seed=seed, questions=questions)
     return [encode_example(tokenizer, e, vision.num_tokens) for e in examples]

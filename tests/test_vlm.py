@@ -274,7 +274,7 @@ def test_aligned_training_then_pruning_accuracy_end_to_end(tmp_path):
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     import train
-    from owlore.data.fashion_vqa import build_vqa, load_fashion_mnist
+    from owlore.data.fashion_vqa import heldout_examples
     from owlore.pruning import VisualTokenPruner
     from owlore.pruning.accuracy import vqa_accuracy
 
@@ -283,7 +283,7 @@ def test_aligned_training_then_pruning_accuracy_end_to_end(tmp_path):
     out = tmp_path / "out"
     argv = ms.train_argv("full", lm_dir, tmp_path / "unused.jsonl", out, *VISION, f"vision.data_dir={data}",
                          "vision.align_steps=3", "vision.align_batch_size=4", "data.max_seq_length=512",
-                         "pruning.method=cls", "pruning.keep=16")
+                         "pruning.method=cls", "pruning.keep=16", "vision.eval_examples=6")
     summary = train.main(argv)
     assert summary["training_pruning"] == {"method": "cls", "keep": 16}
     assert summary["vision_alignment"]["steps"] == 3 and summary["vision_alignment"]["rescale"] > 0
@@ -294,12 +294,13 @@ def test_aligned_training_then_pruning_accuracy_end_to_end(tmp_path):
     methods = ["random", "cls", "zoo_exact", "divprune", "fopru_rank"]
     result = script.run_accuracy(script.build_parser().parse_args(
         ["accuracy", "--model", str(out / "final"), "--out", str(res_dir), "--data-dir", str(data), "--examples", "6",
-         "--budgets", "144", "16", "4", "--batch", "4", "--repeats", "1", "--draw", "2", "--methods", *methods]))
+         "--budgets", "144", "16", "4", "--batch", "8", "--repeats", "1", "--draw", "2", "--methods", *methods]))
     rows = result["rows"]
     assert [(r["method"], r["tokens"]) for r in rows] == [("none", 144)] + [(m, k) for k in (144, 16, 4)
                                                                             for m in methods]
     base = rows[0]
     assert base["retention"] == 1.0 and base["n"] == 6
+    assert summary["eval_after"]["vqa"]["average"] == base["accuracy"]  # train.py scores the same questions
     for r in rows[1:6]:  # keep = N: no pruning, the unpruned accuracy
         assert r["accuracy"] == base["accuracy"] and r["prompt_tokens"] == base["prompt_tokens"]
     for r in rows[6:]:
@@ -311,8 +312,7 @@ def test_aligned_training_then_pruning_accuracy_end_to_end(tmp_path):
     # the table's figure for one method equals a direct evaluation with that pruner
     model = LlavaForConditionalGeneration.from_pretrained(out / "final").eval()
     tok = AutoTokenizer.from_pretrained(out / "final")
-    images, labels = load_fashion_mnist("test", data)
-    examples = build_vqa(images, labels, 6, grid=3, seed=1_000_003)
+    examples = heldout_examples(6, grid=3, seed=0, data_dir=data)
     direct = vqa_accuracy(model, tok, examples, num_image_tokens=144, pruner=VisualTokenPruner("cls", 16),
                           batch_size=4)
     assert direct["accuracy"] == next(r["accuracy"] for r in rows if r["method"] == "cls" and r["tokens"] == 16)

@@ -102,6 +102,16 @@ class VQAExample:
     evaluation, where each image gets one question)."""
 
 
+HELDOUT_SEED_OFFSET = 1_000_003
+"""Held-out questions use seed ``vision.seed + HELDOUT_SEED_OFFSET`` (test-split images, one question each)."""
+
+
+def heldout_examples(n: int, *, grid: int = 3, seed: int = 0, data_dir: str | Path | None = None) -> list[VQAExample]:
+    """The ``n`` held-out questions every evaluation uses (train.py, ``eval/vlm_pruning.py accuracy``)."""
+    images, labels = load_fashion_mnist("test", data_dir)
+    return build_vqa(images, labels, n, grid=grid, seed=seed + HELDOUT_SEED_OFFSET)
+
+
 def make_mosaic(items: np.ndarray, grid: int) -> np.ndarray:
     """``grid × grid`` items ``[grid², S, S]`` (row by row) as one ``[grid·S, grid·S]`` image."""
     size = items.shape[-1]
