@@ -29,7 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-ALL_METHODS = ["fopru_rank", "fopru_row", "cls", "divprune", "zoo", "zoo_exact", "random"]
+from owlore.pruning.registry import method_names  # noqa: E402
+
+ALL_METHODS = list(method_names())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -328,8 +328,12 @@ class VisionConfig(VisionTowerConfig):
         return out
 
 
-PRUNING_METHODS = ("fopru_rank", "fopru_row", "zoo", "zoo_exact", "cls", "divprune", "random")
-"""``owlore.pruning.Method`` (kept here so that reading a config imports no torch; a test checks they agree)."""
+def pruning_methods() -> tuple[str, ...]:
+    """The registered ``owlore.pruning`` methods (imported only when a config names one: reading a config that
+    does not prune imports no torch)."""
+    from owlore.pruning.registry import method_names
+
+    return method_names()
 
 
 @dataclass
@@ -348,8 +352,8 @@ class PruningConfig:
 
     def problems(self, prefix: str = "pruning.") -> list[str]:
         out = []
-        if self.method is not None and self.method not in PRUNING_METHODS:
-            out.append(f"{prefix}method={self.method!r}: must be one of {', '.join(PRUNING_METHODS)}{suggest(str(self.method), PRUNING_METHODS)}")
+        if self.method is not None and self.method not in (known := pruning_methods()):
+            out.append(f"{prefix}method={self.method!r}: must be one of {', '.join(known)}{suggest(str(self.method), known)}")
         if not (0 < self.keep < 1 or (self.keep >= 1 and float(self.keep).is_integer())):
             out.append(f"{prefix}keep={self.keep}: must be an integer >= 1 (tokens) or a ratio in (0, 1)")
         if self.num_directions < 1:

@@ -1,5 +1,6 @@
 """Training-free visual-token pruning for vision-language models (LLaVA in transformers 5.x).
 
+Methods live in a registry (``owlore.pruning.registry``): one module per method, one ``register`` call each.
 ``VisualTokenPruner(method, keep).prepare(model, input_ids=..., pixel_values=..., ...)`` returns inputs
 for ``model(**inputs)`` / ``model.generate(**inputs)`` with fewer visual tokens. The scoring and
 selection functions work on plain tensors and are exported for reuse.
@@ -8,6 +9,14 @@ selection functions work on plain tensors and are exported for reuse.
 from owlore.pruning.divprune import cosine_similarity_matrix, divprune_select, greedy_max_min
 from owlore.pruning.fopru import fopru_rank_select, fopru_row_select, fopru_significance
 from owlore.pruning.pruner import Method, VisualTokenPruner
+from owlore.pruning.registry import (
+    PruningMethod,
+    SelectionContext,
+    get_method,
+    method_names,
+    register,
+    support_table,
+)
 from owlore.pruning.select import random_scores, resolve_keep, topk_select
 from owlore.pruning.sequence import shrink_sequences
 from owlore.pruning.vit_attention import capture_qk, cls_attention_scores, head_mean_attention
@@ -21,6 +30,12 @@ from owlore.pruning.zoo import (
 
 __all__ = [
     "Method",
+    "PruningMethod",
+    "SelectionContext",
+    "get_method",
+    "method_names",
+    "register",
+    "support_table",
     "VisualTokenPruner",
     "capture_qk",
     "cls_attention_scores",

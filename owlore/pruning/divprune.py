@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from owlore.pruning.registry import PruningMethod, register
+
 __all__ = ["cosine_similarity_matrix", "divprune_select", "greedy_max_min"]
 
 
@@ -75,3 +77,16 @@ def divprune_select(features: torch.Tensor, k: int) -> torch.Tensor:
     distance.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
     first = distance.min(dim=-1).values.argmax(dim=-1)
     return greedy_max_min(similarity, k, first=first)
+
+
+def greedy_flops(k: int, num_tokens: int, dim: int) -> float:
+    """The cosine matrix is counted separately; each greedy pick then costs ``2 N d`` (counted as peers do)."""
+    return 2.0 * k * num_tokens * dim
+
+
+register(PruningMethod(
+    name="divprune", select=lambda ctx: divprune_select(ctx.projected, ctx.k), needs=frozenset({"projected"}),
+    flops=lambda k, v, o: 2.0 * (v.tokens - 1) ** 2 * v.lm_hidden + greedy_flops(k, v.tokens - 1, v.lm_hidden),
+    paper="[CVPR 2025](https://github.com/vbdi/divprune)",
+    summary="DivPrune: max-min diverse subset of the projected tokens (greedy)",
+))

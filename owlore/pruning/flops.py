@@ -110,23 +110,16 @@ def zoo_exact_flops(n: int, vision: VisionShape, *, include_kernel: bool = False
 
 
 def selection_flops(method: str, k: int, vision: VisionShape, *, directions: int = 16) -> float:
-    """Extra FLOPs a method spends choosing ``k`` tokens, beyond the unpruned LLaVA pipeline.
+    """Extra FLOPs a method spends choosing ``k`` tokens, beyond the unpruned LLaVA pipeline (the method's
+    registered cost, ``owlore.pruning.registry``).
 
     Projecting all ``N`` tokens is part of the unpruned pipeline, so it is not counted for methods that
     need it (ZOO, DivPrune); methods that prune before the projector even save it (see
     :func:`projector_flops`). Greedy selections cost ``2 N d_l`` per pick.
+
+    Raises:
+        ValueError: On an unknown method.
     """
-    n = vision.tokens - 1
-    greedy = 2.0 * k * n * vision.lm_hidden
-    costs = {
-        "random": 0.0,
-        "cls": 2.0 * n * vision.hidden,
-        "fopru_rank": 2.0 * vision.tokens**2 * vision.hidden,
-        "fopru_row": 2.0 * vision.tokens**2 * vision.hidden,
-        "divprune": 2.0 * n * n * vision.lm_hidden + greedy,
-        "zoo": zoo_estimator_flops(n, vision, directions=directions) + greedy,
-        "zoo_exact": zoo_exact_flops(n, vision) + greedy,
-    }
-    if method not in costs:
-        raise ValueError(f"unknown method {method!r}")
-    return costs[method]
+    from owlore.pruning.registry import get_method
+
+    return float(get_method(method).flops(k, vision, {"num_directions": directions}))

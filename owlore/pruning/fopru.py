@@ -14,7 +14,9 @@ import math
 
 import torch
 
+from owlore.pruning.registry import PruningMethod, SelectionContext, register
 from owlore.pruning.select import topk_select
+from owlore.pruning.vit_attention import head_mean_attention
 
 __all__ = ["fopru_rank_select", "fopru_row_select", "fopru_significance", "square_grid"]
 
@@ -91,3 +93,28 @@ def fopru_row_select(
         cols_kept = start[:, None] + torch.arange(rest, device=significance.device)
         mask.scatter_(1, partial[:, None] * cols + cols_kept, True)
     return mask.nonzero()[:, 1].view(batch, k)
+
+
+def _significance(ctx: SelectionContext) -> torch.Tensor:
+    enc = ctx.enc
+    attention = head_mean_attention(enc.query, enc.key, scale=enc.scale)
+    if enc.cls_dropped:
+        attention = attention[:, 1:, 1:]
+    return fopru_significance(attention)
+
+
+def _attention_flops(k: int, vision, options) -> float:
+    # The one N x N attention map recomputed from the hooked queries and keys.
+    return 2.0 * vision.tokens**2 * vision.hidden
+
+
+register(PruningMethod(
+    name="fopru_rank", select=lambda ctx: fopru_rank_select(_significance(ctx), ctx.k),
+    needs=frozenset({"attention"}), flops=_attention_flops, paper="[arXiv 2411.14164](https://arxiv.org/abs/2411.14164)",
+    summary="FoPru: global top-k of one ViT layer's attention significance",
+))
+register(PruningMethod(
+    name="fopru_row", select=lambda ctx: fopru_row_select(_significance(ctx), ctx.k, grid=ctx.options.get("grid")),
+    needs=frozenset({"attention"}), flops=_attention_flops, paper="[arXiv 2411.14164](https://arxiv.org/abs/2411.14164)",
+    summary="FoPru: whole rows of the patch grid with the highest summed significance", options=("grid",),
+))

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
-from owlore.pruning.divprune import divprune_select
-from owlore.pruning.fopru import fopru_rank_select, fopru_row_select, fopru_significance
 from owlore.pruning.llava import (
     VisionEncoding,
     encode_images,
@@ -26,39 +23,24 @@ from owlore.pruning.llava import (
     llava_modules,
     to_mm_encoder_outputs,
 )
-from owlore.pruning.select import random_scores, resolve_keep, topk_select
+from owlore.pruning.registry import PruningMethod, SelectionContext, get_method
+from owlore.pruning.select import resolve_keep
 from owlore.pruning.sequence import PositionPolicy, sequence_keep_mask, shrink_sequences
-from owlore.pruning.vit_attention import cls_attention_scores, head_mean_attention
-from owlore.pruning.zoo import (
-    mlp_jacobian_kernel,
-    random_unit_directions,
-    sads_select,
-    zoo_sensitivity,
-    zoo_sensitivity_exact,
-)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Method", "VisualTokenPruner"]
 
-Method = Literal["fopru_rank", "fopru_row", "zoo", "zoo_exact", "cls", "divprune", "random"]
-_NEEDS_ATTENTION = {"fopru_rank", "fopru_row", "cls"}
-_NEEDS_PROJECTED = {"zoo", "zoo_exact", "divprune"}
-
-
-def _fp32_call(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Call ``module`` with fp32 parameters (a no-op for fp32 models) so finite differences resolve."""
-    if all(p.dtype == torch.float32 for p in module.parameters()):
-        return module
-    params = {name: p.float() for name, p in module.named_parameters()}
-    return lambda x: torch.func.functional_call(module, params, (x,))
+Method = str
+"""A registered method name (``owlore.pruning.registry.method_names()``)."""
 
 
 class VisualTokenPruner:
     """Training-free visual-token pruning for LLaVA, applied before the language model.
 
     Args:
-        method: ``"fopru_rank"`` / ``"fopru_row"`` (FoPru attention significance, global top-k or whole
+        method: A registered method (``owlore.pruning.registry``; docs/pruning.md lists them): ``"fopru_rank"`` /
+            ``"fopru_row"`` (FoPru attention significance, global top-k or whole
             grid rows), ``"zoo"`` (ZOO-Prune zeroth-order projector sensitivity + SADS), ``"zoo_exact"``
             (same selection, closed-form sensitivity of the MLP projector), ``"cls"`` ([CLS] attention,
             FasterVLM), ``"divprune"`` (max-min diversity), ``"random"``.
@@ -91,10 +73,7 @@ class VisualTokenPruner:
         grid: tuple[int, int] | None = None,
         position_policy: PositionPolicy = "contiguous",
     ) -> None:
-        if method not in get_args(Method):
-            raise ValueError(
-                f"unknown pruning method {method!r}; choose one of {', '.join(get_args(Method))}"
-            )
+        self.spec: PruningMethod = get_method(method)
         if position_policy not in get_args(PositionPolicy):
             raise ValueError(f"position_policy must be 'contiguous' or 'original', got {position_policy!r}")
         if num_directions < 1 or step <= 0:
@@ -103,7 +82,7 @@ class VisualTokenPruner:
         self.method, self.keep = method, keep
         self.num_directions, self.step, self.seed, self.chunk_size = num_directions, step, seed, chunk_size
         self.attn_layer, self.grid, self.position_policy = attn_layer, grid, position_policy
-        self._kernel: tuple[tuple, torch.Tensor] | None = None
+        self._cache: dict[str, Any] = {}
         self.last_stats: dict[str, Any] = {}
         """Of the latest :meth:`prepare` call: ``vision_s``, ``select_s`` (scoring + selection),
         ``project_s`` (projector + prompt shrinking), token counts and ``keep_indices`` (None if
@@ -148,7 +127,7 @@ class VisualTokenPruner:
         track = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
         with torch.set_grad_enabled(track):
             enc = encode_images(
-                model, pixel_values, attention=self.method in _NEEDS_ATTENTION, attn_layer=self.attn_layer
+                model, pixel_values, attention="attention" in self.spec.needs, attn_layer=self.attn_layer
             )
         vision_done = time.perf_counter()
         num_images, num_tokens, _ = enc.features.shape
@@ -174,7 +153,7 @@ class VisualTokenPruner:
             "keep_indices": keep_idx,
             "prompt_length": (input_ids.shape[1], inputs["input_ids"].shape[1]),
         }
-        logger.info(
+        logger.debug(
             "%s: kept %d of %d visual tokens per image (%d images); prompt length %d -> %d",
             self.method,
             k,
@@ -185,12 +164,28 @@ class VisualTokenPruner:
         )
         return inputs
 
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method options handed to the registered method (``SelectionContext.options``)."""
+        return {"num_directions": self.num_directions, "step": self.step, "chunk_size": self.chunk_size,
+                "grid": self.grid}
+
+    def _check_model(self, projector: nn.Module) -> None:
+        if "mlp_projector" in self.spec.needs and any(
+            getattr(projector, name, None) is None for name in ("linear_1", "act", "linear_2")
+        ):
+            raise ValueError(
+                f"{self.method} needs an MLP projector (linear_1, act, linear_2); {type(projector).__name__} is not "
+                "one, use method='zoo'"
+            )
+
     def _choose(
         self, enc: VisionEncoding, projector: nn.Module, k: int
     ) -> tuple[torch.Tensor | None, torch.Tensor, float]:
         """Projected features (if the method needs them), kept indices, and the pure selection time."""
+        self._check_model(projector)
         with torch.no_grad():
-            projected = projector(enc.features) if self.method in _NEEDS_PROJECTED else None
+            projected = projector(enc.features) if "projected" in self.spec.needs else None
             start = time.perf_counter()
             keep_idx = self.select(enc, projector=projector, projected=projected, k=k)
         return projected, keep_idx, time.perf_counter() - start
@@ -198,66 +193,17 @@ class VisualTokenPruner:
     def select(
         self, enc: VisionEncoding, *, projector: nn.Module, projected: torch.Tensor | None, k: int
     ) -> torch.Tensor:
-        """Sorted ``(images, k)`` indices of the kept tokens for this pruner's method.
+        """Sorted ``(images, k)`` indices of the kept tokens for this pruner's method (the registered ``select``).
 
         Args:
             enc: Vision features (and captured q/k for attention methods).
-            projector: The multimodal projector (ZOO methods).
-            projected: Projected features of all tokens (ZOO, DivPrune), else None.
+            projector: The multimodal projector.
+            projected: Projected features of all tokens (methods that need them), else None.
             k: Tokens to keep per image.
         """
-        features = enc.features
-        if self.method == "random":
-            generator = torch.Generator(device=features.device).manual_seed(self.seed)
-            return topk_select(random_scores(features.shape[0], features.shape[1], generator=generator), k)
-        if self.method == "divprune":
-            return divprune_select(projected, k)
-        if self.method in ("zoo", "zoo_exact"):
-            return sads_select(self._sensitivity(features, projector), projected, k)
-        if self.method == "cls":
-            scores = cls_attention_scores(enc.query, enc.key, scale=enc.scale)
-            return topk_select(scores[:, 1:] if enc.cls_dropped else scores, k)
-        attention = head_mean_attention(enc.query, enc.key, scale=enc.scale)
-        if enc.cls_dropped:
-            attention = attention[:, 1:, 1:]
-        significance = fopru_significance(attention)
-        if self.method == "fopru_row":
-            return fopru_row_select(significance, k, grid=self.grid)
-        return fopru_rank_select(significance, k)
-
-    def _sensitivity(self, features: torch.Tensor, projector: nn.Module) -> torch.Tensor:
-        if self.method == "zoo":
-            generator = torch.Generator(device=features.device).manual_seed(self.seed)
-            directions = random_unit_directions(self.num_directions, features.shape[-1], generator=generator)
-            return zoo_sensitivity(
-                _fp32_call(projector),
-                features,
-                directions=directions,
-                step=self.step,
-                chunk_size=self.chunk_size,
-            )
-        parts = [getattr(projector, name, None) for name in ("linear_1", "act", "linear_2")]
-        if any(p is None for p in parts):
-            raise ValueError(
-                f"zoo_exact needs an MLP projector (linear_1, act, linear_2); {type(projector).__name__} is not "
-                "one, use method='zoo'"
-            )
-        linear_1, act, linear_2 = parts
-        return zoo_sensitivity_exact(
-            features,
-            weight1=linear_1.weight,
-            bias1=linear_1.bias,
-            activation=act,
-            kernel=self._jacobian_kernel(linear_1.weight, linear_2.weight),
-        )
-
-    def _jacobian_kernel(self, weight1: torch.Tensor, weight2: torch.Tensor) -> torch.Tensor:
-        # K depends only on the weights; recompute only when they change (in-place optimizer steps bump
-        # the tensors' version counters).
-        key = (weight1.data_ptr(), weight1._version, weight2.data_ptr(), weight2._version)
-        if self._kernel is None or self._kernel[0] != key:
-            self._kernel = (key, mlp_jacobian_kernel(weight1, weight2))
-        return self._kernel[1]
+        ctx = SelectionContext(enc=enc, k=k, projector=projector, projected=projected, seed=self.seed,
+                               options=self.options, cache=self._cache)
+        return self.spec.select(ctx)
 
     @staticmethod
     def _kept_features(

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from owlore.pruning.registry import PruningMethod, SelectionContext, register
+
 __all__ = ["random_scores", "resolve_keep", "topk_select"]
 
 
@@ -65,3 +67,14 @@ def random_scores(batch: int, num_tokens: int, *, generator: torch.Generator) ->
         ``(batch, num_tokens)`` scores in [0, 1).
     """
     return torch.rand(batch, num_tokens, generator=generator, device=generator.device)
+
+
+def _select_random(ctx: SelectionContext) -> torch.Tensor:
+    features = ctx.enc.features
+    return topk_select(random_scores(features.shape[0], features.shape[1], generator=ctx.generator()), ctx.k)
+
+
+register(PruningMethod(
+    name="random", select=_select_random, needs=frozenset(), flops=lambda k, vision, options: 0.0,
+    paper="-", summary="uniform random tokens (seeded): the no-signal baseline every method should beat",
+))

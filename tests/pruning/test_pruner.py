@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from owlore.pruning import VisualTokenPruner
+from owlore.pruning import VisualTokenPruner, method_names
 from owlore.pruning.llava import encode_images
 
 from .helpers import IMAGE_TOKEN, TOKENS_PER_IMAGE, make_prompt, pad_batch
@@ -11,7 +11,7 @@ from .helpers import IMAGE_TOKEN, TOKENS_PER_IMAGE, make_prompt, pad_batch
 # torch.func.jvp lazily scripts decompositions inside torch; that deprecation is torch's, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
-METHODS = ["fopru_rank", "fopru_row", "zoo", "zoo_exact", "cls", "divprune", "random"]
+METHODS = list(method_names())  # every registered method is held to the same tests
 DETERMINISTIC = [m for m in METHODS if m != "random"]  # random scores depend on the batch layout
 
 
@@ -207,7 +207,7 @@ def test_original_positions_continue_after_unpruned_length(tiny_llava, pixels):
 
 
 def test_kept_count_is_logged(tiny_llava, pixels, caplog):
-    with caplog.at_level(logging.INFO, logger="owlore.pruning"):
+    with caplog.at_level(logging.DEBUG, logger="owlore.pruning"):
         VisualTokenPruner("random", 0.25).prepare(
             tiny_llava, input_ids=torch.tensor([make_prompt([1])] * 2), pixel_values=pixels
         )

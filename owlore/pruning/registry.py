@@ -1,0 +1,157 @@
+"""The method registry: one registration per pruning method, read by the pruner, FLOPs accounting, benchmarks and docs.
+
+A method is a module that scores and selects tokens on plain tensors and ends with one :func:`register` call saying
+what it needs from the model (vision attention, projected features, the text prompt) and what its selection costs.
+``VisualTokenPruner`` computes only what the chosen method declares, ``flops.selection_flops`` and
+``eval/vlm_pruning.py`` read the same entry, and ``support_table`` writes the docs table. Adding a method is a new
+module plus its name in ``BUILTIN_MODULES`` (modules register themselves on import, like peft's tuner mapping).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from owlore.pruning.flops import VisionShape
+    from owlore.pruning.llava import VisionEncoding
+
+__all__ = [
+    "BUILTIN_MODULES",
+    "NEEDS",
+    "PruningMethod",
+    "SelectionContext",
+    "get_method",
+    "method_names",
+    "register",
+    "support_table",
+]
+
+BUILTIN_MODULES = ("select", "fastervlm", "fopru", "divprune", "zoo")
+"""``owlore.pruning.<module>`` files that register the built-in methods."""
+
+NEEDS = {
+    "attention": "queries/keys of one vision-tower layer (recomputed from a hook; the tower keeps SDPA)",
+    "cls": "a [CLS] token in the vision tower (CLIP-style towers)",
+    "projected": "all tokens through the projector (language-model space)",
+    "mlp_projector": "a two-layer MLP projector (linear_1, act, linear_2) for a closed form",
+    "text": "the prompt's text embeddings (instruction-conditioned selection)",
+}
+"""What a method can declare it needs, and what that means for the model."""
+
+
+@dataclass
+class SelectionContext:
+    """Everything a method may read to choose ``k`` tokens per image; fields a method did not declare are None.
+
+    Attributes:
+        enc: Vision features ``(images, N, d_v)`` (and one layer's queries/keys if ``attention`` is needed).
+        k: Tokens to keep per image.
+        projector: The multimodal projector.
+        projected: ``(images, N, d_l)`` all tokens projected (``projected`` methods), else None.
+        text: ``(images, T, d_l)`` text-token embeddings of each image's prompt and ``text_mask`` ``(images, T)``
+            (``text`` methods), else None.
+        seed: The pruner's seed; each call restarts from it.
+        options: Method options given to the pruner (``num_directions``, ``grid``, ...).
+        cache: Per-pruner storage that survives calls (e.g. a kernel that depends only on the weights).
+    """
+
+    enc: VisionEncoding
+    k: int
+    projector: nn.Module
+    projected: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
+    seed: int = 0
+    options: Mapping[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def generator(self) -> torch.Generator:
+        """A fresh generator seeded with the pruner's seed, on the features' device."""
+        return torch.Generator(device=self.enc.features.device).manual_seed(self.seed)
+
+
+@dataclass(frozen=True)
+class PruningMethod:
+    """One registered method.
+
+    Attributes:
+        name: The name users pass (``VisualTokenPruner(name, keep)``).
+        select: ``select(ctx) -> (images, k)`` sorted kept indices.
+        needs: Keys of :data:`NEEDS`.
+        flops: ``flops(k, vision, options) -> float``: FLOPs spent choosing ``k`` tokens beyond the unpruned
+            pipeline (projecting every token is part of that pipeline and not counted).
+        paper: Citation (arXiv id or URL).
+        summary: One line for the docs table.
+        options: Option names the method reads from ``ctx.options``.
+    """
+
+    name: str
+    select: Callable[[SelectionContext], torch.Tensor]
+    needs: frozenset[str]
+    flops: Callable[[int, VisionShape, Mapping[str, Any]], float]
+    paper: str
+    summary: str
+    options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.needs) - set(NEEDS)
+        if unknown:
+            raise ValueError(f"method {self.name!r}: unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
+
+
+_METHODS: dict[str, PruningMethod] = {}
+_loaded = False
+
+
+def register(method: PruningMethod) -> PruningMethod:
+    """Add ``method`` (a name registered twice is an error, so two modules cannot silently shadow each other)."""
+    if method.name in _METHODS and _METHODS[method.name] is not method:
+        raise ValueError(f"pruning method {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in BUILTIN_MODULES:
+            importlib.import_module(f"owlore.pruning.{module}")
+
+
+def method_names() -> tuple[str, ...]:
+    """Registered method names, sorted (registration order depends on which module was imported first)."""
+    _load_builtins()
+    return tuple(sorted(_METHODS))
+
+
+def get_method(name: str) -> PruningMethod:
+    """The registered method ``name``.
+
+    Raises:
+        ValueError: Naming the known methods and the closest match.
+    """
+    _load_builtins()
+    if name not in _METHODS:
+        close = difflib.get_close_matches(str(name), list(_METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown pruning method {name!r}{hint}; choose one of {', '.join(method_names())}")
+    return _METHODS[name]
+
+
+def support_table() -> str:
+    """Markdown table of every registered method: what it needs and where it comes from (for docs/pruning.md)."""
+    lines = ["| method | needs | paper | idea |", "|---|---|---|---|"]
+    for name in method_names():
+        m = _METHODS[name]
+        needs = ", ".join(sorted(m.needs)) or "-"
+        lines.append(f"| `{name}` | {needs} | {m.paper} | {m.summary} |")
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""The method registry: every method is found by name, computes only what it declares, costs what flops.py says,
+and the docs table is the registry's; a method registered from outside works through ``VisualTokenPruner``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from owlore.pruning import VisualTokenPruner
+from owlore.pruning import registry as reg
+from owlore.pruning.flops import VisionShape, selection_flops
+from owlore.pruning.select import topk_select
+
+from .helpers import make_prompt
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "pruning.md"
+
+
+def test_every_builtin_is_registered_with_known_needs_and_a_paper():
+    names = reg.method_names()
+    assert {"fopru_rank", "fopru_row", "zoo", "zoo_exact", "cls", "divprune", "random"} <= set(names)
+    for name in names:
+        method = reg.get_method(name)
+        assert method.name == name and set(method.needs) <= set(reg.NEEDS) and method.paper and method.summary
+
+
+def test_unknown_and_duplicate_names_are_refused():
+    with pytest.raises(ValueError, match=r"unknown pruning method 'zooo' \(did you mean 'zoo'\?\); choose one of"):
+        reg.get_method("zooo")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register(reg.PruningMethod(name="zoo", select=lambda ctx: None, needs=frozenset(),
+                                       flops=lambda k, v, o: 0.0, paper="-", summary="-"))
+    with pytest.raises(ValueError, match="unknown needs"):
+        reg.PruningMethod(name="x", select=lambda ctx: None, needs=frozenset({"depth"}), flops=lambda k, v, o: 0.0,
+                          paper="-", summary="-")
+
+
+def test_selection_flops_reads_the_registry():
+    v = VisionShape()
+    n = v.tokens - 1
+    assert selection_flops("random", 64, v) == 0.0
+    assert selection_flops("cls", 64, v) == 2.0 * n * v.hidden
+    assert selection_flops("divprune", 64, v) == 2.0 * n * n * v.lm_hidden + 2.0 * 64 * n * v.lm_hidden
+    for name in reg.method_names():
+        assert selection_flops(name, 64, v) == reg.get_method(name).flops(64, v, {"num_directions": 16})
+    with pytest.raises(ValueError, match="unknown pruning method 'fastv'"):
+        selection_flops("fastv", 64, v)
+
+
+def test_docs_table_is_the_registry_table():
+    assert reg.support_table() in DOCS.read_text(), "regenerate the table in docs/pruning.md from support_table()"
+
+
+def test_a_method_registered_from_outside_gets_exactly_what_it_declares(tiny_llava, pixels, monkeypatch):
+    seen = {}
+
+    def select(ctx: reg.SelectionContext) -> torch.Tensor:
+        seen.update(projected=ctx.projected, query=ctx.enc.query, options=dict(ctx.options))
+        # Keep the tokens whose projected features have the largest norm.
+        return topk_select(ctx.projected.norm(dim=-1), ctx.k)
+
+    method = reg.PruningMethod(name="norm", select=select, needs=frozenset({"projected"}),
+                               flops=lambda k, v, o: 1.0, paper="-", summary="largest projected norm")
+    monkeypatch.setitem(reg._METHODS, "norm", method)
+    ids = torch.tensor([make_prompt([1, 5], text_after=[7])] * 2)
+    pruner = VisualTokenPruner("norm", 5, grid=(4, 4))
+    pruner.prepare(tiny_llava, input_ids=ids, pixel_values=pixels)
+    assert seen["query"] is None and seen["options"]["grid"] == (4, 4)
+    with torch.no_grad():
+        from owlore.pruning.llava import encode_images
+
+        feats = encode_images(tiny_llava, pixels, attention=False).features
+        expected = tiny_llava.model.multi_modal_projector(feats).norm(dim=-1).topk(5).indices.sort().values
+    assert torch.equal(pruner.last_stats["keep_indices"], expected)
+    assert selection_flops("norm", 5, VisionShape()) == 1.0
