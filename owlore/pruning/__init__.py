@@ -11,6 +11,7 @@ from owlore.pruning.fopru import fopru_rank_select, fopru_row_select, fopru_sign
 from owlore.pruning.pruner import Method, VisualTokenPruner
 from owlore.pruning.registry import (
     PruningMethod,
+    Selection,
     SelectionContext,
     get_method,
     method_names,
@@ -31,6 +32,7 @@ from owlore.pruning.zoo import (
 __all__ = [
     "Method",
     "PruningMethod",
+    "Selection",
     "SelectionContext",
     "get_method",
     "method_names",

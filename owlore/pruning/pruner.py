@@ -23,7 +23,7 @@ from owlore.pruning.llava import (
     llava_modules,
     to_mm_encoder_outputs,
 )
-from owlore.pruning.registry import PruningMethod, SelectionContext, get_method
+from owlore.pruning.registry import PruningMethod, Selection, SelectionContext, as_selection, get_method
 from owlore.pruning.select import resolve_keep
 from owlore.pruning.sequence import PositionPolicy, sequence_keep_mask, shrink_sequences
 
@@ -138,10 +138,12 @@ class VisualTokenPruner:
             tokens_per_image=num_tokens,
         )
         k = resolve_keep(self.keep, num_tokens)
-        projected_all, keep_idx, select_s = (
-            self._choose(enc, projector, k) if k < num_tokens else (None, None, 0.0)
+        text = self._text(model, input_ids, attention_mask, image_mask, num_tokens) if k < num_tokens else None
+        projected_all, selection, select_s = (
+            self._choose(enc, projector, k, text) if k < num_tokens else (None, None, 0.0)
         )
-        features = self._kept_features(enc.features, projector, projected_all, keep_idx)
+        keep_idx = None if selection is None else selection.indices
+        features = self._kept_features(enc.features, projector, projected_all, selection)
         inputs = self._shrink(input_ids, attention_mask, labels, image_mask, keep_idx, config)
         inputs["mm_encoder_outputs"] = to_mm_encoder_outputs(features)
         done = time.perf_counter()
@@ -151,6 +153,7 @@ class VisualTokenPruner:
             "project_s": done - vision_done - select_s,
             "tokens_per_image": (num_tokens, k),
             "keep_indices": keep_idx,
+            "merged": selection is not None and selection.weights is not None,
             "prompt_length": (input_ids.shape[1], inputs["input_ids"].shape[1]),
         }
         logger.debug(
@@ -179,41 +182,63 @@ class VisualTokenPruner:
                 "one, use method='zoo'"
             )
 
+    def _text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              image_mask: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per image: the input embeddings of its prompt row and a mask of that row's text tokens."""
+        if "text" not in self.spec.needs:
+            return None
+        rows = torch.repeat_interleave(torch.arange(input_ids.shape[0], device=input_ids.device),
+                                       image_mask.sum(dim=1) // num_tokens)
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(input_ids[rows])
+        return embeds, (attention_mask.bool() & ~image_mask)[rows]
+
     def _choose(
-        self, enc: VisionEncoding, projector: nn.Module, k: int
-    ) -> tuple[torch.Tensor | None, torch.Tensor, float]:
-        """Projected features (if the method needs them), kept indices, and the pure selection time."""
+        self, enc: VisionEncoding, projector: nn.Module, k: int,
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor | None, Selection, float]:
+        """Projected features (if the method needs them), the selection, and the pure selection time."""
         self._check_model(projector)
         with torch.no_grad():
             projected = projector(enc.features) if "projected" in self.spec.needs else None
             start = time.perf_counter()
-            keep_idx = self.select(enc, projector=projector, projected=projected, k=k)
-        return projected, keep_idx, time.perf_counter() - start
+            selection = self.select(enc, projector=projector, projected=projected, k=k, text=text)
+        return projected, selection, time.perf_counter() - start
 
     def select(
-        self, enc: VisionEncoding, *, projector: nn.Module, projected: torch.Tensor | None, k: int
-    ) -> torch.Tensor:
-        """Sorted ``(images, k)`` indices of the kept tokens for this pruner's method (the registered ``select``).
+        self, enc: VisionEncoding, *, projector: nn.Module, projected: torch.Tensor | None, k: int,
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Selection:
+        """The registered method's choice of ``k`` tokens per image (sorted indices, optional merge weights).
 
         Args:
             enc: Vision features (and captured q/k for attention methods).
             projector: The multimodal projector.
             projected: Projected features of all tokens (methods that need them), else None.
             k: Tokens to keep per image.
+            text: Per-image prompt embeddings and text mask (methods that need the text), else None.
         """
         ctx = SelectionContext(enc=enc, k=k, projector=projector, projected=projected, seed=self.seed,
-                               options=self.options, cache=self._cache)
-        return self.spec.select(ctx)
+                               options=self.options, cache=self._cache, text=None if text is None else text[0],
+                               text_mask=None if text is None else text[1])
+        selection = as_selection(self.spec.select(ctx))
+        if selection.indices.shape != (enc.features.shape[0], k):
+            raise RuntimeError(f"method {self.method!r} returned indices of shape {tuple(selection.indices.shape)}, "
+                               f"expected {(enc.features.shape[0], k)}")
+        return selection
 
     @staticmethod
     def _kept_features(
         features: torch.Tensor,
         projector: nn.Module,
         projected: torch.Tensor | None,
-        keep_idx: torch.Tensor | None,
+        selection: Selection | None,
     ) -> torch.Tensor:
-        if keep_idx is None:
+        if selection is None:
             return projector(features)
+        if selection.weights is not None:
+            return projector(torch.bmm(selection.weights.to(features.dtype), features))
+        keep_idx = selection.indices
         if projected is not None and not torch.is_grad_enabled():
             return projected.gather(1, keep_idx[..., None].expand(-1, -1, projected.shape[-1]))
         kept = features.gather(1, keep_idx[..., None].expand(-1, -1, features.shape[-1]))

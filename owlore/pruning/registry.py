@@ -27,6 +27,7 @@ __all__ = [
     "BUILTIN_MODULES",
     "NEEDS",
     "PruningMethod",
+    "Selection",
     "SelectionContext",
     "get_method",
     "method_names",
@@ -56,8 +57,8 @@ class SelectionContext:
         k: Tokens to keep per image.
         projector: The multimodal projector.
         projected: ``(images, N, d_l)`` all tokens projected (``projected`` methods), else None.
-        text: ``(images, T, d_l)`` text-token embeddings of each image's prompt and ``text_mask`` ``(images, T)``
-            (``text`` methods), else None.
+        text: ``(images, L, d_l)`` input embeddings of the prompt row each image belongs to, and ``text_mask``
+            ``(images, L)`` True at its text tokens (not padding, not image placeholders); ``text`` methods only.
         seed: The pruner's seed; each call restarts from it.
         options: Method options given to the pruner (``num_directions``, ``grid``, ...).
         cache: Per-pruner storage that survives calls (e.g. a kernel that depends only on the weights).
@@ -78,13 +79,35 @@ class SelectionContext:
         return torch.Generator(device=self.enc.features.device).manual_seed(self.seed)
 
 
+@dataclass
+class Selection:
+    """What a method returns when it does more than pick tokens (a plain ``(images, k)`` index tensor is enough
+    otherwise).
+
+    Attributes:
+        indices: ``(images, k)`` sorted: the placeholder positions the ``k`` output tokens take (their RoPE
+            positions under ``position_policy="original"``).
+        weights: Optional ``(images, k, N)``: output token ``j`` is ``weights[:, j] @ features`` (pre-projector),
+            e.g. an average of merged tokens (VisionZip). Applied with gradients in training, so merging stays
+            differentiable while the choice of what to merge does not.
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor | None = None
+
+
+def as_selection(result: torch.Tensor | Selection) -> Selection:
+    """A method's return value as a :class:`Selection`."""
+    return result if isinstance(result, Selection) else Selection(indices=result)
+
+
 @dataclass(frozen=True)
 class PruningMethod:
     """One registered method.
 
     Attributes:
         name: The name users pass (``VisualTokenPruner(name, keep)``).
-        select: ``select(ctx) -> (images, k)`` sorted kept indices.
+        select: ``select(ctx)`` -> ``(images, k)`` sorted kept indices, or a :class:`Selection`.
         needs: Keys of :data:`NEEDS`.
         flops: ``flops(k, vision, options) -> float``: FLOPs spent choosing ``k`` tokens beyond the unpruned
             pipeline (projecting every token is part of that pipeline and not counted).
@@ -94,7 +117,7 @@ class PruningMethod:
     """
 
     name: str
-    select: Callable[[SelectionContext], torch.Tensor]
+    select: Callable[[SelectionContext], torch.Tensor | Selection]
     needs: frozenset[str]
     flops: Callable[[int, VisionShape, Mapping[str, Any]], float]
     paper: str

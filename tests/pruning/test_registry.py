@@ -75,3 +75,38 @@ def test_a_method_registered_from_outside_gets_exactly_what_it_declares(tiny_lla
         expected = tiny_llava.model.multi_modal_projector(feats).norm(dim=-1).topk(5).indices.sort().values
     assert torch.equal(pruner.last_stats["keep_indices"], expected)
     assert selection_flops("norm", 5, VisionShape()) == 1.0
+
+
+def test_merge_weights_are_applied_before_the_projector_and_text_reaches_text_methods(tiny_llava, pixels,
+                                                                                       monkeypatch):
+    """A Selection with weights: output token j = projector(weights[j] @ features); a method that declares
+    ``text`` gets each image's prompt embeddings with a mask of its text tokens (padding and placeholders off)."""
+    seen = {}
+
+    def select(ctx: reg.SelectionContext) -> reg.Selection:
+        seen.update(text=ctx.text, text_mask=ctx.text_mask)
+        images, n = ctx.enc.features.shape[:2]
+        weights = torch.zeros(images, ctx.k, n)
+        weights[:, 0] = 1.0 / n  # token 0 = the mean of all tokens
+        weights[:, 1:, 1:ctx.k].copy_(torch.eye(ctx.k - 1))
+        return reg.Selection(indices=torch.arange(ctx.k).expand(images, ctx.k), weights=weights)
+
+    monkeypatch.setitem(reg._METHODS, "mean0", reg.PruningMethod(
+        name="mean0", select=select, needs=frozenset({"text"}), flops=lambda k, v, o: 0.0, paper="-", summary="-"))
+    from .helpers import IMAGE_TOKEN, pad_batch
+
+    ids, mask = pad_batch([make_prompt([1, 5, 6], text_after=[7]), make_prompt([1], text_after=[9, 3])], side="left")
+    pruner = VisualTokenPruner("mean0", 3)
+    inputs = pruner.prepare(tiny_llava, input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    assert pruner.last_stats["merged"]
+    from owlore.pruning.llava import encode_images
+
+    with torch.no_grad():
+        feats = encode_images(tiny_llava, pixels, attention=False).features
+        merged = torch.cat([feats.mean(dim=1, keepdim=True), feats[:, 1:3]], dim=1)
+        expected = tiny_llava.model.multi_modal_projector(merged)
+    got = torch.stack(inputs["mm_encoder_outputs"]["image"].pooler_output)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    text_mask = mask.bool() & (ids != IMAGE_TOKEN)
+    assert torch.equal(seen["text_mask"], text_mask)
+    torch.testing.assert_close(seen["text"], tiny_llava.get_input_embeddings()(ids).detach())
