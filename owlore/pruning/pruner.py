@@ -55,6 +55,8 @@ class VisualTokenPruner:
         grid: ``(rows, cols)`` of the patch grid for ``fopru_row``; square by default.
         position_policy: ``"contiguous"`` (renumber, the peers' behaviour) or ``"original"`` (kept tokens keep
             their unpruned RoPE positions; decoding continues after the unpruned length).
+        method_options: Options of the chosen method beyond the ones above (its registration lists them, e.g.
+            ``{"cdpruner_negate": True}``); an option the method does not read is an error.
 
     Raises:
         ValueError: On an unknown method or position policy, or an invalid ``keep``.
@@ -72,8 +74,14 @@ class VisualTokenPruner:
         attn_layer: int | None = None,
         grid: tuple[int, int] | None = None,
         position_policy: PositionPolicy = "contiguous",
+        method_options: dict[str, Any] | None = None,
     ) -> None:
         self.spec: PruningMethod = get_method(method)
+        unknown = sorted(set(method_options or {}) - set(self.spec.options))
+        if unknown:
+            raise ValueError(f"method_options {unknown} are not options of {method!r}; it reads "
+                             f"{list(self.spec.options) or 'none'}")
+        self.method_options = dict(method_options or {})
         if position_policy not in get_args(PositionPolicy):
             raise ValueError(f"position_policy must be 'contiguous' or 'original', got {position_policy!r}")
         if num_directions < 1 or step <= 0:
@@ -171,7 +179,7 @@ class VisualTokenPruner:
     def options(self) -> dict[str, Any]:
         """The method options handed to the registered method (``SelectionContext.options``)."""
         return {"num_directions": self.num_directions, "step": self.step, "chunk_size": self.chunk_size,
-                "grid": self.grid}
+                "grid": self.grid, **self.method_options}
 
     def _check_model(self, projector: nn.Module) -> None:
         if "mlp_projector" in self.spec.needs and any(

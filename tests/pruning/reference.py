@@ -58,3 +58,31 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra = a.argsort().argsort().double()
     rb = b.argsort().argsort().double()
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def dpp_greedy_logdet_loop(kernel: torch.Tensor, k: int) -> list[int]:
+    """Greedy DPP MAP by brute force: each step adds the token that maximises log det of the kept sub-kernel."""
+    kernel = kernel.double()
+    chosen: list[int] = []
+    for _ in range(k):
+        best, best_value = None, -math.inf
+        for i in range(kernel.shape[0]):
+            if i in chosen:
+                continue
+            idx = torch.tensor([*chosen, i])
+            value = float(torch.logdet(kernel[idx][:, idx]))
+            if value > best_value:
+                best, best_value = i, value
+        chosen.append(best)
+    return sorted(chosen)
+
+
+def relevance_loop(projected: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(projected.shape[:2], dtype=torch.float64)
+    for b in range(projected.shape[0]):
+        rows = [t for t in range(text.shape[1]) if mask[b, t]]
+        for i in range(projected.shape[1]):
+            out[b, i] = sum(float(torch.cosine_similarity(projected[b, i], text[b, t], dim=0)) for t in rows) / len(rows)
+        low, high = float(out[b].min()), float(out[b].max())
+        out[b] = (out[b] - low + 1e-6) / (high - low + 1e-6)
+    return out

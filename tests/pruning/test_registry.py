@@ -50,7 +50,7 @@ def test_selection_flops_reads_the_registry():
 
 
 def test_docs_table_is_the_registry_table():
-    assert reg.support_table() in DOCS.read_text(), "regenerate the table in docs/pruning.md from support_table()"
+    assert reg.support_table() in DOCS.read_text(), "run python scripts/update_pruning_table.py"
 
 
 def test_a_method_registered_from_outside_gets_exactly_what_it_declares(tiny_llava, pixels, monkeypatch):

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from owlore.pruning import method_names
+
 SCRIPT = Path(__file__).resolve().parents[2] / "eval" / "vlm_pruning.py"
 
 
@@ -17,7 +19,7 @@ def test_speed_quick_writes_json_markdown_and_png(tmp_path):
     result = json.loads((tmp_path / "speed.json").read_text())
     rows = result["rows"]
     assert rows[0]["method"] == "none" and rows[0]["tokens"] == 16
-    assert len(rows) == 1 + 7 * 2
+    assert len(rows) == 1 + len(method_names()) * 2
     for row in rows[1:]:
         assert row["tokens"] in (4, 8) and row["seq_len"] == 12 + row["tokens"]
         assert row["select_ms"] >= 0 and row["prefill_ms"] > 0 and row["e2e_ms"] > 0
