@@ -35,7 +35,7 @@ __all__ = [
     "support_table",
 ]
 
-BUILTIN_MODULES = ("select", "fastervlm", "fopru", "divprune", "zoo", "cdpruner")
+BUILTIN_MODULES = ("select", "fastervlm", "fopru", "divprune", "zoo", "cdpruner", "visionzip")
 """``owlore.pruning.<module>`` files that register the built-in methods."""
 
 NEEDS = {

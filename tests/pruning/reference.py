@@ -86,3 +86,33 @@ def relevance_loop(projected: torch.Tensor, text: torch.Tensor, mask: torch.Tens
         low, high = float(out[b].min()), float(out[b].max())
         out[b] = (out[b] - low + 1e-6) / (high - low + 1e-6)
     return out
+
+
+def visionzip_loop(cls_scores: torch.Tensor, keys: torch.Tensor, features: torch.Tensor, k: int,
+                   contextual: int) -> tuple[list[list[int]], torch.Tensor]:
+    """VisionZip per image with python lists: positions and the output tokens (pre-projector)."""
+    positions, outputs = [], []
+    for b in range(cls_scores.shape[0]):
+        n = cls_scores.shape[1]
+        order = sorted(range(n), key=lambda i: -float(cls_scores[b, i]))
+        dominant = order[: k - contextual]
+        tokens = {i: features[b, i].double() for i in dominant}
+        remaining = [i for i in range(n) if i not in dominant]
+        if contextual:
+            step = max(1, len(remaining) // contextual)
+            targets = [remaining[s] for s in range(0, len(remaining), step)][:contextual]
+            groups = {t: [] for t in targets}
+            for i in remaining:
+                if i in targets:
+                    continue
+                sims = [float(torch.cosine_similarity(keys[b, i], keys[b, t], dim=0)) for t in targets]
+                groups[targets[max(range(len(targets)), key=lambda j: sims[j])]].append(i)
+            for t, members in groups.items():
+                merged = features[b, t].double()
+                if members:
+                    merged = merged + sum(features[b, i].double() for i in members) / len(members)
+                tokens[t] = merged
+        keep = sorted(tokens)
+        positions.append(keep)
+        outputs.append(torch.stack([tokens[i] for i in keep]))
+    return positions, torch.stack(outputs)

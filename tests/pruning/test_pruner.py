@@ -44,9 +44,14 @@ def test_pruned_features_are_the_projected_kept_tokens(tiny_llava, pixels, metho
     assert inputs["input_ids"].shape == (2, 4 + 6) and int((inputs["input_ids"] == IMAGE_TOKEN).sum()) == 12
     with torch.no_grad():
         feats = encode_images(tiny_llava, pixels, attention=False).features
-        proj = tiny_llava.model.multi_modal_projector(
-            feats.gather(1, kept[..., None].expand(-1, -1, feats.shape[-1]))
-        )
+        if pruner.last_stats["merged"]:  # merging methods: projector(weights @ features), weights from select()
+            enc = encode_images(tiny_llava, pixels, attention="attention" in pruner.spec.needs)
+            selection = pruner.select(enc, projector=tiny_llava.model.multi_modal_projector, projected=None, k=6)
+            assert torch.equal(selection.indices, kept)
+            chosen = torch.bmm(selection.weights, feats)
+        else:
+            chosen = feats.gather(1, kept[..., None].expand(-1, -1, feats.shape[-1]))
+        proj = tiny_llava.model.multi_modal_projector(chosen)
         embeds = tiny_llava.get_input_embeddings()(inputs["input_ids"])
         embeds = embeds.masked_scatter((inputs["input_ids"] == IMAGE_TOKEN)[..., None], proj)
         ref = tiny_llava(inputs_embeds=embeds, position_ids=inputs["position_ids"]).logits
