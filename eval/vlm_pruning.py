@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch", type=int, default=16)
     a.add_argument("--repeats", type=int, default=3, help="timed prefill repeats (median)")
     a.add_argument("--zoo-directions", type=int, default=16)
+    a.add_argument("--llm-layer", type=int, default=None,
+                   help="K of the methods that prune inside the language model (fastv, dart; default: theirs, 2)")
     a.add_argument("--draw", type=int, default=4, help="example images in kept_tokens.png")
     a.add_argument("--threads", type=int, default=2)
     return parser
@@ -102,7 +104,7 @@ def run_accuracy(args: argparse.Namespace) -> dict:
     examples = heldout_examples(args.examples, grid=grid, seed=args.seed, data_dir=args.data_dir)  # as train.py's
     rows = vb.accuracy_table(model, tokenizer, examples, methods=args.methods, budgets=budgets,
                              num_image_tokens=n_tokens, batch_size=args.batch, repeats=args.repeats,
-                             zoo_directions=args.zoo_directions)
+                             zoo_directions=args.zoo_directions, llm_layer=args.llm_layer)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"command": "python " + shlex.join(sys.argv), "model": str(args.model), "visual_tokens": n_tokens,
               "examples": args.examples, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -113,7 +115,8 @@ def run_accuracy(args: argparse.Namespace) -> dict:
                      title=f"Fashion-MNIST grid VQA, {args.examples} held-out questions")
     if args.draw:
         vb.draw_kept(model, tokenizer, examples[:args.draw], args.methods, budgets[min(2, len(budgets) - 1)],
-                     n_tokens, args.out / "kept_tokens.png", zoo_directions=args.zoo_directions)
+                     n_tokens, args.out / "kept_tokens.png", zoo_directions=args.zoo_directions,
+                     llm_layer=args.llm_layer)
     print(vb.to_markdown(rows))
     print(f"wrote {args.out}/accuracy.json, accuracy.md, accuracy.png" + (", kept_tokens.png" if args.draw else ""))
     return result
@@ -210,6 +213,17 @@ def measure_prefill(model, inputs: dict, args: argparse.Namespace) -> float:
     return ms
 
 
+def llm_layer_option(method: str, lm_layers: int) -> dict[str, int]:
+    """LLM-stage methods on the reduced-depth benchmark model: K = the method's default, at most ``lm_layers - 1``
+    (the analytic full-depth FLOPs keep the default K)."""
+    from owlore.pruning import get_method
+
+    spec = get_method(method)
+    if spec.stage != "llm" or spec.default_layer < lm_layers:
+        return {}
+    return {"layer": lm_layers - 1}
+
+
 def analytic(args: argparse.Namespace, method: str, k: int, num_visual: int) -> dict[str, float]:
     from owlore.pruning.flops import (
         LMShape,
@@ -217,6 +231,7 @@ def analytic(args: argparse.Namespace, method: str, k: int, num_visual: int) -> 
         kv_cache_bytes,
         prefill_flops_exact,
         prefill_flops_peer,
+        pruned_prefill_flops,
         selection_flops,
     )
 
@@ -230,10 +245,12 @@ def analytic(args: argparse.Namespace, method: str, k: int, num_visual: int) -> 
         args.lm_hidden,
     )
     n = args.text_tokens + k
+    exact = (prefill_flops_exact(n, full) if method == "none" else
+             pruned_prefill_flops(method, text_tokens=args.text_tokens, visual_tokens=num_visual, kept=k, lm=full))
     return {
         "seq_len": n,
         "prefill_tflops_peer_full": prefill_flops_peer(n, full) / 1e12,
-        "prefill_tflops_exact_full": prefill_flops_exact(n, full) / 1e12,
+        "prefill_tflops_exact_full": exact / 1e12,
         "select_gflops": 0.0
         if method == "none"
         else selection_flops(method, k, vision, directions=args.zoo_directions) / 1e9,
@@ -282,8 +299,10 @@ def run_speed(args: argparse.Namespace) -> dict:
     for method in args.methods:
         # One pruner per method, warmed up once: caches such as the ZOO-exact kernel survive budget changes.
         pruner = VisualTokenPruner(
-            method, args.budgets[0], num_directions=args.zoo_directions, seed=args.seed
+            method, args.budgets[0], num_directions=args.zoo_directions, seed=args.seed,
+            method_options=llm_layer_option(method, args.lm_layers),
         )
+        stage = pruner.spec.stage
         for i, k in enumerate(args.budgets):
             pruner.keep = k
             row = {
@@ -291,15 +310,17 @@ def run_speed(args: argparse.Namespace) -> dict:
                 "tokens": k,
                 **measure(model, pruner, raw, args, warmup=args.warmup if i == 0 else 0),
             }
-            if k not in prefill_by_k:  # prefill cost depends only on the prompt length, not on which tokens
+            key = (k, stage if stage == "vision" else method)
+            if key not in prefill_by_k:  # pre-LLM prefill cost depends only on the prompt length
                 with torch.no_grad():
-                    prefill_by_k[k] = measure_prefill(model, pruner.prepare(model, **raw), args)
-            rows.append(summarise(row, base, prefill_by_k[k], scale, analytic(args, method, k, num_visual)))
+                    prefill_by_k[key] = measure_prefill(model, pruner.prepare(model, **raw), args)
+            rows.append(summarise(row, base, prefill_by_k[key], scale, analytic(args, method, k, num_visual)))
             print(
-                f"{method:>10} {k:>4}: select {row['select_ms']:.1f} ms, prefill {prefill_by_k[k]:.0f} ms, "
+                f"{method:>10} {k:>4}: select {row['select_ms']:.1f} ms, prefill {prefill_by_k[key]:.0f} ms, "
                 f"e2e {row['e2e_ms']:.0f} ms",
                 flush=True,
             )
+        pruner.detach(model)
     rows[1:] = sorted(rows[1:], key=lambda r: (-r["tokens"], args.methods.index(r["method"])))
     return {
         "command": "python " + shlex.join(sys.argv),

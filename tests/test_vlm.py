@@ -291,20 +291,22 @@ def test_aligned_training_then_pruning_accuracy_end_to_end(tmp_path):
 
     script = eval_support.load_script("vlm_pruning")
     res_dir = tmp_path / "acc"
-    methods = ["random", "cls", "zoo_exact", "divprune", "fopru_rank"]
+    methods = ["random", "cls", "zoo_exact", "divprune", "fopru_rank", "cdpruner", "visionzip", "fastv", "dart"]
     result = script.run_accuracy(script.build_parser().parse_args(
         ["accuracy", "--model", str(out / "final"), "--out", str(res_dir), "--data-dir", str(data), "--examples", "6",
-         "--budgets", "144", "16", "4", "--batch", "8", "--repeats", "1", "--draw", "2", "--methods", *methods]))
+         "--budgets", "144", "16", "4", "--batch", "8", "--repeats", "1", "--draw", "2", "--llm-layer", "1",
+         "--methods", *methods]))
     rows = result["rows"]
     assert [(r["method"], r["tokens"]) for r in rows] == [("none", 144)] + [(m, k) for k in (144, 16, 4)
                                                                             for m in methods]
     base = rows[0]
     assert base["retention"] == 1.0 and base["n"] == 6
     assert summary["eval_after"]["vqa"]["average"] == base["accuracy"]  # train.py scores the same questions
-    for r in rows[1:6]:  # keep = N: no pruning, the unpruned accuracy
+    for r in rows[1:1 + len(methods)]:  # keep = N: no pruning, the unpruned accuracy
         assert r["accuracy"] == base["accuracy"] and r["prompt_tokens"] == base["prompt_tokens"]
-    for r in rows[6:]:
-        assert r["prompt_tokens"] == base["prompt_tokens"] - 144 + r["tokens"]
+    for r in rows[1 + len(methods):]:
+        in_llm = r["method"] in ("fastv", "dart")  # the prompt stays whole; layers >= K see the short one
+        assert r["prompt_tokens"] == base["prompt_tokens"] - (0 if in_llm else 144 - r["tokens"])
         assert r["prefill_gflops"] < base["prefill_gflops"]
     for name in ("accuracy.json", "accuracy.md", "accuracy.png", "kept_tokens.png"):
         assert (res_dir / name).stat().st_size > 0

@@ -13,7 +13,7 @@ Two prefill conventions are reported side by side, because papers differ:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = [
     "LMShape",
@@ -22,6 +22,7 @@ __all__ = [
     "kv_cache_bytes",
     "prefill_flops_exact",
     "prefill_flops_peer",
+    "pruned_prefill_flops",
     "projector_flops",
     "selection_flops",
     "vision_flops",
@@ -69,6 +70,21 @@ def prefill_flops_exact(n: int, lm: LMShape) -> float:
     d, m = lm.hidden, lm.ffn
     linear = 2 * n * (2 * d * d + 2 * d * lm.kv_dim + 3 * d * m)
     return float(lm.layers * (linear + 4 * n * n * d))
+
+
+def pruned_prefill_flops(method: str, *, text_tokens: int, visual_tokens: int, kept: int, lm: LMShape,
+                         layer: int | None = None) -> float:
+    """Exact prefill FLOPs of a prompt of ``text_tokens`` + ``visual_tokens`` when ``method`` keeps ``kept`` visual
+    tokens: methods that prune before the LLM run every layer on the short prompt; LLM-stage methods (FastV, DART)
+    run layers ``< K`` on the full prompt and the rest on the short one (``layer`` = K, default the method's)."""
+    from owlore.pruning.registry import get_method
+
+    spec = get_method(method)
+    if spec.stage == "vision":
+        return prefill_flops_exact(text_tokens + kept, lm)
+    k_layer = spec.default_layer if layer is None else layer
+    return (prefill_flops_exact(text_tokens + visual_tokens, replace(lm, layers=k_layer))
+            + prefill_flops_exact(text_tokens + kept, replace(lm, layers=lm.layers - k_layer)))
 
 
 def decode_flops_exact(kv_len: int, lm: LMShape) -> float:

@@ -16,6 +16,7 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
+from owlore.pruning.in_llm import attach_llm_pruning, detach_llm_pruning
 from owlore.pruning.llava import (
     VisionEncoding,
     encode_images,
@@ -131,6 +132,9 @@ class VisualTokenPruner:
         tower, projector, config = llava_modules(model)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self.spec.stage == "llm":
+            return self._prepare_llm_stage(model, config, input_ids, pixel_values, attention_mask, labels)
+        detach_llm_pruning(model)  # an earlier LLM-stage pruner's hooks must not prune this prompt again
         start = time.perf_counter()
         track = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
         with torch.set_grad_enabled(track):
@@ -174,6 +178,47 @@ class VisualTokenPruner:
             inputs["input_ids"].shape[1],
         )
         return inputs
+
+    def _prepare_llm_stage(self, model: nn.Module, config: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                           attention_mask: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
+        """LLM-stage methods: the prompt is unchanged; hooks (``owlore.pruning.in_llm``) prune after layer K."""
+        num_images = pixel_values.shape[0]
+        placeholders = int((input_ids == config.image_token_id).sum())
+        num_tokens = placeholders // max(num_images, 1)
+        image_mask = image_token_mask(input_ids, image_token_id=config.image_token_id, num_images=num_images,
+                                      tokens_per_image=num_tokens)
+        per_row = image_mask.sum(1)
+        if bool((per_row != per_row[0]).any()):
+            raise ValueError(f"{self.method} prunes inside the language model and needs the same number of images in "
+                             f"every row; got {(per_row // num_tokens).tolist()} images per row")
+        k = resolve_keep(self.keep, num_tokens)
+        layer = int(self.method_options.get("layer", self.spec.default_layer))
+        stage = attach_llm_pruning(model, self, layer, self.spec.needs, self.spec.select)
+        positions = image_mask.nonzero()[:, 1].view(input_ids.shape[0], -1, num_tokens)
+        if k < num_tokens:
+            stage.arm(k=k, image_positions=positions, attention_mask=attention_mask, seed=self.seed,
+                      options=self.options)
+        else:
+            stage.armed = None
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                  "position_ids": (attention_mask.long().cumsum(-1) - 1).clamp_min(0)}
+        if labels is not None:
+            inputs["labels"] = labels
+        self.last_stats = {"vision_s": 0.0, "select_s": 0.0, "project_s": 0.0, "tokens_per_image": (num_tokens, k),
+                           "keep_indices": None, "merged": False, "llm_layer": layer,
+                           "prompt_length": (input_ids.shape[1], input_ids.shape[1])}
+        return inputs
+
+    def llm_keep(self, model: nn.Module) -> torch.Tensor | None:
+        """``(B, L')`` prompt positions an LLM-stage pruner kept at the latest prefill on ``model`` (None before)."""
+        current = getattr(model, "_owlore_llm_pruning", None)
+        return current[1].last_keep if current is not None and current[0] is self else None
+
+    def detach(self, model: nn.Module) -> None:
+        """Remove this pruner's LLM-stage hooks from ``model`` (LLM-stage methods; a no-op otherwise)."""
+        current = getattr(model, "_owlore_llm_pruning", None)
+        if current is not None and current[0] is self:
+            detach_llm_pruning(model)
 
     @property
     def options(self) -> dict[str, Any]:

@@ -35,7 +35,7 @@ __all__ = [
     "support_table",
 ]
 
-BUILTIN_MODULES = ("select", "fastervlm", "fopru", "divprune", "zoo", "cdpruner", "visionzip")
+BUILTIN_MODULES = ("select", "fastervlm", "fopru", "divprune", "zoo", "cdpruner", "visionzip", "fastv", "dart")
 """``owlore.pruning.<module>`` files that register the built-in methods."""
 
 NEEDS = {
@@ -44,6 +44,9 @@ NEEDS = {
     "projected": "all tokens through the projector (language-model space)",
     "mlp_projector": "a two-layer MLP projector (linear_1, act, linear_2) for a closed form",
     "text": "the prompt's text embeddings (instruction-conditioned selection)",
+    "llm_attention": "the last token's attention at decoder layer K - 1 (recomputed from a hook; SDPA kept)",
+    "llm_keys": "post-RoPE keys of decoder layer K - 1",
+    "llm_hidden": "the input of decoder layer K after the final norm",
 }
 """What a method can declare it needs, and what that means for the model."""
 
@@ -114,6 +117,10 @@ class PruningMethod:
         paper: Citation (arXiv id or URL).
         summary: One line for the docs table.
         options: Option names the method reads from ``ctx.options``.
+        stage: ``"vision"``: tokens are chosen before the language model (``select`` gets a
+            :class:`SelectionContext`); ``"llm"``: after decoder layer ``K`` (option ``layer``, default
+            ``default_layer``; ``select`` gets an ``in_llm.LLMSelectionContext`` and returns ``(B, I, k)`` positions).
+        default_layer: ``K`` of an ``"llm"`` method.
     """
 
     name: str
@@ -123,11 +130,15 @@ class PruningMethod:
     paper: str
     summary: str
     options: tuple[str, ...] = ()
+    stage: str = "vision"
+    default_layer: int = 2
 
     def __post_init__(self) -> None:
         unknown = set(self.needs) - set(NEEDS)
         if unknown:
             raise ValueError(f"method {self.name!r}: unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
+        if self.stage not in ("vision", "llm"):
+            raise ValueError(f"method {self.name!r}: stage must be 'vision' or 'llm', got {self.stage!r}")
 
 
 _METHODS: dict[str, PruningMethod] = {}
@@ -172,9 +183,10 @@ def get_method(name: str) -> PruningMethod:
 
 def support_table() -> str:
     """Markdown table of every registered method: what it needs and where it comes from (for docs/pruning.md)."""
-    lines = ["| method | needs | paper | idea |", "|---|---|---|---|"]
+    lines = ["| method | prunes | needs | paper | idea |", "|---|---|---|---|---|"]
     for name in method_names():
         m = _METHODS[name]
         needs = ", ".join(sorted(m.needs)) or "-"
-        lines.append(f"| `{name}` | {needs} | {m.paper} | {m.summary} |")
+        where = "before the LLM" if m.stage == "vision" else f"after LLM layer K (default {m.default_layer})"
+        lines.append(f"| `{name}` | {where} | {needs} | {m.paper} | {m.summary} |")
     return "\n".join(lines)

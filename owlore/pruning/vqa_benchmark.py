@@ -67,12 +67,20 @@ def _prefill_ms(model: Any, pruner: Any, tokenizer: Any, examples: Sequence[Any]
     return statistics.median(times), int(inputs["attention_mask"].sum(1).float().mean())
 
 
+def make_pruner(method: str, keep: int, *, zoo_directions: int = 16, seed: int = 0, llm_layer: int | None = None):
+    """A ``VisualTokenPruner``; ``llm_layer`` sets K of LLM-stage methods (FastV, DART) and is ignored by others."""
+    from owlore.pruning import VisualTokenPruner, get_method
+
+    options = {"layer": llm_layer} if llm_layer is not None and get_method(method).stage == "llm" else None
+    return VisualTokenPruner(method, keep, num_directions=zoo_directions, seed=seed, method_options=options)
+
+
 def accuracy_table(model: Any, tokenizer: Any, examples: Sequence[Any], *, methods: Sequence[str],
                    budgets: Sequence[int], num_image_tokens: int, batch_size: int = 16, repeats: int = 3,
-                   zoo_directions: int = 16, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+                   zoo_directions: int = 16, seed: int = 0, llm_layer: int | None = None,
+                   progress: bool = True) -> list[dict[str, Any]]:
     """One row per (method, budget), the unpruned model first (method ``none``)."""
-    from owlore.pruning import VisualTokenPruner
-    from owlore.pruning.flops import prefill_flops_exact, selection_flops
+    from owlore.pruning.flops import prefill_flops_exact, pruned_prefill_flops, selection_flops
 
     lm, vision = lm_shape(model), vision_shape(model)
     timing = list(examples[:batch_size])
@@ -80,16 +88,23 @@ def accuracy_table(model: Any, tokenizer: Any, examples: Sequence[Any], *, metho
     bar = _progress(len(jobs), progress)
     rows: list[dict[str, Any]] = []
     for method, k in jobs:
-        pruner = None if method == "none" else VisualTokenPruner(method, k, num_directions=zoo_directions, seed=seed)
+        pruner = None if method == "none" else make_pruner(method, k, zoo_directions=zoo_directions, seed=seed,
+                                                          llm_layer=llm_layer)
         start = time.perf_counter()
         res = vqa_accuracy(model, tokenizer, examples, num_image_tokens=num_image_tokens, pruner=pruner,
                            batch_size=batch_size)
         eval_s = time.perf_counter() - start
         prefill_ms, length = _prefill_ms(model, pruner, tokenizer, timing, num_image_tokens, repeats)
+        if pruner is None:
+            gflops = prefill_flops_exact(length, lm) / 1e9
+        else:  # length: the prompt the model is given (shortened by pre-LLM methods, full for LLM-stage ones)
+            text = length - (num_image_tokens if pruner.spec.stage == "llm" else k)
+            gflops = pruned_prefill_flops(method, text_tokens=text, visual_tokens=num_image_tokens, kept=k, lm=lm,
+                                          layer=pruner.method_options.get("layer")) / 1e9
+            pruner.detach(model)  # LLM-stage hooks must not prune the next method's prompts
         row = {"method": method, "tokens": k, "accuracy": res["accuracy"], "n": res["n"],
                "by_kind": {kind: v["accuracy"] for kind, v in res["by_kind"].items()},
-               "prefill_ms": prefill_ms, "prompt_tokens": length,
-               "prefill_gflops": prefill_flops_exact(length, lm) / 1e9,
+               "prefill_ms": prefill_ms, "prompt_tokens": length, "prefill_gflops": gflops,
                "select_gflops": 0.0 if method == "none" else
                selection_flops(method, k, vision, directions=zoo_directions) / 1e9,
                "eval_seconds": eval_s}
@@ -145,23 +160,30 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, *, title: str = ""
 
 
 def kept_indices(model: Any, tokenizer: Any, example: Any, method: str, keep: int, num_image_tokens: int, *,
-                 zoo_directions: int = 16, seed: int = 0) -> np.ndarray:
+                 zoo_directions: int = 16, seed: int = 0, llm_layer: int | None = None) -> np.ndarray:
     """Raster indices of the visual tokens ``method`` keeps for ``example`` (its own question as the prompt)."""
-    from owlore.pruning import VisualTokenPruner
     from owlore.pruning.accuracy import _batch
     from owlore.vlm import prompt_ids
 
-    pruner = VisualTokenPruner(method, keep, num_directions=zoo_directions, seed=seed)
+    pruner = make_pruner(method, keep, zoo_directions=zoo_directions, seed=seed, llm_layer=llm_layer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.no_grad():
-        pruner.prepare(model, **_batch([prompt_ids(tokenizer, example.question, num_image_tokens)], [example.image],
-                                       pad))
+        inputs = pruner.prepare(model, **_batch([prompt_ids(tokenizer, example.question, num_image_tokens)],
+                                                [example.image], pad))
+        if pruner.spec.stage == "llm":  # chosen inside the language model, at the prefill
+            model(**inputs, logits_to_keep=1)
+            keep = pruner.llm_keep(model)
+            pruner.detach(model)
+            image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+            kept = keep[0][torch.isin(keep[0], image)] if keep is not None else image
+            return (kept - image[0]).cpu().numpy()
     idx = pruner.last_stats["keep_indices"]
     return np.arange(num_image_tokens) if idx is None else idx[0].cpu().numpy()
 
 
 def draw_kept(model: Any, tokenizer: Any, examples: Sequence[Any], methods: Sequence[str], keep: int,
-              num_image_tokens: int, path: Path, *, zoo_directions: int = 16, seed: int = 0) -> Path:
+              num_image_tokens: int, path: Path, *, zoo_directions: int = 16, seed: int = 0,
+              llm_layer: int | None = None) -> Path:
     """A PNG grid: one row per example image, one column per method; dropped patches are dimmed."""
     import matplotlib
 
@@ -178,6 +200,7 @@ def draw_kept(model: Any, tokenizer: Any, examples: Sequence[Any], methods: Sequ
         for j, method in enumerate(methods):
             kept = np.zeros(num_image_tokens, bool)
             kept[kept_indices(model, tokenizer, e, method, keep, num_image_tokens, zoo_directions=zoo_directions,
+                              llm_layer=llm_layer,
                               seed=seed)] = True
             mask = np.kron(kept.reshape(side, side), np.ones((patch, patch)))
             shown = np.stack([e.image / 255.0] * 3, -1) * (0.25 + 0.75 * mask[..., None])

@@ -116,3 +116,48 @@ def visionzip_loop(cls_scores: torch.Tensor, keys: torch.Tensor, features: torch
         positions.append(keep)
         outputs.append(torch.stack([tokens[i] for i in keep]))
     return positions, torch.stack(outputs)
+
+
+def llm_stage_greedy_loop(model, ids, mask, pixels, keep_prompt, steps, layer):
+    """Greedy decoding without a cache: every step recomputes the whole sequence, pruning the same prompt
+    positions after ``layer`` and keeping every generated token. Returns ``(tokens, per-step last logits)``."""
+    out, scores = [], []
+    for _ in range(steps):
+        length = ids.shape[1]
+        generated = torch.arange(length - len(out), length)[None].expand(ids.shape[0], -1)
+        keep = torch.cat([keep_prompt, generated], 1)
+        logits = llm_stage_logits_loop(model, ids, mask, pixels, keep, layer)
+        token = logits[:, -1].argmax(-1)
+        out.append(token)
+        scores.append(logits[:, -1])
+        ids = torch.cat([ids, token[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return torch.stack(out, 1), torch.stack(scores, 1)
+
+
+def llm_stage_logits_loop(model, ids, mask, pixels, keep, layer):
+    """Uncached LLaVA forward, layer by layer: every token through layers < ``layer``, then only the ``keep``
+    positions; original positions throughout; returns the logits of the kept positions."""
+    from owlore.pruning.llava import encode_images
+
+    from .helpers import IMAGE_TOKEN
+
+    lm = model.model.language_model
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids.clamp_max(model.config.text_config.vocab_size - 1))
+        feats = model.model.multi_modal_projector(encode_images(model, pixels, attention=False).features)
+        embeds[ids == IMAGE_TOKEN] = feats.reshape(-1, feats.shape[-1])
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        length = ids.shape[1]
+        allowed = (torch.ones(length, length, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]) \
+            | torch.eye(length, dtype=torch.bool)[None]
+        rows = torch.arange(ids.shape[0])[:, None]
+        hidden = embeds
+        for i, decoder_layer in enumerate(lm.layers):
+            if i == layer:
+                hidden, positions = hidden[rows, keep], positions[rows, keep]
+                allowed = allowed[rows, keep].gather(2, keep[:, None, :].expand(-1, keep.shape[1], -1))
+            cos, sin = lm.rotary_emb(hidden, positions)
+            hidden = decoder_layer(hidden, attention_mask=allowed[:, None], position_embeddings=(cos, sin),
+                                   position_ids=positions)
+        return model.lm_head(lm.norm(hidden))

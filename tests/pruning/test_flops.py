@@ -53,4 +53,17 @@ def test_selection_flops_order_and_errors():
     }
     assert list(costs) == sorted(costs, key=costs.get)
     with pytest.raises(ValueError):
-        selection_flops("fastv", 64, v)
+        selection_flops("fastvv", 64, v)
+
+
+def test_pruned_prefill_flops_by_stage():
+    from owlore.pruning.flops import pruned_prefill_flops
+
+    lm = LMShape()
+    assert pruned_prefill_flops("cls", text_tokens=60, visual_tokens=576, kept=64, lm=lm) == prefill_flops_exact(124, lm)
+    two = LMShape(layers=2)
+    thirty = LMShape(layers=30)
+    assert pruned_prefill_flops("fastv", text_tokens=60, visual_tokens=576, kept=64, lm=lm) == (
+        prefill_flops_exact(636, two) + prefill_flops_exact(124, thirty))
+    assert pruned_prefill_flops("dart", text_tokens=60, visual_tokens=576, kept=64, lm=lm, layer=3) == (
+        prefill_flops_exact(636, LMShape(layers=3)) + prefill_flops_exact(124, LMShape(layers=29)))

@@ -45,8 +45,8 @@ def test_selection_flops_reads_the_registry():
     assert selection_flops("divprune", 64, v) == 2.0 * n * n * v.lm_hidden + 2.0 * 64 * n * v.lm_hidden
     for name in reg.method_names():
         assert selection_flops(name, 64, v) == reg.get_method(name).flops(64, v, {"num_directions": 16})
-    with pytest.raises(ValueError, match="unknown pruning method 'fastv'"):
-        selection_flops("fastv", 64, v)
+    with pytest.raises(ValueError, match="unknown pruning method 'fastvv'"):
+        selection_flops("fastvv", 64, v)
 
 
 def test_docs_table_is_the_registry_table():
