@@ -146,6 +146,8 @@ def image_token_mask(
     return mask
 
 
-def to_mm_encoder_outputs(features: torch.Tensor) -> dict[str, BaseModelOutputWithPooling]:
-    """Wrap ``(images, k, d_l)`` projected features the way LLaVA's ``forward(mm_encoder_outputs=...)`` wants."""
-    return {"image": BaseModelOutputWithPooling(pooler_output=list(features.unbind(0)))}
+def to_mm_encoder_outputs(features: torch.Tensor | list[torch.Tensor]) -> dict[str, BaseModelOutputWithPooling]:
+    """Wrap per-image projected features (``(images, k, d_l)`` or a list of ``(k_i, d_l)``) the way LLaVA's and
+    LLaVA-NeXT's ``forward(mm_encoder_outputs=...)`` want."""
+    per_image = list(features.unbind(0)) if isinstance(features, torch.Tensor) else list(features)
+    return {"image": BaseModelOutputWithPooling(pooler_output=per_image)}

@@ -16,15 +16,21 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
+from owlore.pruning.adapters import adapter_for
 from owlore.pruning.in_llm import attach_llm_pruning, detach_llm_pruning
 from owlore.pruning.llava import (
     VisionEncoding,
-    encode_images,
     image_token_mask,
     llava_modules,
-    to_mm_encoder_outputs,
 )
-from owlore.pruning.registry import PruningMethod, Selection, SelectionContext, as_selection, get_method
+from owlore.pruning.registry import (
+    PruningMethod,
+    Selection,
+    SelectionContext,
+    as_selection,
+    get_method,
+    method_names,
+)
 from owlore.pruning.select import resolve_keep
 from owlore.pruning.sequence import PositionPolicy, sequence_keep_mask, shrink_sequences
 
@@ -108,6 +114,7 @@ class VisualTokenPruner:
         pixel_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        **image_kwargs: Any,
     ) -> dict[str, Any]:
         """Select visual tokens and build the shortened inputs.
 
@@ -118,9 +125,10 @@ class VisualTokenPruner:
         Args:
             model: A ``LlavaForConditionalGeneration``.
             input_ids: ``(batch, L)`` with ``N`` ``<image>`` placeholders per image (left or right padded).
-            pixel_values: ``(images, 3, H, W)``; images in placeholder order.
+            pixel_values: ``(images, 3, H, W)`` (LLaVA-NeXT: ``(images, crops, 3, H, W)``); placeholder order.
             attention_mask: ``(batch, L)``; all ones if omitted.
             labels: Optional ``(batch, L)`` labels; shortened with the prompt.
+            image_kwargs: What the model needs besides the pixels (LLaVA-NeXT: ``image_sizes``).
 
         Returns:
             ``input_ids``, ``attention_mask``, ``position_ids``, ``mm_encoder_outputs`` (and ``labels``),
@@ -132,32 +140,30 @@ class VisualTokenPruner:
         tower, projector, config = llava_modules(model)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        adapter = adapter_for(model)
+        if (why := adapter.unsupported(self.spec)) is not None:
+            raise ValueError(f"{self.method} does not run on {adapter.title}: {why}; methods that do: "
+                             f"{', '.join(m for m in method_names() if adapter.unsupported(get_method(m)) is None)}")
         if self.spec.stage == "llm":
             return self._prepare_llm_stage(model, config, input_ids, pixel_values, attention_mask, labels)
         detach_llm_pruning(model)  # an earlier LLM-stage pruner's hooks must not prune this prompt again
         start = time.perf_counter()
         track = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
         with torch.set_grad_enabled(track):
-            enc = encode_images(
-                model, pixel_values, attention="attention" in self.spec.needs, attn_layer=self.attn_layer
-            )
+            enc, layout = adapter.encode(model, pixel_values, attention="attention" in self.spec.needs,
+                                         attn_layer=self.attn_layer, **image_kwargs)
         vision_done = time.perf_counter()
-        num_images, num_tokens, _ = enc.features.shape
-        image_mask = image_token_mask(
-            input_ids,
-            image_token_id=config.image_token_id,
-            num_images=num_images,
-            tokens_per_image=num_tokens,
-        )
+        num_images, num_tokens = len(layout.placeholders), enc.features.shape[1]
+        image_mask = adapter.image_mask(model, input_ids, layout)
         k = resolve_keep(self.keep, num_tokens)
-        text = self._text(model, input_ids, attention_mask, image_mask, num_tokens) if k < num_tokens else None
+        text = self._text(model, input_ids, attention_mask, image_mask, layout) if k < num_tokens else None
         projected_all, selection, select_s = (
             self._choose(enc, projector, k, text) if k < num_tokens else (None, None, 0.0)
         )
         keep_idx = None if selection is None else selection.indices
-        features = self._kept_features(enc.features, projector, projected_all, selection)
-        inputs = self._shrink(input_ids, attention_mask, labels, image_mask, keep_idx, config)
-        inputs["mm_encoder_outputs"] = to_mm_encoder_outputs(features)
+        features, token_keep = adapter.assemble(model, enc, projector, projected_all, selection, layout)
+        inputs = self._shrink(input_ids, attention_mask, labels, image_mask, token_keep, config)
+        inputs.update(adapter.inject(features, layout))
         done = time.perf_counter()
         self.last_stats = {
             "vision_s": vision_done - start,
@@ -236,12 +242,15 @@ class VisualTokenPruner:
             )
 
     def _text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              image_mask: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per image: the input embeddings of its prompt row and a mask of that row's text tokens."""
+              image_mask: torch.Tensor, layout: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per selection unit: the input embeddings of its prompt row and a mask of that row's text tokens."""
         if "text" not in self.spec.needs:
             return None
-        rows = torch.repeat_interleave(torch.arange(input_ids.shape[0], device=input_ids.device),
-                                       image_mask.sum(dim=1) // num_tokens)
+        counts = torch.tensor(layout.placeholders, device=input_ids.device)
+        ends = counts.cumsum(0)  # image i's placeholders end at ends[i] in the flattened (row-major) mask
+        row_of_token = image_mask.nonzero()[:, 0]
+        image_rows = row_of_token[ends - 1]
+        rows = image_rows[layout.unit_image]
         with torch.no_grad():
             embeds = model.get_input_embeddings()(input_ids[rows])
         return embeds, (attention_mask.bool() & ~image_mask)[rows]
@@ -280,43 +289,16 @@ class VisualTokenPruner:
                                f"expected {(enc.features.shape[0], k)}")
         return selection
 
-    @staticmethod
-    def _kept_features(
-        features: torch.Tensor,
-        projector: nn.Module,
-        projected: torch.Tensor | None,
-        selection: Selection | None,
-    ) -> torch.Tensor:
-        if selection is None:
-            return projector(features)
-        if selection.weights is not None:
-            return projector(torch.bmm(selection.weights.to(features.dtype), features))
-        keep_idx = selection.indices
-        if projected is not None and not torch.is_grad_enabled():
-            return projected.gather(1, keep_idx[..., None].expand(-1, -1, projected.shape[-1]))
-        kept = features.gather(1, keep_idx[..., None].expand(-1, -1, features.shape[-1]))
-        return projector(kept)
-
     def _shrink(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None,
         image_mask: torch.Tensor,
-        keep_idx: torch.Tensor | None,
+        token_keep: torch.Tensor | None,
         config: object,
     ) -> dict[str, torch.Tensor]:
-        if keep_idx is None:
-            keep = torch.ones_like(image_mask)
-        else:
-            token_keep = torch.zeros(
-                keep_idx.shape[0],
-                int(image_mask.sum()) // keep_idx.shape[0],
-                dtype=torch.bool,
-                device=keep_idx.device,
-            )
-            token_keep.scatter_(1, keep_idx, True)
-            keep = sequence_keep_mask(image_mask, token_keep)
+        keep = torch.ones_like(image_mask) if token_keep is None else sequence_keep_mask(image_mask, token_keep)
         padded = attention_mask == 0
         pad = (
             input_ids[padded][0].item() if padded.any() else getattr(config.text_config, "pad_token_id", None)

@@ -182,11 +182,17 @@ def get_method(name: str) -> PruningMethod:
 
 
 def support_table() -> str:
-    """Markdown table of every registered method: what it needs and where it comes from (for docs/pruning.md)."""
-    lines = ["| method | prunes | needs | paper | idea |", "|---|---|---|---|---|"]
+    """Markdown table of every registered method: where it prunes, what it needs, on which models it runs (from
+    each model adapter's ``unsupported``) and where it comes from (for docs/pruning.md)."""
+    from owlore.pruning.adapters import all_adapters
+
+    adapters = all_adapters()
+    lines = ["| method | prunes | needs | " + " | ".join(a.title for a in adapters) + " | paper | idea |",
+             "|---" * (5 + len(adapters)) + "|"]
     for name in method_names():
         m = _METHODS[name]
         needs = ", ".join(sorted(m.needs)) or "-"
         where = "before the LLM" if m.stage == "vision" else f"after LLM layer K (default {m.default_layer})"
-        lines.append(f"| `{name}` | {where} | {needs} | {m.paper} | {m.summary} |")
+        models = " | ".join("yes" if (why := a.unsupported(m)) is None else f"no: {why}" for a in adapters)
+        lines.append(f"| `{name}` | {where} | {needs} | {models} | {m.paper} | {m.summary} |")
     return "\n".join(lines)
