@@ -15,7 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from owlore.pruning.llava import VisionEncoding, encode_images, image_token_mask, to_mm_encoder_outputs
+from owlore.pruning.llava import (
+    VisionEncoding,
+    encode_images,
+    image_token_mask,
+    llava_modules,
+    to_mm_encoder_outputs,
+)
 from owlore.pruning.registry import Selection
 
 __all__ = ["ADAPTERS", "ImageLayout", "LlavaAdapter", "adapter_for"]
@@ -64,6 +70,11 @@ class LlavaAdapter:
         """Why ``method`` (a registered ``PruningMethod``) cannot run on this model, or None."""
         return None
 
+    def modules(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """``(vision tower, projector)``; the projector maps the encoding's features to language-model space."""
+        tower, projector, _ = llava_modules(model)
+        return tower, projector
+
     def encode(self, model: nn.Module, pixel_values: torch.Tensor, *, attention: bool, attn_layer: int | None,
                **image_kwargs: Any) -> tuple[VisionEncoding, ImageLayout]:
         enc = encode_images(model, pixel_values, attention=attention, attn_layer=attn_layer)
@@ -89,11 +100,12 @@ class LlavaAdapter:
 
 def _adapters() -> list[Any]:
     from owlore.pruning.llava_next import LlavaNextAdapter
+    from owlore.pruning.qwen2_vl import Qwen2VLAdapter
 
-    return [LlavaAdapter(), LlavaNextAdapter()]
+    return [LlavaAdapter(), LlavaNextAdapter(), Qwen2VLAdapter()]
 
 
-ADAPTERS = ("llava", "llava_next")
+ADAPTERS = ("llava", "llava_next", "qwen2_vl")
 """Adapter names, in the order of the docs table's columns."""
 
 
@@ -109,12 +121,15 @@ def adapter_for(model: nn.Module):
         TypeError: For a model no adapter supports, naming the supported ones.
     """
     from owlore.pruning.llava_next import LlavaNextAdapter
+    from owlore.pruning.qwen2_vl import Qwen2VLAdapter
 
     name = type(model).__name__
     if name in ("LlavaNextForConditionalGeneration", "LlavaNextModel"):
         return LlavaNextAdapter()
+    if name in ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"):
+        return Qwen2VLAdapter()
     if name in ("LlavaForConditionalGeneration", "LlavaModel") or hasattr(getattr(model, "model", model),
                                                                          "multi_modal_projector"):
         return LlavaAdapter()
-    raise TypeError(f"{name}: visual-token pruning supports LlavaForConditionalGeneration and "
-                    "LlavaNextForConditionalGeneration")
+    raise TypeError(f"{name}: visual-token pruning supports LlavaForConditionalGeneration, "
+                    "LlavaNextForConditionalGeneration and Qwen2VL/Qwen2_5_VLForConditionalGeneration")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from owlore.pruning.adapters import ImageLayout, kept_unit_features
+from owlore.pruning.adapters import ImageLayout, LlavaAdapter, kept_unit_features
 from owlore.pruning.llava import VisionEncoding, encode_images, to_mm_encoder_outputs
 from owlore.pruning.registry import Selection
 
@@ -36,7 +36,7 @@ def _crops_per_image(model: nn.Module, image_sizes: torch.Tensor) -> list[int]:
                                       patch_size=config.vision_config.image_size) for size in image_sizes]
 
 
-class LlavaNextAdapter:
+class LlavaNextAdapter(LlavaAdapter):
     """``LlavaNextForConditionalGeneration``: one unit per crop; features re-packed with newlines."""
 
     name = "llava_next"

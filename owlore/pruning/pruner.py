@@ -21,7 +21,6 @@ from owlore.pruning.in_llm import attach_llm_pruning, detach_llm_pruning
 from owlore.pruning.llava import (
     VisionEncoding,
     image_token_mask,
-    llava_modules,
 )
 from owlore.pruning.registry import (
     PruningMethod,
@@ -137,10 +136,11 @@ class VisualTokenPruner:
         Raises:
             ValueError: If the prompt has no image tokens or their count does not match the images.
         """
-        tower, projector, config = llava_modules(model)
+        adapter = adapter_for(model)
+        tower, projector = adapter.modules(model)
+        config = model.config
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        adapter = adapter_for(model)
         if (why := adapter.unsupported(self.spec)) is not None:
             raise ValueError(f"{self.method} does not run on {adapter.title}: {why}; methods that do: "
                              f"{', '.join(m for m in method_names() if adapter.unsupported(get_method(m)) is None)}")
@@ -162,7 +162,10 @@ class VisualTokenPruner:
         )
         keep_idx = None if selection is None else selection.indices
         features, token_keep = adapter.assemble(model, enc, projector, projected_all, selection, layout)
-        inputs = self._shrink(input_ids, attention_mask, labels, image_mask, token_keep, config)
+        keep = torch.ones_like(image_mask) if token_keep is None else sequence_keep_mask(image_mask, token_keep)
+        inputs = self._shrink(input_ids, attention_mask, labels, keep, config)
+        if hasattr(adapter, "positions"):  # models with their own position scheme (Qwen2-VL's M-RoPE)
+            inputs["position_ids"] = adapter.positions(model, input_ids, attention_mask, keep, layout)
         inputs.update(adapter.inject(features, layout))
         done = time.perf_counter()
         self.last_stats = {
@@ -294,11 +297,9 @@ class VisualTokenPruner:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None,
-        image_mask: torch.Tensor,
-        token_keep: torch.Tensor | None,
+        keep: torch.Tensor,
         config: object,
     ) -> dict[str, torch.Tensor]:
-        keep = torch.ones_like(image_mask) if token_keep is None else sequence_keep_mask(image_mask, token_keep)
         padded = attention_mask == 0
         pad = (
             input_ids[padded][0].item() if padded.any() else getattr(config.text_config, "pad_token_id", None)

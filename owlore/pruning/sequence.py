@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["PositionPolicy", "padding_side", "sequence_keep_mask", "shrink_sequences"]
+__all__ = ["PositionPolicy", "compactor", "padding_side", "sequence_keep_mask", "shrink_sequences"]
 
 PositionPolicy = Literal["contiguous", "original"]
 
@@ -67,19 +67,7 @@ def shrink_sequences(
     Returns:
         ``input_ids``, ``attention_mask``, ``position_ids`` (and ``labels``) of the shorter batch.
     """
-    batch = input_ids.shape[0]
-    keep = keep & attention_mask.bool()  # old padding is dropped and rebuilt, so rows can shrink unequally
-    counts = keep.sum(dim=1)
-    length = int(counts.max())
-    offset = (length - counts) if padding_side(attention_mask) == "left" else torch.zeros_like(counts)
-    rows, cols = keep.nonzero(as_tuple=True)
-    target = (keep.long().cumsum(dim=1) - 1)[rows, cols] + offset[rows]
-
-    def compact(values: torch.Tensor, fill: int) -> torch.Tensor:
-        out = values.new_full((batch, length), fill)
-        out[rows, target] = values[rows, cols]
-        return out
-
+    compact = compactor(keep, attention_mask)
     out = {"input_ids": compact(input_ids, pad_token_id), "attention_mask": compact(attention_mask, 0)}
     if position_policy == "original":
         out["position_ids"] = compact(_positions(attention_mask), 0)
@@ -88,3 +76,23 @@ def shrink_sequences(
     if labels is not None:
         out["labels"] = compact(labels, -100)
     return out
+
+
+def compactor(keep: torch.Tensor, attention_mask: torch.Tensor):
+    """A function ``compact(values, fill)`` that drops the columns where ``keep`` is False from ``(..., batch, L)``
+    values and re-pads each row on the side it was padded, exactly as :func:`shrink_sequences` does (used for
+    Qwen2-VL's ``(3, batch, L)`` M-RoPE positions)."""
+    batch = attention_mask.shape[0]
+    keep = keep & attention_mask.bool()  # old padding is dropped and rebuilt, so rows can shrink unequally
+    counts = keep.sum(dim=1)
+    length = int(counts.max())
+    offset = (length - counts) if padding_side(attention_mask) == "left" else torch.zeros_like(counts)
+    rows, cols = keep.nonzero(as_tuple=True)
+    target = (keep.long().cumsum(dim=1) - 1)[rows, cols] + offset[rows]
+
+    def compact(values: torch.Tensor, fill: int) -> torch.Tensor:
+        out = values.new_full((*values.shape[:-2], batch, length), fill)
+        out[..., rows, target] = values[..., rows, cols]
+        return out
+
+    return compact

@@ -184,7 +184,7 @@ def _greedy_reference(model, inputs, steps):
             ).logits
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+        pos = torch.cat([pos, pos[..., -1:] + 1], dim=-1)  # 2-D, or Qwen2-VL's (3, B, L) M-RoPE
     return ids[:, inputs["input_ids"].shape[1] :]
 
 
@@ -254,7 +254,7 @@ def test_mismatched_counts_raise(tiny_llava, rows, num_images):
 
 
 def test_non_llava_model_raises(tiny_llava):
-    with pytest.raises(TypeError, match="LLaVA"):
+    with pytest.raises(TypeError, match="LlamaModel: visual-token pruning supports LlavaForConditionalGeneration"):
         VisualTokenPruner("cls", 4).prepare(
             tiny_llava.model.language_model,
             input_ids=torch.tensor([[1]]),
