@@ -225,6 +225,9 @@ def llm_layer_option(method: str, lm_layers: int) -> dict[str, int]:
 
 
 def analytic(args: argparse.Namespace, method: str, k: int, num_visual: int) -> dict[str, float]:
+    from dataclasses import replace
+
+    from owlore.pruning import get_method
     from owlore.pruning.flops import (
         LMShape,
         VisionShape,
@@ -247,14 +250,22 @@ def analytic(args: argparse.Namespace, method: str, k: int, num_visual: int) -> 
     n = args.text_tokens + k
     exact = (prefill_flops_exact(n, full) if method == "none" else
              pruned_prefill_flops(method, text_tokens=args.text_tokens, visual_tokens=num_visual, kept=k, lm=full))
+    peer = prefill_flops_peer(n, full)
+    kv = kv_cache_bytes(n, full, bytes_per_element=2, batch=args.batch)
+    if method != "none" and get_method(method).stage == "llm":  # layers < K see (and cache) the whole prompt
+        layer, whole = get_method(method).default_layer, args.text_tokens + num_visual
+        head, rest = replace(full, layers=layer), replace(full, layers=full.layers - layer)
+        peer = prefill_flops_peer(whole, head) + prefill_flops_peer(n, rest)
+        kv = (kv_cache_bytes(whole, head, bytes_per_element=2, batch=args.batch)
+              + kv_cache_bytes(n, rest, bytes_per_element=2, batch=args.batch))
     return {
         "seq_len": n,
-        "prefill_tflops_peer_full": prefill_flops_peer(n, full) / 1e12,
+        "prefill_tflops_peer_full": peer / 1e12,
         "prefill_tflops_exact_full": exact / 1e12,
         "select_gflops": 0.0
         if method == "none"
         else selection_flops(method, k, vision, directions=args.zoo_directions) / 1e9,
-        "kv_cache_mb_full_fp16": kv_cache_bytes(n, full, bytes_per_element=2, batch=args.batch) / 2**20,
+        "kv_cache_mb_full_fp16": kv / 2**20,
     }
 
 

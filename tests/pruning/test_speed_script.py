@@ -28,6 +28,10 @@ def test_speed_quick_writes_json_markdown_and_png(tmp_path):
             and row["prefill_tflops_exact_full"] < rows[0]["prefill_tflops_exact_full"]
         )
         assert row["kv_cache_mb_full_fp16"] < rows[0]["kv_cache_mb_full_fp16"]
+    by = {(r["method"], r["tokens"]): r for r in rows}
+    for key in ("prefill_tflops_exact_full", "prefill_tflops_peer_full", "kv_cache_mb_full_fp16"):
+        # layers < K of the LLM-stage methods see (and cache) the whole prompt: more than pre-LLM pruning
+        assert by[("fastv", 4)][key] == by[("dart", 4)][key] > by[("cls", 4)][key]
     markdown = (tmp_path / "speed.md").read_text()
     assert "--quick" in markdown and markdown.count("\n| ") == 1 + len(rows)  # header + one line per row
     assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
