@@ -10,6 +10,8 @@ it plays the projector's role (ZOO-Prune treats it so). Here:
 * positions: the full prompt's M-RoPE index (``get_rope_index``) is computed first, then the kept columns are taken,
   so every kept token keeps its (t, h, w) position and decoding continues after the unpruned prompt's largest
   position, as without pruning (``generate`` extends the given ``(3, B, L')`` positions by one per step);
+* Qwen2.5-VL runs most tower blocks on windows and keeps the merge groups in window order until after the merger;
+  the adapter puts them back in raster order (the order of the placeholders and of the merger's output);
 * one resolution per call: every image of a batch must have the same ``image_grid_thw`` (selection is batched over
   images of equal token count); batch images by resolution.
 
@@ -36,13 +38,12 @@ class MergerProjector(nn.Module):
     """Qwen2-VL's patch merger as a projector on ``(..., N, 4·d)`` grouped features (LayerNorm per patch, then the
     MLP), so pruning methods can call it like LLaVA's projector."""
 
-    def __init__(self, merger: nn.Module) -> None:
+    def __init__(self, merger: nn.Module, groups: int = 4) -> None:
         super().__init__()
-        self.merger = merger
+        self.merger, self.groups = merger, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        groups = x.shape[-1] // self.merger.ln_q.normalized_shape[0]
-        normed = self.merger.ln_q(x.unflatten(-1, (groups, -1))).flatten(-2)
+        normed = self.merger.ln_q(x.unflatten(-1, (self.groups, -1))).flatten(-2)
         return self.merger.mlp(normed)
 
 
@@ -63,7 +64,7 @@ class Qwen2VLAdapter:
 
     def modules(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
         visual = model.model.visual
-        return visual, MergerProjector(visual.merger)
+        return visual, MergerProjector(visual.merger, visual.spatial_merge_size ** 2)
 
     def encode(self, model: nn.Module, pixel_values: torch.Tensor, *, attention: bool, attn_layer: int | None,
                image_grid_thw: torch.Tensor | None = None, **image_kwargs: Any) -> tuple[VisionEncoding, ImageLayout]:
@@ -75,8 +76,15 @@ class Qwen2VLAdapter:
         visual = model.model.visual
         hidden = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw).last_hidden_state
         group = visual.spatial_merge_size ** 2
+        groups = hidden.reshape(-1, group * hidden.shape[-1])  # merge groups, in the tower's order
+        if hasattr(visual, "window_size"):  # Qwen2.5-VL runs the groups in window order: back to raster order
+            from transformers.vision_utils import get_vision_window_index
+
+            window_index, _ = get_vision_window_index(image_grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                                      window_size=visual.window_size, patch_size=visual.patch_size)
+            groups = groups[torch.argsort(window_index)]
         images = image_grid_thw.shape[0]
-        features = hidden.reshape(images, -1, group * hidden.shape[-1])  # (images, N, 4·d), merge groups in order
+        features = groups.reshape(images, -1, groups.shape[-1])  # (images, N, 4·d)
         layout = ImageLayout(unit_image=torch.arange(images, device=hidden.device),
                              placeholders=[features.shape[1]] * images, extra={"image_grid_thw": image_grid_thw})
         return VisionEncoding(features=features, cls_dropped=False), layout

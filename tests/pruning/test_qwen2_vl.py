@@ -1,4 +1,4 @@
-"""Qwen2-VL through the Qwen2VLAdapter: the merger is the projector, kept tokens keep their full-prompt M-RoPE
+"""Qwen2-VL and Qwen2.5-VL through the Qwen2VLAdapter: the merger is the projector, kept tokens keep their full-prompt M-RoPE
 positions, keep = N equals the unpruned model (logits and transformers' own generate, which uses rope_deltas),
 pruned features are the model's merged tokens, generate (batch 2, left padding) equals an uncached loop."""
 
@@ -17,19 +17,27 @@ THW = torch.tensor([[1, 8, 8], [1, 8, 8]])  # 64 patches -> 16 merged tokens per
 METHODS = ["random", "divprune", "zoo", "cdpruner"]
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen():
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def tiny_qwen(request):
+    """Qwen2-VL, and Qwen2.5-VL (window attention: the tower runs merge groups in window order)."""
+    import transformers
 
-    config = Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, eos_token_id=None,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
-        image_token_id=IMAGE, video_token_id=251, vision_start_token_id=START, vision_end_token_id=END)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, eos_token_id=None,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    ids = dict(image_token_id=IMAGE, video_token_id=251, vision_start_token_id=START, vision_end_token_id=END)
+    common = dict(num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if request.param == "qwen2_vl":
+        config = transformers.Qwen2VLConfig(vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2,
+                                                               **common), text_config=text, **ids)
+        cls = transformers.Qwen2VLForConditionalGeneration
+    else:
+        config = transformers.Qwen2_5_VLConfig(
+            vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=16,
+                               fullatt_block_indexes=[1], **common), text_config=text, **ids)
+        cls = transformers.Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(0)
-    return Qwen2VLForConditionalGeneration(config).eval()
+    return cls(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +58,11 @@ def test_merger_projector_is_the_merger(tiny_qwen, raw):
     with torch.no_grad():
         out = visual(raw["pixel_values"], grid_thw=THW)
         grouped = out.last_hidden_state.reshape(2, 16, -1)
+        if hasattr(visual, "window_size"):
+            from owlore.pruning.adapters import adapter_for
+
+            grouped = adapter_for(tiny_qwen).encode(tiny_qwen, raw["pixel_values"], attention=False, attn_layer=None,
+                                                    image_grid_thw=THW)[0].features
         torch.testing.assert_close(MergerProjector(visual.merger)(grouped).reshape(32, -1), out.pooler_output)
 
 
@@ -91,6 +104,19 @@ def test_generate_batch2_left_padding_equals_an_uncached_loop(tiny_qwen, raw):
     with torch.no_grad():
         out = tiny_qwen.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert torch.equal(out[:, inputs["input_ids"].shape[1]:], _greedy_reference(tiny_qwen, inputs, 4))
+
+
+@pytest.mark.parametrize("method", ["divprune", "cdpruner"])
+def test_batched_equals_per_sample(tiny_qwen, raw, method):
+    batched = VisualTokenPruner(method, 6).prepare(tiny_qwen, **raw)
+    with torch.no_grad():
+        logits = tiny_qwen(**batched).logits
+        for row in range(2):
+            valid = raw["attention_mask"][row].bool()
+            single = {"input_ids": raw["input_ids"][row:row + 1, valid],
+                      "pixel_values": raw["pixel_values"][64 * row:64 * (row + 1)], "image_grid_thw": THW[row:row + 1]}
+            alone = tiny_qwen(**VisualTokenPruner(method, 6).prepare(tiny_qwen, **single)).logits
+            torch.testing.assert_close(logits[row, -1], alone[0, -1], rtol=1e-4, atol=1e-5)
 
 
 def test_unsupported_methods_and_mixed_resolutions_are_refused(tiny_qwen, raw):
