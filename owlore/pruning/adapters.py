@@ -46,6 +46,15 @@ def _gather_tokens(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return values.gather(1, idx[..., None].expand(-1, -1, values.shape[-1]))
 
 
+def counted_image_mask(input_ids: torch.Tensor, image_token_id: int, layout: ImageLayout) -> torch.Tensor:
+    """Placeholder mask for models whose images have their own token counts, checked against the layout."""
+    mask = input_ids == image_token_id
+    if int(mask.sum()) != sum(layout.placeholders):
+        raise ValueError(f"image tokens and features do not match: {int(mask.sum())} image placeholder tokens, but "
+                         f"the images give {layout.placeholders} tokens; expand the images with the processor")
+    return mask
+
+
 def kept_unit_features(features: torch.Tensor, projector: nn.Module, projected: torch.Tensor | None,
                        selection: Selection) -> torch.Tensor:
     """``(U, k, d_l)`` language-model features of the selected (or merged) tokens of each unit.

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from owlore.pruning.adapters import ImageLayout, LlavaAdapter, kept_unit_features
+from owlore.pruning.adapters import ImageLayout, LlavaAdapter, counted_image_mask, kept_unit_features
 from owlore.pruning.llava import VisionEncoding, encode_images, to_mm_encoder_outputs
 from owlore.pruning.registry import Selection
 
@@ -71,11 +71,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return enc, layout
 
     def image_mask(self, model: nn.Module, input_ids: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
-        mask = input_ids == model.config.image_token_id
-        if int(mask.sum()) != sum(layout.placeholders):
-            raise ValueError(f"image tokens and features do not match: {int(mask.sum())} <image> tokens, but the "
-                             f"images pack into {layout.placeholders} tokens; expand each <image> with the processor")
-        return mask
+        return counted_image_mask(input_ids, model.config.image_token_id, layout)
 
     def _pack(self, model: nn.Module, projected: torch.Tensor, layout: ImageLayout) -> list[torch.Tensor]:
         packed, _ = model.model.pack_image_features(list(projected.split(layout.extra["crops"], dim=0)),

@@ -26,9 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from owlore.pruning.adapters import ImageLayout, kept_unit_features
-from owlore.pruning.llava import VisionEncoding, to_mm_encoder_outputs
-from owlore.pruning.registry import Selection
+from owlore.pruning.adapters import ImageLayout, LlavaAdapter, counted_image_mask
+from owlore.pruning.llava import VisionEncoding
 from owlore.pruning.sequence import compactor
 
 __all__ = ["MergerProjector", "Qwen2VLAdapter"]
@@ -47,8 +46,9 @@ class MergerProjector(nn.Module):
         return self.merger.mlp(normed)
 
 
-class Qwen2VLAdapter:
-    """``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``."""
+class Qwen2VLAdapter(LlavaAdapter):
+    """``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration`` (one unit per image, so
+    ``assemble`` and ``inject`` are LLaVA's)."""
 
     name = "qwen2_vl"
     title = "Qwen2-VL"
@@ -90,19 +90,7 @@ class Qwen2VLAdapter:
         return VisionEncoding(features=features, cls_dropped=False), layout
 
     def image_mask(self, model: nn.Module, input_ids: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
-        mask = input_ids == model.config.image_token_id
-        if int(mask.sum()) != sum(layout.placeholders):
-            raise ValueError(f"image tokens and features do not match: {int(mask.sum())} <|image_pad|> tokens, "
-                             f"but the images give {layout.placeholders} tokens")
-        return mask
-
-    def assemble(self, model: nn.Module, enc: VisionEncoding, projector: nn.Module, projected: torch.Tensor | None,
-                 selection: Selection | None, layout: ImageLayout) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        if selection is None:
-            return list(projector(enc.features).unbind(0)), None
-        token_keep = torch.zeros(enc.features.shape[:2], dtype=torch.bool, device=enc.features.device)
-        token_keep.scatter_(1, selection.indices, True)
-        return list(kept_unit_features(enc.features, projector, projected, selection).unbind(0)), token_keep.flatten()
+        return counted_image_mask(input_ids, model.config.image_token_id, layout)
 
     def positions(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor,
                   layout: ImageLayout) -> torch.Tensor:
@@ -111,6 +99,3 @@ class Qwen2VLAdapter:
         full, _ = model.model.get_rope_index(input_ids, types, image_grid_thw=layout.extra["image_grid_thw"],
                                              attention_mask=attention_mask)
         return compactor(keep, attention_mask)(full, 0)
-
-    def inject(self, features: list[torch.Tensor], layout: ImageLayout) -> dict[str, Any]:
-        return {"mm_encoder_outputs": to_mm_encoder_outputs(features)}
