@@ -213,28 +213,14 @@ def measure_prefill(model, inputs: dict, args: argparse.Namespace) -> float:
     return ms
 
 
-def llm_layer_option(method: str, lm_layers: int) -> dict[str, int]:
-    """LLM-stage methods on the reduced-depth benchmark model: K = the method's default, at most ``lm_layers - 1``
-    (the analytic full-depth FLOPs keep the default K)."""
-    from owlore.pruning import get_method
-
-    spec = get_method(method)
-    if spec.stage != "llm" or spec.default_layer < lm_layers:
-        return {}
-    return {"layer": lm_layers - 1}
-
-
 def analytic(args: argparse.Namespace, method: str, k: int, num_visual: int) -> dict[str, float]:
-    from dataclasses import replace
-
-    from owlore.pruning import get_method
     from owlore.pruning.flops import (
         LMShape,
         VisionShape,
         kv_cache_bytes,
         prefill_flops_exact,
         prefill_flops_peer,
-        pruned_prefill_flops,
+        pruned_prompt_cost,
         selection_flops,
     )
 
@@ -248,16 +234,14 @@ def analytic(args: argparse.Namespace, method: str, k: int, num_visual: int) -> 
         args.lm_hidden,
     )
     n = args.text_tokens + k
-    exact = (prefill_flops_exact(n, full) if method == "none" else
-             pruned_prefill_flops(method, text_tokens=args.text_tokens, visual_tokens=num_visual, kept=k, lm=full))
-    peer = prefill_flops_peer(n, full)
-    kv = kv_cache_bytes(n, full, bytes_per_element=2, batch=args.batch)
-    if method != "none" and get_method(method).stage == "llm":  # layers < K see (and cache) the whole prompt
-        layer, whole = get_method(method).default_layer, args.text_tokens + num_visual
-        head, rest = replace(full, layers=layer), replace(full, layers=full.layers - layer)
-        peer = prefill_flops_peer(whole, head) + prefill_flops_peer(n, rest)
-        kv = (kv_cache_bytes(whole, head, bytes_per_element=2, batch=args.batch)
-              + kv_cache_bytes(n, rest, bytes_per_element=2, batch=args.batch))
+
+    def cost(fn) -> float:  # one layer split for every figure: LLM-stage methods see the whole prompt in layers < K
+        if method == "none":
+            return fn(n, full)
+        return pruned_prompt_cost(fn, method, text_tokens=args.text_tokens, visual_tokens=num_visual, kept=k, lm=full)
+
+    exact, peer = cost(prefill_flops_exact), cost(prefill_flops_peer)
+    kv = cost(lambda tokens, shape: kv_cache_bytes(tokens, shape, bytes_per_element=2, batch=args.batch))
     return {
         "seq_len": n,
         "prefill_tflops_peer_full": peer / 1e12,
@@ -281,7 +265,8 @@ def summarise(row: dict, base: dict, prefill_ms: float, scale: float, flops: dic
 
 
 def run_speed(args: argparse.Namespace) -> dict:
-    from owlore.pruning import VisualTokenPruner
+    from owlore.pruning import VisualTokenPruner, get_method
+    from owlore.pruning.vqa_benchmark import make_pruner
 
     torch.set_num_threads(args.threads)
     num_visual = (args.image_size // args.patch_size) ** 2
@@ -309,10 +294,10 @@ def run_speed(args: argparse.Namespace) -> dict:
     prefill_by_k: dict[int, float] = {}
     for method in args.methods:
         # One pruner per method, warmed up once: caches such as the ZOO-exact kernel survive budget changes.
-        pruner = VisualTokenPruner(
-            method, args.budgets[0], num_directions=args.zoo_directions, seed=args.seed,
-            method_options=llm_layer_option(method, args.lm_layers),
-        )
+        # LLM-stage methods on the reduced-depth run model: K = theirs, at most lm_layers - 1 (the analytic
+        # full-depth figures keep their K)
+        pruner = make_pruner(method, args.budgets[0], zoo_directions=args.zoo_directions, seed=args.seed,
+                             llm_layer=min(get_method(method).default_layer, args.lm_layers - 1))
         stage = pruner.spec.stage
         for i, k in enumerate(args.budgets):
             pruner.keep = k

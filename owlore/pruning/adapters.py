@@ -3,8 +3,8 @@
 ``VisualTokenPruner`` is model-agnostic: it asks an adapter to encode the images into *selection units* (one image
 for LLaVA-1.5; the base image and each tile for LLaVA-NeXT), scores and selects ``k`` tokens per unit with the
 registered method, then asks the adapter to build the language-model features of the kept tokens, which placeholder
-positions they take, and how to hand them to the model. Adding a model is one adapter class and one line in
-:func:`adapter_for`.
+positions they take, and how to hand them to the model. Adding a model is one adapter class (with its
+``model_classes``) and one entry in :func:`all_adapters`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from owlore.pruning.llava import (
 )
 from owlore.pruning.registry import Selection
 
-__all__ = ["ADAPTERS", "ImageLayout", "LlavaAdapter", "adapter_for"]
+__all__ = ["ImageLayout", "LlavaAdapter", "adapter_for", "all_adapters"]
 
 
 @dataclass
@@ -74,6 +74,7 @@ class LlavaAdapter:
 
     name = "llava"
     title = "LLaVA-1.5"
+    model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
 
     def unsupported(self, method: Any) -> str | None:
         """Why ``method`` (a registered ``PruningMethod``) cannot run on this model, or None."""
@@ -107,38 +108,27 @@ class LlavaAdapter:
         return {"mm_encoder_outputs": to_mm_encoder_outputs(features)}
 
 
-def _adapters() -> list[Any]:
+def all_adapters() -> list[Any]:
+    """One instance of every adapter, in the order of the docs table's columns; adding a model is one entry here."""
     from owlore.pruning.llava_next import LlavaNextAdapter
     from owlore.pruning.qwen2_vl import Qwen2VLAdapter
 
     return [LlavaAdapter(), LlavaNextAdapter(), Qwen2VLAdapter()]
 
 
-ADAPTERS = ("llava", "llava_next", "qwen2_vl")
-"""Adapter names, in the order of the docs table's columns."""
-
-
-def all_adapters() -> list[Any]:
-    """One instance of every adapter (for the docs support table)."""
-    return _adapters()
-
-
 def adapter_for(model: nn.Module):
-    """The adapter of ``model``'s architecture.
+    """The adapter whose ``model_classes`` name ``model``'s class (other models with a LLaVA-style
+    ``multi_modal_projector`` use LLaVA's).
 
     Raises:
-        TypeError: For a model no adapter supports, naming the supported ones.
+        TypeError: For a model no adapter supports, naming the supported classes.
     """
-    from owlore.pruning.llava_next import LlavaNextAdapter
-    from owlore.pruning.qwen2_vl import Qwen2VLAdapter
-
     name = type(model).__name__
-    if name in ("LlavaNextForConditionalGeneration", "LlavaNextModel"):
-        return LlavaNextAdapter()
-    if name in ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"):
-        return Qwen2VLAdapter()
-    if name in ("LlavaForConditionalGeneration", "LlavaModel") or hasattr(getattr(model, "model", model),
-                                                                         "multi_modal_projector"):
-        return LlavaAdapter()
-    raise TypeError(f"{name}: visual-token pruning supports LlavaForConditionalGeneration, "
-                    "LlavaNextForConditionalGeneration and Qwen2VL/Qwen2_5_VLForConditionalGeneration")
+    adapters = all_adapters()
+    for adapter in adapters:
+        if name in adapter.model_classes:
+            return adapter
+    if hasattr(getattr(model, "model", model), "multi_modal_projector"):
+        return adapters[0]
+    supported = ", ".join(c for a in adapters for c in a.model_classes if c.endswith("ForConditionalGeneration"))
+    raise TypeError(f"{name}: visual-token pruning supports {supported}")

@@ -13,6 +13,7 @@ Two prefill conventions are reported side by side, because papers differ:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "prefill_flops_exact",
     "prefill_flops_peer",
     "pruned_prefill_flops",
+    "pruned_prompt_cost",
     "projector_flops",
     "selection_flops",
     "vision_flops",
@@ -72,19 +74,27 @@ def prefill_flops_exact(n: int, lm: LMShape) -> float:
     return float(lm.layers * (linear + 4 * n * n * d))
 
 
-def pruned_prefill_flops(method: str, *, text_tokens: int, visual_tokens: int, kept: int, lm: LMShape,
-                         layer: int | None = None) -> float:
-    """Exact prefill FLOPs of a prompt of ``text_tokens`` + ``visual_tokens`` when ``method`` keeps ``kept`` visual
-    tokens: methods that prune before the LLM run every layer on the short prompt; LLM-stage methods (FastV, DART)
-    run layers ``< K`` on the full prompt and the rest on the short one (``layer`` = K, default the method's)."""
+def pruned_prompt_cost(cost: Callable[[int, LMShape], float], method: str, *, text_tokens: int, visual_tokens: int,
+                       kept: int, lm: LMShape, layer: int | None = None) -> float:
+    """``cost(tokens, lm)`` (prefill FLOPs in either convention, KV-cache bytes, ...) of a prompt of ``text_tokens`` +
+    ``visual_tokens`` when ``method`` keeps ``kept`` visual tokens: methods that prune before the LLM run every layer
+    on the short prompt; LLM-stage methods (FastV, DART) run layers ``< K`` on the whole prompt and the rest on the
+    short one (``layer`` = K, default the method's)."""
     from owlore.pruning.registry import get_method
 
     spec = get_method(method)
     if spec.stage == "vision":
-        return prefill_flops_exact(text_tokens + kept, lm)
+        return cost(text_tokens + kept, lm)
     k_layer = spec.default_layer if layer is None else layer
-    return (prefill_flops_exact(text_tokens + visual_tokens, replace(lm, layers=k_layer))
-            + prefill_flops_exact(text_tokens + kept, replace(lm, layers=lm.layers - k_layer)))
+    return (cost(text_tokens + visual_tokens, replace(lm, layers=k_layer))
+            + cost(text_tokens + kept, replace(lm, layers=lm.layers - k_layer)))
+
+
+def pruned_prefill_flops(method: str, *, text_tokens: int, visual_tokens: int, kept: int, lm: LMShape,
+                         layer: int | None = None) -> float:
+    """Exact prefill FLOPs of a pruned prompt (:func:`pruned_prompt_cost` of :func:`prefill_flops_exact`)."""
+    return pruned_prompt_cost(prefill_flops_exact, method, text_tokens=text_tokens, visual_tokens=visual_tokens,
+                              kept=kept, lm=lm, layer=layer)
 
 
 def decode_flops_exact(kv_len: int, lm: LMShape) -> float:

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LLMSelectionContext", "LLMStagePruning", "detach_llm_pruning", "language_model_parts"]
+__all__ = ["LLMSelectionContext", "LLMStagePruning", "attach_llm_pruning", "detach_llm_pruning", "language_model_parts",
+           "llm_stage_of"]
 
 _MARK = "_owlore_llm_pruning"
 
@@ -122,7 +123,7 @@ class LLMStagePruning:
             raise ValueError(f"LLM-stage pruning after layer K={layer}: need 1 <= K < {len(layers)} (the number of "
                              "decoder layers)")
         self.layer, self.needs, self.select = layer, needs, select
-        self.model, self.norm = model, norm
+        self.norm = norm
         self.armed: dict[str, Any] | None = None
         self.keep: torch.Tensor | None = None  # (B, L') kept prompt positions of the current sequence
         self.full_length = 0
@@ -236,13 +237,19 @@ def _keep_positions(length: int, image_positions: torch.Tensor, kept_images: tor
 
 def attach_llm_pruning(model: nn.Module, owner: object, layer: int, needs: frozenset[str], select) -> LLMStagePruning:
     """The hooks of ``owner`` on ``model`` (installed once; another owner's hooks are replaced)."""
-    current = getattr(model, _MARK, None)
-    if current is not None and current[0] is owner and current[1].layer == layer:
-        return current[1]
+    current = llm_stage_of(model, owner)
+    if current is not None and current.layer == layer:
+        return current
     detach_llm_pruning(model)
     stage = LLMStagePruning(model, layer, needs, select)
     setattr(model, _MARK, (owner, stage))
     return stage
+
+
+def llm_stage_of(model: nn.Module, owner: object) -> LLMStagePruning | None:
+    """The hooks ``owner`` installed on ``model``, or None (none, or another owner's)."""
+    current = getattr(model, _MARK, None)
+    return current[1] if current is not None and current[0] is owner else None
 
 
 def detach_llm_pruning(model: nn.Module) -> None:

@@ -41,6 +41,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     name = "llava_next"
     title = "LLaVA-NeXT"
+    model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
 
     def unsupported(self, method: Any) -> str | None:
         if method.stage == "llm":

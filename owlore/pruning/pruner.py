@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from owlore.pruning.adapters import adapter_for
-from owlore.pruning.in_llm import attach_llm_pruning, detach_llm_pruning
+from owlore.pruning.in_llm import attach_llm_pruning, detach_llm_pruning, llm_stage_of
 from owlore.pruning.llava import (
     VisionEncoding,
     image_token_mask,
@@ -31,7 +31,7 @@ from owlore.pruning.registry import (
     method_names,
 )
 from owlore.pruning.select import resolve_keep
-from owlore.pruning.sequence import PositionPolicy, sequence_keep_mask, shrink_sequences
+from owlore.pruning.sequence import PositionPolicy, mask_positions, sequence_keep_mask, shrink_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class VisualTokenPruner:
         else:
             stage.armed = None
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
-                  "position_ids": (attention_mask.long().cumsum(-1) - 1).clamp_min(0)}
+                  "position_ids": mask_positions(attention_mask)}
         if labels is not None:
             inputs["labels"] = labels
         self.last_stats = {"vision_s": 0.0, "select_s": 0.0, "project_s": 0.0, "tokens_per_image": (num_tokens, k),
@@ -220,13 +220,12 @@ class VisualTokenPruner:
 
     def llm_keep(self, model: nn.Module) -> torch.Tensor | None:
         """``(B, L')`` prompt positions an LLM-stage pruner kept at the latest prefill on ``model`` (None before)."""
-        current = getattr(model, "_owlore_llm_pruning", None)
-        return current[1].last_keep if current is not None and current[0] is self else None
+        stage = llm_stage_of(model, self)
+        return None if stage is None else stage.last_keep
 
     def detach(self, model: nn.Module) -> None:
         """Remove this pruner's LLM-stage hooks from ``model`` (LLM-stage methods; a no-op otherwise)."""
-        current = getattr(model, "_owlore_llm_pruning", None)
-        if current is not None and current[0] is self:
+        if llm_stage_of(model, self) is not None:
             detach_llm_pruning(model)
 
     @property

@@ -52,6 +52,7 @@ class Qwen2VLAdapter(LlavaAdapter):
 
     name = "qwen2_vl"
     title = "Qwen2-VL"
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 
     def unsupported(self, method: Any) -> str | None:
         if method.stage == "llm":

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["PositionPolicy", "compactor", "padding_side", "sequence_keep_mask", "shrink_sequences"]
+__all__ = ["PositionPolicy", "compactor", "mask_positions", "padding_side", "sequence_keep_mask", "shrink_sequences"]
 
 PositionPolicy = Literal["contiguous", "original"]
 
@@ -38,7 +38,8 @@ def sequence_keep_mask(image_mask: torch.Tensor, token_keep: torch.Tensor) -> to
     return keep
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from a 2-D mask: 0, 1, ... over the real tokens of each row, 0 at padding."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 0)
 
@@ -70,9 +71,9 @@ def shrink_sequences(
     compact = compactor(keep, attention_mask)
     out = {"input_ids": compact(input_ids, pad_token_id), "attention_mask": compact(attention_mask, 0)}
     if position_policy == "original":
-        out["position_ids"] = compact(_positions(attention_mask), 0)
+        out["position_ids"] = compact(mask_positions(attention_mask), 0)
     else:
-        out["position_ids"] = _positions(out["attention_mask"])
+        out["position_ids"] = mask_positions(out["attention_mask"])
     if labels is not None:
         out["labels"] = compact(labels, -100)
     return out
