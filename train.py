@@ -72,12 +72,30 @@ def run_eval(model, tokenizer, cfg: RunConfig, when: str) -> dict[str, Any]:
         r = vqa_accuracy(model, tokenizer, examples, num_image_tokens=cfg.vision.num_tokens,
                          batch_size=cfg.eval.batch_size)
         out["vqa"] = {"average": r["accuracy"], "n": r["n"], "by_kind": r["by_kind"]}
+    out.update(_task_evals(model, tokenizer, cfg.eval))
     if when == "after":
         for suite in cfg.eval.suites:
             shots = cfg.eval.shots if cfg.eval.shots is not None else (5 if suite == "mmlu" else 0)
             out[suite] = evaluate(model, tokenizer, suite=suite, data_dir=cfg.eval.data_dir, shots=shots,
                                   split=cfg.eval.mmlu_split if suite == "mmlu" else "test", limit=cfg.eval.limit,
                                   batch_size=cfg.eval.batch_size)
+    return out
+
+
+def _task_evals(model, tokenizer, ev) -> dict[str, Any]:
+    """The real-task scores of ``eval.answers`` (generation) and ``eval.perplexity`` sets, keyed ``answers:<name>``
+    and ``perplexity:<name>``."""
+    from owlore.data.sft import load_rows
+    from owlore.evaluation.answers import evaluate_answers
+    from owlore.evaluation.perplexity import perplexity
+
+    out: dict[str, Any] = {}
+    for name, path in ev.answers.items():
+        out[f"answers:{name}"] = evaluate_answers(model, tokenizer, load_rows(path), limit=ev.answers_limit,
+                                                  max_new_tokens=ev.max_new_tokens, batch_size=2 * ev.batch_size)
+    for name, path in ev.perplexity.items():
+        out[f"perplexity:{name}"] = perplexity(model, tokenizer, load_rows(path), seq_len=ev.perplexity_seq,
+                                               limit=ev.perplexity_limit, batch_size=ev.batch_size)
     return out
 
 
@@ -182,7 +200,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                                  skip_bad_rows=cfg.data.skip_bad_rows)
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
     logger.info("method %s: training on %d examples from %s", cfg.method, len(train_ds), cfg.data.train)
-    before = run_eval(model, tokenizer, cfg, "before") if not resume else {}
+    before = run_eval(model, tokenizer, cfg, "before") if not resume and cfg.eval.before else {}
 
     if cfg.parallel.fsdp2:  # before the optimizer exists, so that it holds the shards (owlore.fsdp)
         from owlore.fsdp import shard_model
@@ -328,7 +346,7 @@ def _write_evals(before: dict, after: dict, out_dir: Path, step: int, tb) -> Non
 
     for when, res in (("before", before), ("after", after)):
         for suite, r in res.items():
-            save_results(r, out_dir / f"eval_{suite}_{when}.json")
+            save_results(r, out_dir / f"eval_{suite.replace(':', '_')}_{when}.json")
             if tb and r.get("average") is not None:
                 tb.scalars(step, {f"eval/{suite}_{when}": r["average"]})
     if tb:
@@ -348,7 +366,9 @@ def _print_summary(summary: dict, before: dict, after: dict, cb, final_dir: Path
     for suite in after:
         b = before.get(suite, {}).get("average")
         a = after[suite].get("average")
-        rows.append((f"{suite} accuracy (before -> after)", f"{b:.3f} -> {a:.3f}" if b is not None else f"{a:.3f}"))
+        what = ("ROUGE-L" if suite.startswith("answers:") else "perplexity" if suite.startswith("perplexity:")
+                else "accuracy")
+        rows.append((f"{suite} {what} (before -> after)", f"{b:.3f} -> {a:.3f}" if b is not None else f"{a:.3f}"))
     print("\n" + summary_table(rows))
     for suite, res in after.items():
         if suite in before and "results" in res:

@@ -43,13 +43,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from owlore import comparison as cmp  # noqa: E402
+from owlore.benchmark import runs as cmp  # noqa: E402
 
 logger = logging.getLogger("memory_validation")
 GIB = 2**30
 WIDE = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
         "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False}
-COMMON = ["data.packing=true", "eval.demo=false", "training.logging_steps=1"]
+COMMON = ["data.packing=true", "eval.demo=false", "training.logging_steps=1", "memory.profile=false"]
 SMOLLM2_METHODS = ("full", "lora", "galore", "lisa", "badam", "owlore")
 OPTIONS = {  # SmolLM2 OwLore with its (tied) embedding trained, then each memory option on top
     "": [], "chunked_loss=256": ["memory.chunked_loss=256"],

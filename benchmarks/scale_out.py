@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from owlore.comparison import run_process  # noqa: E402
+from owlore.benchmark.runs import run_process  # noqa: E402
 
 METHODS = ["full", "lora", "galore", "lisa", "badam", "owlore"]
 FSDP2 = ("full", "lisa", "owlore", "galore")

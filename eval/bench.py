@@ -1,43 +1,31 @@
-"""Benchmark training methods side by side: memory by tensor kind, peak memory, step time, SVD cost, loss.
+"""Benchmark training methods side by side: quality, forgetting, memory by kind, step time, tokens/s, loss.
 
-    python eval/bench.py --methods full,lora,qlora,galore,lisa,badam,owlore --steps 20 [--batch 4] [--seq 128]
-        [--repeats 3] [--base configs/smollm2.yaml] [--out outputs/bench] [--demo [--demo-limit 10]]
-        [--variants owlore_opt=owlore:memory.chunked_loss=1024,optimizer.update_in_backward=true,training.max_grad_norm=0]
-        [--variants owlore+ckpt=owlore:memory.checkpointing=frozen] [--no-malloc-env] [--timeout S]
-        [section.key=value ...]              # every run, e.g. model.name=... data.train=...
-        [method:section.key=value ...]       # that method's columns, e.g. lisa:lisa.state_policy=keep
-        [label:section.key=value ...]        # one --variants column only
+    python eval/bench.py --sweep benchmarks/sweeps/manpages_methods.yaml        # a quality sweep (resumable)
+    python eval/bench.py --methods full,lora,owlore --steps 20 [--batch 4] [--seq 128] [--pack] [--repeats 3]
+        [--variants owlore_opt=owlore:memory.chunked_loss=1024,optimizer.update_in_backward=true]
+        [--task configs/tasks/manpages.yaml] [--lr 3e-4,1e-3] [--seeds 0,1,2] [--select answers:validation.rougeL]
+        [--out outputs/bench] [--no-malloc-env] [--timeout S] [--report-only] [--dry-run]
+        [section.key=value ...]  [method:section.key=value ...]  [label:section.key=value ...]
 
-Each column (a method, or a ``--variants label=method:override,...`` entry, so one method can appear with and
-without options) is a fresh ``train.py`` process per repeat, as in ``eval/compare.py`` (``owlore.comparison``:
-same model, data, batch and steps; repeats interleaved; ratios to ``full`` within a repeat), with
-``memory.profile=true`` (``owlore.memory.probe``: live weights, gradients, optimizer state and saved activations
-by kind at each step) and the demo evaluation off (``--demo`` turns it on). Per column: peak RSS and peak minus
-the post-load RSS (CUDA: max allocated, minus the allocation at train begin, and max reserved), live tensor bytes
-by kind at the peak step, median step time after warm-up and the slowest step over the median (a layer switch's
-SVD burst), tokens/s, GaLore SVD seconds per layer switch, trainable parameters, final loss. Writes
-``<out>/bench.json`` (runs, aggregates, the optimizer-state curves), ``<out>/bench.md`` and ``<out>/bench.png``
-((a) stacked bytes by kind, (b) optimizer state per step of the layer-switching methods, (c) step times).
+One runner for every comparison. Each run is a fresh ``train.py`` process (``owlore.benchmark.runs``: the
+method's ``configs/smollm2_<method>.yaml`` or ``--base``, plus the task overlay, the same batch, steps and
+schedule), with the memory probe on (live weights, gradients, optimizer state, activations by kind), losses
+logged each step and real (non-padding) tokens counted. Its record gives one row (``owlore.benchmark.records``):
+peak memory and peak above the loaded model, bytes by kind, median and slowest step, tokens/s, final loss, and
+every evaluation the run made (demo accuracy, answer EM / F1 / ROUGE-L, perplexities, forgetting against the
+base model). Rows are aggregated per column and learning rate over seeds and repeats; a column's learning rate
+is chosen on the sweep's ``select`` metric (a *validation* split), and its held-out metrics reported at that
+rate (``owlore.benchmark.aggregate``). Writes ``<out>/bench.json`` (every run, the aggregates, the whole grid),
+``<out>/bench.md`` and the plots ``bench.png`` (memory by kind, optimizer state, step times) and, with a
+quality metric, ``pareto.png`` (held-out quality vs memory).
 
-glibc: freed activations stay in the heap between steps (its mmap threshold rises after the first large free,
-so later blocks come from the heap, where fragmentation keeps them), which puts hundreds of MiB of freed memory
-into the peak RSS. Child processes therefore get ``MALLOC_MMAP_THRESHOLD_=65536`` (a fixed threshold: every
-block over 64 KiB is mmap'ed and returned to the OS when freed), unless already set in the environment. Measured
-on full fine-tuning of SmolLM2 (batch 4, seq 128, fp32, CPU): peak − post-load RSS 1788-1790 MiB instead of
-2042-2062, RSS between steps 2128 MiB (post-load + Adam state) instead of ~2570, against 1539 MiB of live tensors
-above the weights (the rest: optimizer and loss temporaries the probe does not count). The price is page faults:
-2.2x the minor faults, ~0.6 s more system time per step there, more for methods that allocate more, so step-time
-ratios lean a little towards the lean methods. Results are unchanged. ``--no-malloc-env`` runs with glibc's
-defaults (use it when step time is what you measure).
+A rerun with the same plan skips every finished run (its ``run.json`` holds the same command), so a sweep that
+was stopped resumes where it stopped; ``--report-only`` rewrites the report from the runs on disk.
 
-Optimizer state over a long run, where LISA with LMFlow's ``state_policy=keep`` grows with every layer it has
-visited while OwLore's (``reset``) stays at γ layers: sample often enough that every layer comes up, e.g. for
-SmolLM2's 30 layers with γ=4, 60 draws (P(some layer never drawn) < 1 %):
-
-    python eval/bench.py --methods lisa,owlore --variants lisa_keep=lisa:lisa.state_policy=keep --steps 60 \\
-        --batch 1 --seq 64 lisa:lisa.interval=1 owlore:owlore.interval=1
-
-and look at panel (b) of bench.png (``optimizer_state_series`` in bench.json).
+Memory: child processes get ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc returns freed blocks to the OS, so peak RSS
+follows live bytes; measured 1788-1790 MiB instead of 2042-2062 MiB on full FT of SmolLM2), unless it is set
+already or ``--no-malloc-env`` (use that when step time is what you measure: the page faults cost ~0.6 s/step).
+``--pack`` makes every row exactly ``--seq`` tokens (``data.packing=true``), so "seq 128" means 128 real tokens.
 """
 
 from __future__ import annotations
@@ -52,54 +40,79 @@ import sys
 import time
 from pathlib import Path
 
-from owlore import bench
-from owlore import comparison as cmp
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from owlore.benchmark import aggregate, records, report, runs  # noqa: E402
+from owlore.benchmark.sweep import Sweep, SweepError, load_sweep  # noqa: E402
+
 logger = logging.getLogger("bench")
-RECORD = cmp.RECORD
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-"""Set in every child unless already in the environment (see the module docstring; ``--no-malloc-env``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="full,lora,qlora,galore,lisa,badam,owlore",
-                   help="comma-separated methods (owlore/methods registry), one column each")
+    p.add_argument("--sweep", type=Path, help="a sweep file (benchmarks/sweeps/*.yaml): the whole plan")
+    p.add_argument("--methods", default=None, help="comma-separated methods (owlore/methods registry), a column each")
     p.add_argument("--variants", action="append", default=[], metavar="LABEL=METHOD[:KEY=VALUE,...]",
                    help="an extra column running METHOD with these overrides (repeat the flag for more)")
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, help="optimizer steps per run")
     p.add_argument("--batch", type=int, default=4, help="per-device train batch size")
     p.add_argument("--seq", type=int, default=128, help="data.max_seq_length")
-    p.add_argument("--repeats", type=int, default=1, help="run the columns this many times, interleaved")
-    p.add_argument("--base", type=Path,
-                   help="run every method as --config BASE method=<name> (default: configs/smollm2_<method>.yaml, "
-                        "or configs/smollm2.yaml for a method without one)")
+    p.add_argument("--pack", action="store_true", help="pack rows into blocks of exactly --seq tokens")
+    p.add_argument("--task", type=Path, help="config overlay for every run, e.g. configs/tasks/manpages.yaml")
+    p.add_argument("--lr", help="comma-separated learning-rate grid for every column")
+    p.add_argument("--seeds", help="comma-separated seeds (training.seed and the sampler's seed)")
+    p.add_argument("--select", help="metric that picks each column's learning rate, e.g. answers:validation.rougeL")
+    p.add_argument("--report", help="evaluation whose metrics head the report, e.g. answers:test")
+    p.add_argument("--repeats", type=int, default=None, help="run the plan this many times, interleaved")
+    p.add_argument("--base", type=Path, help="run every method as --config BASE method=<name>")
     p.add_argument("--config-dir", type=Path, default=Path("configs"), help="where smollm2_<method>.yaml live")
-    p.add_argument("--out", type=Path, default=Path("outputs/bench"))
-    p.add_argument("--demo", action="store_true", help="run the demo evaluation before and after (slower)")
-    p.add_argument("--demo-limit", type=int, help="demo items per task type (implies --demo)")
+    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<sweep name> for a "
+                                            "sweep, else outputs/bench)")
     p.add_argument("--no-malloc-env", action="store_true",
-                   help=f"do not set {' '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())} in the runs")
+                   help=f"do not set {' '.join(f'{k}={v}' for k, v in runs.MALLOC_ENV.items())} in the runs")
     p.add_argument("--timeout", type=float, help="seconds per run before it is killed and counted as failed")
     p.add_argument("--keep-models", action="store_true", help="keep each run's final/ model")
+    p.add_argument("--rerun", action="store_true", help="run again even the runs that are already done")
+    p.add_argument("--passes", type=int, help="run only the first K learning rates of each column's grid this time "
+                                               "(the rest stays planned: a later call without --passes runs it)")
+    p.add_argument("--only", help="comma-separated column labels to run this time (the others stay planned)")
+    p.add_argument("--max-runs", type=int, help="stop after starting this many runs (a later call continues)")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from the runs on disk")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (done / to run) and exit")
     p.add_argument("overrides", nargs="*",
                    help="section.key=value for every run; method:section.key=value or label:section.key=value "
                         "for those columns only")
     return p
 
 
-def columns(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
-    """``{label: (method, overrides)}`` in column order, or a parser error naming every problem."""
+def _numbers(text: str | None, kind: type, flag: str, parser: argparse.ArgumentParser) -> tuple | None:
+    if not text:
+        return None
+    try:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        parser.error(f"{flag} {text!r}: expected comma-separated numbers")
+
+
+def sweep_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Sweep:
+    """The plan: a sweep file with the command line's extra overrides, or one built from the flags."""
     from owlore.methods import REGISTRY
 
-    cols: dict[str, tuple[str, list[str]]] = {m.strip(): (m.strip(), []) for m in args.methods.split(",")
-                                              if m.strip()}
-    problems = [f"unknown methods {[m for m in cols if m not in REGISTRY]} (known: {', '.join(REGISTRY)})"] \
-        if any(m not in REGISTRY for m in cols) else []
+    if args.sweep is not None:
+        try:
+            sw = load_sweep(args.sweep, REGISTRY)
+        except SweepError as e:
+            parser.error(str(e))
+        return Sweep(**{**sw.__dict__, "overrides": (*sw.overrides, *args.overrides),
+                        "repeats": args.repeats or sw.repeats})
+    problems = []
+    cols = {m.strip(): runs.Column(m.strip(), m.strip()) for m in (args.methods or "").split(",") if m.strip()}
+    if [m for m in cols if m not in REGISTRY]:
+        problems.append(f"unknown methods {[m for m in cols if m not in REGISTRY]} (known: {', '.join(REGISTRY)})")
     for text in args.variants:
         try:
-            label, method, overrides = bench.parse_variant(text)
+            label, method, overrides = runs.parse_variant(text)
         except ValueError as e:
             problems.append(str(e))
             continue
@@ -107,29 +120,51 @@ def columns(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[s
             problems.append(f"--variants {text!r}: unknown method {method!r} (known: {', '.join(REGISTRY)})")
         elif label in cols or label in REGISTRY:
             problems.append(f"--variants {text!r}: label {label!r} is taken; choose another, e.g. {method}_opt")
-        cols[label] = (method, overrides)
+        cols[label] = runs.Column(label, method, tuple(overrides))
     names = {*cols, *REGISTRY}
     bad = [o for o in args.overrides if "=" not in o or (":" in o.split("=")[0] and o.split(":")[0] not in names)]
     if bad:
         problems.append(f"overrides must be [method:|label:]section.key=value: {bad}")
-    if not cols or args.steps < 1 or args.repeats < 1:
-        problems.append("need at least one column, --steps >= 1 and --repeats >= 1")
+    if not cols or not args.steps or args.steps < 1 or (args.repeats or 1) < 1:
+        problems.append("need --sweep FILE, or at least one column (--methods/--variants), --steps >= 1 and "
+                        "--repeats >= 1")
+    if args.task is not None and not args.task.is_file():
+        problems.append(f"--task {args.task}: no such config overlay")
     if problems:
         parser.error("; ".join(problems))
-    return cols
+    return Sweep(name="bench", columns=tuple(cols.values()), steps=args.steps, batch=args.batch, seq=args.seq,
+                 task=args.task, learning_rates=_numbers(args.lr, float, "--lr", parser),
+                 seeds=_numbers(args.seeds, int, "--seeds", parser), select=args.select, report=args.report,
+                 overrides=tuple(args.overrides), repeats=args.repeats or 1)
 
 
-def child_env(malloc: bool) -> dict[str, str]:
-    """The environment of a run: ours, no tokenizer threads, and (unless off or set already) ``MALLOC_ENV``."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false")}
-    if malloc:
-        env = {**MALLOC_ENV, **env}
-    return env
+def commands(sw: Sweep, out: Path, args: argparse.Namespace) -> list[runs.Run]:
+    """Every run of the plan with its full ``train.py`` command. In a quality sweep (a ``select`` metric) only the
+    first run evaluates the base model (``eval.before``): every run starts from the same weights."""
+    config_dir, base = _portable(args.config_dir), _portable(args.base or Path("configs/smollm2.yaml"))
+    task = None if sw.task is None else _portable(sw.task)
+    planned = runs.plan(sw.columns, out=_portable(out / "runs" if sw.select else out), seeds=sw.seeds,
+                        learning_rates=sw.learning_rates, repeats=sw.repeats)
+    out_runs = []
+    for i, r in enumerate(planned):
+        extra = [*(["data.packing=true"] if args.pack else []),
+                 *([f"eval.before={'true' if i == 0 else 'false'}"] if sw.select else [])]
+        own = runs.column_overrides(r.label, r.column.method, sw.overrides)
+        cmd = runs.run_command(r.column.method, steps=sw.steps, batch=sw.batch, seq=sw.seq, output_dir=r.out_dir,
+                               config_dir=config_dir, base=base, base_given=args.base is not None, task=task,
+                               overrides=[*extra, *runs.run_overrides(r), *own], script="train.py")
+        out_runs.append(runs.Run(r.column, r.lr, r.seed, r.repeat, r.out_dir, tuple(cmd), r.grid))
+    return out_runs
 
 
-def run_one(cmd: list[str], out_dir: Path, timeout: float | None, env: dict[str, str]) -> tuple[int, str]:
-    """Run one training process with its logs in ``out_dir``; the exit code and the stderr tail."""
-    return cmp.run_process(cmd, out_dir, cwd=REPO, timeout=timeout, env=env, who="bench.py")
+def _portable(path: Path) -> Path:
+    """A path relative to the repository when it lies inside (runs start in the repository), so the commands in
+    ``run.json`` match on another clone and a committed sweep resumes there."""
+    path = path if path.is_absolute() else REPO / path
+    try:
+        return path.resolve().relative_to(REPO)
+    except ValueError:
+        return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,76 +172,70 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
-    cols = columns(parser, args)
-    demo = args.demo or args.demo_limit is not None
-    config_dir = args.config_dir if args.config_dir.is_absolute() else REPO / args.config_dir
-    base = args.base or Path("configs/smollm2.yaml")
-    base = base if base.is_absolute() else REPO / base
-    out = args.out.resolve()
-    env = child_env(not args.no_malloc_env)
+    for name in ("sweep", "out", "task", "base", "config_dir"):  # the user's paths, before working in the repository
+        value = getattr(args, name)
+        if value is not None:
+            setattr(args, name, value.resolve())
+    os.chdir(REPO)  # runs start here; a sweep file's task path is relative to the repository
+    sw = sweep_from_args(parser, args)
+    out = (args.out or (Path("benchmarks/results") / sw.name if args.sweep else Path("outputs/bench"))).resolve()
+    env = runs.child_env(not args.no_malloc_env)
+    malloc = " ".join(f"{k}={env[k]}" for k in runs.MALLOC_ENV if k in env) or "glibc's malloc defaults"
     command = shlex.join(["python", "eval/bench.py", *(argv if argv is not None else sys.argv[1:])])
-    malloc = " ".join(f"{k}={env[k]}" for k in MALLOC_ENV if k in env) or "glibc's malloc defaults"
-    settings = {"steps": args.steps, "batch": args.batch, "seq": args.seq, "repeats": args.repeats,
-                "malloc_env": malloc, **({"demo_limit": args.demo_limit} if args.demo_limit is not None else {})}
-    fixed = ["memory.profile=true", *([] if demo else ["eval.demo=false"])]
-
-    rows: list[dict] = []
-    plan = cmp.schedule(list(cols), args.repeats)
-    for i, (repeat, label) in enumerate(plan, 1):
-        method, own = cols[label]
-        run_out = cmp.run_dir(out, label, repeat, args.repeats)
-        cmd = cmp.run_command(method, steps=args.steps, batch=args.batch, seq=args.seq, output_dir=run_out,
-                              config_dir=config_dir, base=base, base_given=args.base is not None,
-                              demo_limit=args.demo_limit,
-                              overrides=[*fixed, *own, *cmp.column_overrides(label, method, args.overrides)],
-                              script=str(REPO / "train.py"))
-        logger.info("[%d/%d] %s (repeat %d/%d): %s", i, len(plan), label, repeat + 1, args.repeats, shlex.join(cmd))
+    settings = {"steps": sw.steps, "batch": sw.batch, "seq": sw.seq, "packed": args.pack, "repeats": sw.repeats,
+                "malloc_env": malloc, **({"task": str(sw.task)} if sw.task else {})}
+    plan = commands(sw, out, args)
+    fingerprints = {r.out_dir: runs.run_fingerprint(r.command, REPO) for r in plan}
+    if args.dry_run:
+        for r in plan:
+            print(f"{'done  ' if runs.done(r.out_dir, r.command, fingerprints[r.out_dir]) else 'to run'}  {r.out_dir}  "
+                  f"{shlex.join(r.command[1:])}")
+        return 0
+    failed, started = 0, 0
+    only = set(args.only.split(",")) if args.only else None
+    for i, r in enumerate(plan, 1):
+        if args.report_only or (args.passes and r.grid >= args.passes) or (only and r.label not in only) or (
+                not args.rerun and runs.done(r.out_dir, r.command, fingerprints[r.out_dir])):
+            continue
+        if args.max_runs is not None and started >= args.max_runs:
+            break
+        started += 1
+        logger.info("[%d/%d] %s: %s", i, len(plan), r.out_dir, shlex.join(r.command))
         t0 = time.perf_counter()
-        rc, err_tail = run_one(cmd, run_out, args.timeout, env)
-        row = _read_row(run_out / RECORD, rc, err_tail, label=label, method=method, repeat=repeat, args=args)
-        if row["status"] == "ok":
-            if not args.keep_models:
-                shutil.rmtree(run_out / "final", ignore_errors=True)
-            logger.info("[%d/%d] %s ok in %.0f s: median step %s s, peak +%.0f MiB above the model, live tensors "
-                        "+%.0f MiB above the weights", i, len(plan), label, time.perf_counter() - t0,
-                        f"{row['step_median_s']:.3f}" if row["step_median_s"] is not None else "–",
-                        (row["memory_above_load_bytes"] or 0) / cmp.MIB,
-                        (row["live_above_weights_bytes"] or 0) / cmp.MIB)
-        else:
-            logger.error("[%d/%d] %s FAILED (exit %d); stderr tail:\n%s", i, len(plan), label, row["returncode"],
-                         row["stderr_tail"])
-        row["output_dir"], row["command"] = str(run_out), cmd
-        rows.append(row)
-        _write(out, rows, command, settings, cols)  # partial results survive an interrupted benchmark
-    failed = [r for r in rows if r["status"] != "ok"]
-    logger.info("wrote %s, %s and %s%s", out / "bench.json", out / "bench.md", out / "bench.png",
-                f"; {len(failed)} of {len(rows)} runs failed" if failed else "")
+        rc, err_tail = runs.run_process(r.command, r.out_dir, cwd=REPO, timeout=args.timeout, env=env,
+                                        data=fingerprints[r.out_dir])
+        if rc == 0 and not args.keep_models:
+            shutil.rmtree(r.out_dir / "final", ignore_errors=True)
+        failed += rc != 0
+        level = logging.INFO if rc == 0 else logging.ERROR
+        logger.log(level, "[%d/%d] %s %s in %.0f s%s", i, len(plan), r.out_dir,
+                   "ok" if rc == 0 else f"FAILED (exit {rc})", time.perf_counter() - t0,
+                   "" if rc == 0 else f"; stderr tail:\n{err_tail}")
+        write(out, plan, sw, command, settings)  # partial results survive an interrupted benchmark
+    rows = write(out, plan, sw, command, settings)
+    missing = sum(r["status"] != "ok" for r in rows)
+    logger.info("wrote %s and %s (%d runs, %d not ok)", out / "bench.json", out / "bench.md", len(rows), missing)
     print("\n" + (out / "bench.md").read_text())
-    return 1 if failed else 0
+    return 1 if failed or (missing and not args.report_only) else 0
 
 
-def _read_row(record_path: Path, rc: int, err_tail: str, *, label: str, method: str, repeat: int,
-              args: argparse.Namespace) -> dict:
-    if rc == 0 and record_path.is_file():
-        try:
-            return bench.parse_bench_record(json.loads(record_path.read_text()), label=label, method=method,
-                                            repeat=repeat, batch=args.batch, seq=args.seq)
-        except (KeyError, TypeError, ValueError) as e:  # a record from an older train.py, a cut-off file
-            rc, err_tail = 1, f"unreadable {record_path}: {e!r}\n{err_tail}"
-    elif rc == 0:
-        rc, err_tail = 1, f"exit 0 but no {record_path}\n{err_tail}"
-    return {**cmp.failed_row(label, repeat, rc, err_tail), "base_method": method}
-
-
-def _write(out: Path, rows: list[dict], command: str, settings: dict, cols: dict) -> None:
-    agg = bench.aggregate(rows)
+def write(out: Path, plan: list[runs.Run], sw: Sweep, command: str, settings: dict) -> list[dict]:
+    """Rows of every planned run on disk (missing ones as such), the aggregates, the report and the plots."""
+    rows = [records.read_row(r, batch=sw.batch, seq=sw.seq) for r in plan]
+    agg = aggregate.aggregate(rows)
+    chosen = aggregate.choose(agg, sw.select, lower_is_better=sw.lower_is_better) if sw.select else None
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(
-        {"command": command, "settings": settings,
-         "columns": {k: {"method": m, "overrides": o} for k, (m, o) in cols.items()},
-         "runs": rows, "aggregate": agg}, indent=1, default=str))
-    (out / "bench.md").write_text(bench.render_markdown(agg, command=command, settings=settings))
-    bench.plot_bench(agg, rows, out / "bench.png", title=", ".join(f"{k} {v}" for k, v in settings.items()))
+    meta = {"command": command, "settings": settings, "name": sw.name, "description": sw.description,
+            "select": sw.select, "report": sw.report,
+            "columns": {c.label: {"method": c.method, "overrides": list(c.overrides),
+                                  "learning_rates": c.learning_rates} for c in sw.columns}}
+    (out / "bench.json").write_text(json.dumps({**meta, "runs": rows, "aggregate": agg, "chosen": chosen},
+                                               indent=1, default=str))
+    (out / "bench.md").write_text(report.render_markdown(agg, chosen, meta))
+    report.plot_bench(agg, rows, out / "bench.png", title=", ".join(f"{k} {v}" for k, v in settings.items()))
+    if chosen and sw.report:
+        report.plot_pareto(agg, chosen, sw.report, out / "pareto.png", title=sw.name)
+    return rows
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from owlore.sampler import MODES, SCHEMES
@@ -394,7 +395,37 @@ class EvalConfig:
     """Few-shot examples (default: 5 for MMLU, 0 for commonsense)."""
     limit: int | None = None
     batch_size: int = 8
+    before: bool = True
+    """Also evaluate the model before training (a benchmark measures the base model once and sets it false)."""
+    answers: dict[str, str] = field(default_factory=dict)
+    """Free-form answer sets, name -> JSONL of instruction/output rows: greedy answers scored by exact match,
+    token F1 and ROUGE-L (``owlore.evaluation.answers``), e.g. ``{validation: ..., test: ...}``."""
+    answers_limit: int | None = None
+    """Score only the first N rows of each answer set."""
+    max_new_tokens: int = 32
+    perplexity: dict[str, str] = field(default_factory=dict)
+    """Perplexity sets, name -> JSONL of text rows (``owlore.evaluation.perplexity``): held-out domain text, and
+    general text of another kind for forgetting."""
+    perplexity_seq: int = 128
+    """Tokens per perplexity block."""
+    perplexity_limit: int | None = 96
+    """Blocks scored per perplexity set (None: all)."""
 
     def problems(self, prefix: str = "eval.") -> list[str]:
+        out = []
         bad = [s for s in self.suites if s not in ("mmlu", "commonsense")]
-        return [f"{prefix}suites={self.suites!r}: unknown {bad}; use mmlu and/or commonsense"] if bad else []
+        if bad:
+            out.append(f"{prefix}suites={self.suites!r}: unknown {bad}; use mmlu and/or commonsense")
+        for key in ("answers", "perplexity"):
+            for name, path in getattr(self, key).items():
+                if not isinstance(path, str) or not Path(path).is_file():
+                    out.append(f"{prefix}{key}.{name}={path!r}: no such file; build the real tasks with "
+                               "`make tasks` (scripts/prepare_tasks.py) or give a JSONL path")
+        for key in ("answers_limit", "perplexity_limit"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                out.append(f"{prefix}{key}={v}: must be >= 1 or null (all rows)")
+        if self.max_new_tokens < 1 or self.perplexity_seq < 8:
+            out.append(f"{prefix}max_new_tokens={self.max_new_tokens}, perplexity_seq={self.perplexity_seq}: "
+                       "need max_new_tokens >= 1 and perplexity_seq >= 8")
+        return out

@@ -195,6 +195,15 @@ def test_every_method_trains_three_steps_through_train_py(method, trained, tiny_
         _check_layer_sampling(run, initial, changed, outside_trains={
             "model.embed_tokens.weight": False, "lm_head.weight": False, "model.norm.weight": True})
         assert len(run.record["outlier_ratios"]) == ms.NUM_LAYERS
+    elif method == "apollo":  # every parameter; the decoder linears in APOLLO's scaled low-rank group
+        from apollo_torch import APOLLOAdamW
+
+        assert changed == set(initial)
+        opt = unwrap_optimizer(run.trainer.optimizer)
+        assert isinstance(opt, APOLLOAdamW)
+        low_rank = [g for g in opt.param_groups if "rank" in g]
+        assert len(low_rank) == 1 and low_rank[0]["rank"] == 4 and low_rank[0]["scale_type"] == "channel"
+        assert len(low_rank[0]["params"]) == 7 * ms.NUM_LAYERS  # q k v o gate up down of every layer
     else:
         pytest.fail(f"no parameter check for method {method!r}: add one")
 
@@ -452,6 +461,7 @@ SMOLLM2_KNOBS = {
     "galore": ["galore.rank=8"],
     "lisa": ["lisa.gamma=2", "lisa.interval=1"],
     "badam": ["badam.block_size=2", "badam.switch_every=1"],
+    "apollo": ["apollo.rank=8"],
 }
 
 

@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "galore": "owlore.methods.galore",
     "lisa": "owlore.methods.lisa",
     "badam": "owlore.methods.badam",
+    "apollo": "owlore.methods.apollo",
 }
 
 
