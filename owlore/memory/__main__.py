@@ -2,6 +2,8 @@
 
     python -m owlore.memory --config configs/memory/llama2_7b_owlore.yaml [section.key=value ...] [--compare-methods]
         [--json]
+    python -m owlore.memory --fit 24GiB --model <hub id or dir> [--seq 2048] [--batch 8] [--dtype bfloat16]
+        [--quality benchmarks/results/manpages_methods/bench.json]      # what fits, cheapest first (owlore.memory.fit)
 
 Prints the breakdown at the peak (weights, gradients, optimizer state, activations, logits, temporaries) and the
 moment it happens. ``--compare-methods`` gives one row per method for the same model, batch and sequence length
@@ -102,11 +104,23 @@ def comparison_table(rows: list[tuple[str, MemoryEstimate | None, str]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m owlore.memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, action="append", help="YAML file; repeat to compose")
+    p.add_argument("--config", action="append", help="YAML file; repeat to compose")
+    p.add_argument("--fit", metavar="SIZE", help="list the methods and options that fit SIZE (24GiB, 80GB), cheapest first")
+    p.add_argument("--model", help="with --fit: hub id, local directory or config.json of the model")
+    p.add_argument("--seq", type=int, default=2048, help="with --fit: tokens per row (default 2048)")
+    p.add_argument("--batch", type=int, default=8, help="with --fit: rows per device step (default 8)")
+    p.add_argument("--dtype", default="bfloat16", help="with --fit: training dtype (default bfloat16)")
+    p.add_argument("--quality", default=str(Path(__file__).resolve().parents[2] / "benchmarks" / "results" /
+                                            "manpages_methods" / "bench.json"),
+                   help="with --fit: a quality benchmark's bench.json whose ranks are shown")
     p.add_argument("overrides", nargs="*", help="section.key=value, as for train.py")
     p.add_argument("--compare-methods", action="store_true", help="one row per method, then OwLore's options")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     args = p.parse_args(argv)
+    if args.fit is not None:
+        return _fit(p, args)
+    if not args.config:
+        p.error("--config FILE is required (or --fit SIZE --model NAME)")
     try:
         if args.compare_methods:
             rows = compare(args.config, args.overrides)
@@ -127,6 +141,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(est.to_dict(), indent=1) if args.json else est.table())
+    return 0
+
+
+def _fit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from owlore.memory.fit import fit
+
+    if not args.model:
+        parser.error("--fit needs --model <hub id, local directory or config.json>")
+    if args.seq < 1 or args.batch < 1:
+        parser.error(f"--seq {args.seq} / --batch {args.batch}: must be >= 1")
+    try:
+        result = fit(args.fit, args.model, seq=args.seq, batch=args.batch, dtype=args.dtype, quality=args.quality,
+                     overrides=args.overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=1))
+        return 0
+    print(f"{args.model}, {args.dtype}, batch {args.batch} x seq {args.seq}\n")
+    print(result["table"])
+    for line in result["skipped"]:
+        print(f"not estimated: {line}")
     return 0
 
 

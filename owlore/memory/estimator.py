@@ -286,6 +286,9 @@ def run_options(cfg: Any) -> tuple[str, int, int, dict[str, Any]]:
         opts["block_size"] = sections["badam"].block_size
     elif method == "galore":
         opts.update(rank=sections["galore"].rank, basis_method=sections["galore"].basis_method)
+    elif method == "apollo":  # counted as GaLore: rank-r moments of the projected gradients on the decoder
+        # linears, full-rank AdamW elsewhere; its random projection needs no SVD workspace (randomized's small one)
+        opts.update(rank=sections["apollo"].rank, basis_method="randomized")
     elif method in ("lora", "qlora"):
         lo = sections["lora"]
         opts.update(lora_rank=lo.r, lora_targets=lo.target_modules if isinstance(lo.target_modules, str)
@@ -310,4 +313,9 @@ def estimate_run(run_config: Any, **overrides: Any) -> MemoryEstimate:
     dtype, batch, seq, opts = run_options(run_config)
     shape = load_model_shape(run_config.model.name, trust_remote_code=run_config.model.trust_remote_code)
     dtype, batch, seq = (overrides.pop(k, v) for k, v in (("dtype", dtype), ("batch", batch), ("seq", seq)))
-    return estimate(shape, method=run_config.method, dtype=dtype, batch=batch, seq=seq, **{**opts, **overrides})
+    method = ESTIMATED_AS.get(run_config.method, run_config.method)
+    return estimate(shape, method=method, dtype=dtype, batch=batch, seq=seq, **{**opts, **overrides})
+
+
+ESTIMATED_AS = {"apollo": "galore"}
+"""Methods whose memory follows another's layout (APOLLO's state is GaLore's: projected moments + a projection)."""
