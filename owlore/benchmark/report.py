@@ -63,7 +63,7 @@ def quality_table(agg: Mapping[str, Mapping[str, Any]], chosen: Mapping[str, Map
     lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
     base = agg.get("_base", {}).get("quality", {})
     if base:
-        cells = ["base model", "–", "–", *(fmt(base.get(k.replace(":test", ":test")), ".3f") for k in keys),
+        cells = ["base model", "–", "–", *(fmt(base.get(k), ".2f" if k.endswith("perplexity") else ".3f") for k in keys),
                  "0", "–", "–", "–", "–", "–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
     for label, c in chosen.items():
