@@ -41,6 +41,8 @@ def report_metrics(agg: Mapping[str, Mapping[str, Any]], prefix: str | None) -> 
         return [k for k in keys if k != "forgetting"]
     order = list(QUALITY_NAMES)
     mine = [k for k in keys if k.startswith(prefix + ".") and k.rsplit(".", 1)[1] in order]
+    if len(mine) > 1:  # "average" repeats the headline metric (ROUGE-L, perplexity) when there are others
+        mine = [k for k in mine if not k.endswith(".average")]
     return sorted(mine, key=lambda k: order.index(k.rsplit(".", 1)[1]))
 
 
