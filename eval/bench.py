@@ -31,6 +31,7 @@ already or ``--no-malloc-env`` (use that when step time is what you measure: the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -104,8 +105,7 @@ def sweep_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             sw = load_sweep(args.sweep, REGISTRY)
         except SweepError as e:
             parser.error(str(e))
-        return Sweep(**{**sw.__dict__, "overrides": (*sw.overrides, *args.overrides),
-                        "repeats": args.repeats or sw.repeats})
+        return dataclasses.replace(sw, overrides=(*sw.overrides, *args.overrides), repeats=args.repeats or sw.repeats)
     problems = []
     cols = {m.strip(): runs.Column(m.strip(), m.strip()) for m in (args.methods or "").split(",") if m.strip()}
     if [m for m in cols if m not in REGISTRY]:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from owlore.benchmark.aggregate import REFERENCE
+from owlore.benchmark.aggregate import REFERENCE, key_of
 from owlore.benchmark.records import KIND_FIELDS, LOSS_TAIL, WARMUP_STEPS
 from owlore.benchmark.runs import lr_text
 
@@ -211,8 +211,7 @@ def plot_bench(agg: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping[str,
     axes[0].set_title("(a) live tensor bytes by kind at the peak step")
     axes[0].legend(fontsize=7)
     for key in keys:
-        r = next((r for r in rows if r["status"] == "ok" and f"{r['label']}" in key
-                  and (r["lr"] is None or key.endswith(lr_text(r["lr"])))), None)
+        r = next((r for r in rows if r["status"] == "ok" and key_of(r["label"], r["lr"]) == key), None)
         if r is None:
             continue
         curve = r.get("optimizer_state_series") or {}

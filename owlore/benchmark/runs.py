@@ -235,8 +235,10 @@ def run_process(cmd: Sequence[str], out_dir: Path, *, cwd: Path, timeout: float 
         except subprocess.TimeoutExpired:
             err.write(f"\n{who}: killed after {timeout:.0f} s (--timeout)\n")
             rc = 124
+    from owlore.fileio import atomic_write
+
     info = {"command": list(cmd[1:]), "returncode": rc, **({"data": data} if data else {})}
-    (out_dir / RUN_FILE).write_text(json.dumps(info, indent=1))
+    atomic_write(out_dir / RUN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
     return rc, tail((out_dir / "train.stderr").read_text(errors="replace"))
 
 

@@ -236,13 +236,8 @@ def mmlu_text_rows(items: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
 
 def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> int:
     """Write rows as JSON Lines (UTF-8); the row count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n
+    from owlore.fileio import atomic_write
+
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(lines), encoding="utf-8"))
+    return len(lines)

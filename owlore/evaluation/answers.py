@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 logger = logging.getLogger(__name__)
+PUNCTUATION = frozenset(string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
     """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
     text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text if ch not in PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 

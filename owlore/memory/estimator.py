@@ -264,6 +264,10 @@ def _grouped(category: str, trained: list[Trained], attr: str) -> list[tuple[str
     return out + [(category, t.name, getattr(t, attr)) for t in trained if t.layer is None]
 
 
+ESTIMATED_AS = {"apollo": "galore"}
+"""Methods whose memory follows another's layout (APOLLO's state is GaLore's: projected moments + a projection)."""
+
+
 def run_options(cfg: Any) -> tuple[str, int, int, dict[str, Any]]:
     """(dtype, batch, seq, options) of ``estimate`` for an ``owlore.recipe.RunConfig``."""
     t, m, mem, method = cfg.training, cfg.model, cfg.memory, cfg.method
@@ -316,6 +320,3 @@ def estimate_run(run_config: Any, **overrides: Any) -> MemoryEstimate:
     method = ESTIMATED_AS.get(run_config.method, run_config.method)
     return estimate(shape, method=method, dtype=dtype, batch=batch, seq=seq, **{**opts, **overrides})
 
-
-ESTIMATED_AS = {"apollo": "galore"}
-"""Methods whose memory follows another's layout (APOLLO's state is GaLore's: projected moments + a projection)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 
+from owlore.config import PROJ_TYPES
 from owlore.methods.base import BuildContext, Method, MethodParts
 
 DECODER_LINEARS = [r".*\.self_attn\..*_proj", r".*\.mlp\..*_proj"]
@@ -51,8 +52,8 @@ class ApolloConfig:
         if self.update_proj_gap < 1 or not self.scale > 0:
             out.append(f"{prefix}update_proj_gap={self.update_proj_gap}, scale={self.scale}: need a gap >= 1 "
                        "and a scale > 0")
-        if self.proj_type not in ("std", "reverse_std", "left", "right"):
-            out.append(f"{prefix}proj_type={self.proj_type!r}: must be std, reverse_std, left or right")
+        if self.proj_type not in PROJ_TYPES:
+            out.append(f"{prefix}proj_type={self.proj_type!r}: must be one of {', '.join(PROJ_TYPES)}")
         if not self.target_modules:
             out.append(f"{prefix}target_modules: must name at least one module regex (or all-linear)")
         return out
