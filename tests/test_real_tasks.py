@@ -185,3 +185,14 @@ def test_perplexity_equals_a_naive_per_block_loop(tiny):
     assert r["tokens"] == count and r["blocks"] == len(blocks)
     assert r["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
     assert perplexity(model, tok, rows, seq_len=16, limit=2)["blocks"] == 2
+
+
+def test_eval_sets_that_do_not_exist_are_config_errors_naming_the_key(tmp_path):
+    from owlore.config import ConfigError
+    from owlore.recipe import load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config([str(ROOT / "configs" / "smollm2_owlore.yaml")],
+                    [f"eval.answers={{test: {tmp_path / 'nope.jsonl'}}}", "eval.perplexity_limit=0"])
+    assert "eval.answers.test=" in str(e.value) and "make tasks" in str(e.value)
+    assert "eval.perplexity_limit=0: must be >= 1" in str(e.value)  # every problem at once
