@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.adamw import adamw as torch_adamw
 
 from owlore.adamw import Convention, adamw_update
 from owlore.factored import factored_update
@@ -31,7 +32,15 @@ from owlore.projector import (
     projected_shape,
     randomized_basis,
 )
-from owlore.quant_state import CodeMaps, check_state_options, load_moments, store_moments, update_target
+from owlore.quant_state import (
+    MIN_8BIT_SIZE,
+    MOMENTS,
+    CodeMaps,
+    check_state_options,
+    load_moments,
+    store_moments,
+    update_target,
+)
 from owlore.sharded import (
     agree_finite,
     broadcast_basis,
@@ -105,6 +114,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state_dtype: dtype of moments and basis, and of the update math; ``None`` follows the gradient.
         master_weights: keep fp32 master copies of bf16/fp16 params.
         state_bits: 32, or 8 for 8-bit blockwise quantised moments (needs bitsandbytes).
+        fused: plain-AdamW params (see "Speed") step with torch's fused AdamW kernel; ``None`` (default) does so
+            on every device torch has the kernel for, ``False`` never.
+        foreach: with ``fused`` off, step plain-AdamW params with torch's foreach (multi-tensor) AdamW; ``False``
+            as well as ``fused=False`` keeps the per-param loop (the reference path, exact to
+            ``torch.optim.AdamW``'s default on CPU).
+
+    Speed: every param that needs nothing of GaLore's (no projection, torch convention, 32-bit moments, the state
+    dtype equal to the weight's or its master's dtype, not FSDP-sharded) is updated by ``torch.optim.adamw``'s
+    functional AdamW (``torch_adamw``), fused or foreach, one call per param group and step count, instead of ~8 kernels per
+    tensor from Python. This is the whole step for LISA and BAdam, and the embeddings, head and norms under
+    OwLore. Projected weights keep the per-param path (each has its own basis).
     """
 
     def __init__(
@@ -119,6 +139,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state_dtype: torch.dtype | None = torch.float32,
         master_weights: bool = False,
         state_bits: int = 32,
+        fused: bool | None = None,
+        foreach: bool | None = None,
     ) -> None:
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
             if not value >= 0.0:
@@ -128,6 +150,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.svd_seconds = 0.0
         self.skipped_updates = 0
         self._code_maps = CodeMaps()
+        self.fused, self.foreach = fused, foreach
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention)
         defaults.update(state_dtype=state_dtype, master_weights=master_weights, state_bits=state_bits)
         super().__init__(params, defaults)
@@ -176,12 +199,77 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 p.grad = p.grad.to_dense()
         flags = _finite_flags([local(p.grad) for p, _, _ in todo])
         flags = agree_finite(flags, [p for p, _, _ in todo])  # FSDP2 shards: every rank skips or steps together
+        plain = []
         for (p, group, where), finite in zip(todo, flags):
-            if finite:
-                self._step_param(p, group, where)
-            else:
+            if not finite:
                 self._skip_non_finite(p, group, where)
+            elif self._multi_tensor() and self._is_plain_adamw(p, group):
+                plain.append((p, group))
+            else:
+                self._step_param(p, group, where)
+        if plain:
+            self._step_plain(plain)
         return loss
+
+    def _step_one(self, p: Tensor, group: dict[str, Any], where: tuple[int, int]) -> None:
+        """One param's update by the path ``step`` would take for it (used by the in-backward subclass)."""
+        if self._multi_tensor() and self._is_plain_adamw(p, group):
+            self._step_plain([(p, group)])
+        else:
+            self._step_param(p, group, where)
+
+    def _multi_tensor(self) -> bool:
+        return self.fused is not False or self.foreach is not False
+
+    def _is_plain_adamw(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p``'s update is exactly torch's AdamW on tensors of one dtype (see "Speed")."""
+        if group["convention"] != "torch" or p.dim() == 2 and ("rank" in group or group.get("factored")):
+            return False
+        if is_sharded(p) or group["state_bits"] == 8 and p.numel() >= MIN_8BIT_SIZE:
+            return False
+        dtype = group["state_dtype"] or p.grad.dtype
+        low = group["master_weights"] and p.dtype in (torch.bfloat16, torch.float16)
+        if (torch.float32 if low else p.dtype) != dtype:
+            return False
+        state = self.state.get(p, {})
+        return all(state[key].dtype == dtype for key in MOMENTS if key in state)
+
+    def _step_plain(self, items: list[tuple[Tensor, dict[str, Any]]]) -> None:
+        """Plain-AdamW params through ``torch.optim.adamw.adamw``, one call per (group, step count).
+
+        Params of one group normally share their step count (layers switched on together), so the call count is
+        the group count. Step tensors are made for the call only; the state keeps its int ``step``.
+        """
+        buckets: dict[tuple[int, int], tuple[dict[str, Any], list[Tensor]]] = {}
+        for p, group in items:
+            step = self.state[p].get("step", 0)
+            buckets.setdefault((id(group), step), (group, []))[1].append(p)
+        for (_, step), (group, params) in buckets.items():
+            dtype = group["state_dtype"] or params[0].grad.dtype
+            targets, grads, exp_avgs, exp_avg_sqs = [], [], [], []
+            for p in params:
+                state = self.state[p]
+                target = update_target(p, state, master_weights=group["master_weights"])
+                for key in MOMENTS:
+                    if key not in state:
+                        state[key] = torch.zeros_like(target, dtype=dtype)
+                targets.append(target)
+                grads.append(p.grad.to(dtype))
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                state["step"] = step + 1
+            fused = self.fused if self.fused is not None else _has_fused_adamw(targets)
+            device = targets[0].device if fused else "cpu"  # foreach reads CPU step counts without a sync
+            steps = list(torch.full((len(targets),), float(step), device=device).unbind())
+            beta1, beta2 = group["betas"]
+            torch_adamw(
+                targets, grads, exp_avgs, exp_avg_sqs, [], steps,
+                foreach=not fused and self.foreach is not False, fused=fused, amsgrad=False, beta1=beta1,
+                beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            )
+            low = [(p, t) for p, t in zip(params, targets) if t is not p]
+            if low:  # round the fp32 masters into the low-precision weights
+                torch._foreach_copy_([p for p, _ in low], [t for _, t in low])
 
     def _step_param(self, p: Tensor, group: dict[str, Any], where: tuple[int, int]) -> None:
         state = self.state[p]
@@ -342,6 +430,15 @@ def _describe(shape: torch.Size, group: dict[str, Any], where: tuple[int, int]) 
     return f"param {where[1]} {tuple(shape)} of group {group.get('name', where[0])!r}"
 
 
+def _has_fused_adamw(tensors: list[Tensor]) -> bool:
+    """Whether torch has a fused AdamW kernel for all of ``tensors`` (one device; CPU and CUDA among others)."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = {t.device for t in tensors}
+    return (len(devices) == 1 and next(iter(devices)).type in _get_fused_kernels_supported_devices()
+            and all(t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) for t in tensors))
+
+
 def _finite_flags(grads: list[Tensor]) -> list[bool]:
     """Whether each gradient is all-finite, with one host sync per device instead of one per gradient.
 
@@ -369,6 +466,8 @@ def create_galore_optimizer(
     state_dtype: torch.dtype | None = torch.float32,
     master_weights: bool = False,
     state_bits: int = 32,
+    fused: bool | None = None,
+    foreach: bool | None = None,
     **group_kwargs: Any,
 ) -> GaLoreAdamW:
     """``GaLoreAdamW(make_param_groups(model, **group_kwargs), lr=lr, ...)`` in one call."""
@@ -382,4 +481,6 @@ def create_galore_optimizer(
         state_dtype=state_dtype,
         master_weights=master_weights,
         state_bits=state_bits,
+        fused=fused,
+        foreach=foreach,
     )

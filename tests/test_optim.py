@@ -121,8 +121,17 @@ def test_reverse_std_full_rank_wide_where_galore_torch_breaks() -> None:
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
 
 
+IMPLEMENTATIONS = {  # GaLoreAdamW's kernel options -> the torch.optim.AdamW options it must equal bit for bit
+    "fused": ({}, {"fused": True}),
+    "foreach": ({"fused": False}, {"foreach": True}),
+    "loop": ({"fused": False, "foreach": False}, {"foreach": False}),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("state_dtype", [torch.float32, None])
-def test_full_rank_groups_match_torch_adamw_exactly(state_dtype: torch.dtype | None) -> None:
+def test_full_rank_groups_match_torch_adamw_exactly(state_dtype: torch.dtype | None, impl: str) -> None:
+    ours_options, torch_options = IMPLEMENTATIONS[impl]
     shapes = [(6, 4), (5,), (3, 7), (4,)]
     ours = [_param(s, seed=i) for i, s in enumerate(shapes)]
     ref = [_param(s, seed=i) for i, s in enumerate(shapes)]
@@ -140,6 +149,7 @@ def test_full_rank_groups_match_torch_adamw_exactly(state_dtype: torch.dtype | N
         ],
         betas=(0.8, 0.99),
         state_dtype=state_dtype,  # fp32 params: the default fp32 state and "follow the gradient" are the same
+        **ours_options,
     )
     torch_opt = torch.optim.AdamW(
         [
@@ -149,6 +159,7 @@ def test_full_rank_groups_match_torch_adamw_exactly(state_dtype: torch.dtype | N
         ],
         betas=(0.8, 0.99),
         eps=1e-6,
+        **torch_options,
     )
     grads = [[_grads(s, 1, seed=10 * step + i)[0] for i, s in enumerate(shapes)] for step in range(10)]
     _run(opt, ours, grads)
@@ -156,6 +167,39 @@ def test_full_rank_groups_match_torch_adamw_exactly(state_dtype: torch.dtype | N
     for a, b in zip(ours, ref):
         assert torch.equal(a, b)
         assert torch.equal(opt.state[a]["exp_avg_sq"], torch_opt.state[b]["exp_avg_sq"])
+
+
+def test_plain_params_take_one_torch_call_per_group_and_step_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    import owlore.optim as optim_module
+
+    calls: list[int] = []
+    real = optim_module.torch_adamw
+    monkeypatch.setattr(optim_module, "torch_adamw", lambda ps, *a, **k: calls.append(len(ps)) or real(ps, *a, **k))
+    params = [_param((6, 4), seed=1), _param((5,), seed=2), _param((3, 7), seed=3), _param((12, 8), seed=4)]
+    opt = GaLoreAdamW([{"params": params[:3]}, {"params": params[3:], **GALORE}], lr=1e-2)
+    grads = [[_grads(p.shape, 1, seed=10 * s + i)[0] for i, p in enumerate(params)] for s in range(2)]
+    _run(opt, params, grads)
+    assert calls == [3, 3]  # the projected (12, 8) weight steps on its own path
+    opt.drop_state(params[:1])  # params[0] restarts at step 1: a second bucket in the same group
+    _run(opt, params, grads[:1])
+    assert calls[:2] == [3, 3] and sorted(calls[2:]) == [1, 2]
+
+
+def test_plain_params_with_different_step_counts_match_the_loop() -> None:
+    shapes = [(6, 4), (5,), (3, 7)]
+    runs = {}
+    for name, options in (("loop", {"fused": False, "foreach": False}), ("fused", {}), ("foreach", {"fused": False})):
+        params = [_param(s, seed=i) for i, s in enumerate(shapes)]
+        opt = GaLoreAdamW([{"params": params, "weight_decay": 0.1}], lr=1e-2, **options)
+        grads = [[_grads(s, 1, seed=10 * step + i)[0] for i, s in enumerate(shapes)] for step in range(6)]
+        _run(opt, params, grads[:3])
+        opt.drop_state(params[1:2])  # its bias correction restarts while the others go on
+        _run(opt, params, grads[3:])
+        assert [opt.state[p]["step"] for p in params] == [6, 3, 6]
+        runs[name] = params
+    for name in ("fused", "foreach"):
+        for a, b in zip(runs[name], runs["loop"]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)  # fused rounds differently in the last bit
 
 
 def test_first_galore_step_by_hand_torch_convention() -> None:

@@ -147,7 +147,7 @@ class InBackwardGaLoreAdamW(GaLoreAdamW):
         finite = math.isfinite(norm) or bool(torch.isfinite(grad).all())  # a finite grad whose norm overflows
         group = self.param_groups[where[0]]  # looked up now: load_state_dict replaces the group dicts
         if finite:
-            self._step_param(p, group, where)
+            self._step_one(p, group, where)
         else:
             self._skip_non_finite(p, group, where)
         self._sq_norm += norm * norm
