@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -61,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=128, help="data.max_seq_length")
     p.add_argument("--pack", action="store_true", help="pack rows into blocks of exactly --seq tokens")
     p.add_argument("--task", type=Path, help="config overlay for every run, e.g. configs/tasks/manpages.yaml")
-    p.add_argument("--lr", help="comma-separated learning-rate grid for every column")
-    p.add_argument("--seeds", help="comma-separated seeds (training.seed and the sampler's seed)")
+    p.add_argument("--lr", help="comma-separated learning-rate grid for every column; with --sweep: run only these "
+                                "rates of its grid this time (the rest stays planned)")
+    p.add_argument("--seeds", help="comma-separated seeds (training.seed and the sampler's seed); with --sweep: run "
+                                   "only these of its seeds this time")
     p.add_argument("--select", help="metric that picks each column's learning rate, e.g. answers:validation.rougeL")
     p.add_argument("--report", help="evaluation whose metrics head the report, e.g. answers:test")
     p.add_argument("--repeats", type=int, default=None, help="run the plan this many times, interleaved")
@@ -157,6 +160,21 @@ def commands(sw: Sweep, out: Path, args: argparse.Namespace) -> list[runs.Run]:
     return out_runs
 
 
+def _sweep_filters(args: argparse.Namespace, sw: Sweep, parser: argparse.ArgumentParser
+                   ) -> tuple[tuple[float, ...] | None, tuple[int, ...] | None]:
+    """``--lr`` / ``--seeds`` given with ``--sweep``: the rates and seeds of its plan to run this time."""
+    if args.sweep is None:
+        return None, None  # without a sweep file they *are* the plan
+    lrs = _numbers(args.lr, float, "--lr", parser)
+    seeds = _numbers(args.seeds, int, "--seeds", parser)
+    if seeds and sw.seeds and set(seeds) - set(sw.seeds):
+        parser.error(f"--seeds {args.seeds}: the sweep's seeds are {list(sw.seeds)}")
+    grid = {x for c in sw.columns for x in (c.learning_rates or sw.learning_rates or ())}
+    if lrs and grid and not all(any(math.isclose(x, g, rel_tol=1e-9) for g in grid) for x in lrs):
+        parser.error(f"--lr {args.lr}: not in the sweep's learning-rate grid {sorted(grid)}")
+    return lrs, seeds
+
+
 def _portable(path: Path) -> Path:
     """A path relative to the repository when it lies inside (runs start in the repository), so the commands in
     ``run.json`` match on another clone and a committed sweep resumes there."""
@@ -193,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     failed, started = 0, 0
     only = set(args.only.split(",")) if args.only else None
+    wanted_lrs, wanted_seeds = _sweep_filters(args, sw, parser)
     for i, r in enumerate(plan, 1):
         if args.report_only or (args.passes and r.grid >= args.passes) or (only and r.label not in only) or (
+                wanted_lrs and r.lr is not None and not any(math.isclose(r.lr, x, rel_tol=1e-9) for x in wanted_lrs)) or (
+                wanted_seeds and r.seed not in wanted_seeds) or (
                 not args.rerun and runs.done(r.out_dir, r.command, fingerprints[r.out_dir])):
             continue
         if args.max_runs is not None and started >= args.max_runs:

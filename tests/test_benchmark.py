@@ -302,3 +302,21 @@ def test_bench_end_to_end_on_a_tiny_checkpoint_with_a_failure_and_resume(tmp_pat
     rerun = subprocess.run([*argv, "--report-only"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert (out / "runs" / "full" / "lr1e-03" / runs.RECORD).stat().st_mtime_ns == stamp  # nothing re-ran
+
+
+def test_lr_and_seeds_with_a_sweep_run_only_those_runs_of_its_plan(tmp_path, monkeypatch):
+    script = support.load_script("bench")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\nsteps: 2\nbatch: 2\nseq: 32\nlearning_rates: [1.0e-3, 1.0e-4]\nseeds: [0, 1]\n"
+                     "select: answers:validation.rougeL\nreport: answers:test\ncolumns:\n  a: {method: full}\n"
+                     "  b: {method: lisa}\n")
+    started: list[Path] = []
+    monkeypatch.setattr(script.runs, "run_process", lambda cmd, out_dir, **kw: started.append(out_dir) or (1, ""))
+    rc = script.main(["--sweep", str(sweep), "--out", str(tmp_path / "o"), "--lr", "1e-4", "--seeds", "1"])
+    assert rc == 1  # the stub runs "failed"; what matters is which ran
+    assert sorted((p.parent.name, p.name) for p in started) == [("a", "lr1e-04_s1"), ("b", "lr1e-04_s1")]
+    report = json.loads((tmp_path / "o" / "bench.json").read_text())
+    assert len(report["runs"]) == 8  # the report still covers the whole plan; the rest stays planned
+    for bad in (["--lr", "5e-2"], ["--seeds", "7"]):
+        with pytest.raises(SystemExit):
+            script.main(["--sweep", str(sweep), "--out", str(tmp_path / "o"), *bad])
