@@ -79,25 +79,32 @@ class StepTimer(TrainerCallback):
 
     Put it first in the Trainer's callbacks: a layer switch made in another callback's ``on_step_begin``
     (OwLore, LISA, BAdam) then falls inside the step it precedes, so switch costs show in the mean step time.
-    On CUDA the clock is read after a synchronize (kernel time, not launch time). Tokens are
+    On CUDA each step is a pair of CUDA events recorded on the current stream, read once at the end of training
+    (``seconds``), so timing adds no host sync per step and measures device time in stream order (kernels, not
+    launches; a step waiting on the host shows as a gap inside it). Elsewhere it is the host clock. Tokens are
     ``state.num_input_tokens_seen`` deltas, so only counted with ``training.include_num_input_tokens_seen``.
     """
 
     def __init__(self) -> None:
-        self.seconds: list[float] = []
+        self._seconds: list[float] = []
+        self._events: list[tuple[Any, Any]] = []  # CUDA (start, end) pairs not yet read
         self.tokens: list[int] = []
         self.memory_at_train_begin: int | None = None
         self.peak_before_train: int | None = None
         self.train_peak: int | None = None
         self.train_peak_reserved: int | None = None
         self.peak_reset = False
-        self._t0: float | None = None
+        self._t0: Any = None  # perf_counter() seconds, or a CUDA start event
         self._tokens0 = 0
 
-    @staticmethod
-    def _sync() -> None:
-        if memory_kind() == "cuda":
-            torch.cuda.synchronize()
+    @property
+    def seconds(self) -> list[float]:
+        """Seconds of every timed step; on CUDA reading it waits once for the recorded events."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds.extend(start.elapsed_time(end) / 1e3 for start, end in self._events)
+            self._events.clear()
+        return self._seconds
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.memory_at_train_begin = current_memory_bytes()
@@ -107,15 +114,22 @@ class StepTimer(TrainerCallback):
             logger.info("cannot reset the peak memory here: the training peak includes loading and evaluation")
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
         self._tokens0 = state.num_input_tokens_seen
-        self._t0 = time.perf_counter()
+        if memory_kind() == "cuda":
+            self._t0 = torch.cuda.Event(enable_timing=True)
+            self._t0.record()
+        else:
+            self._t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._t0 is None:
             return
-        self._sync()
-        self.seconds.append(time.perf_counter() - self._t0)
+        if isinstance(self._t0, float):
+            self._seconds.append(time.perf_counter() - self._t0)
+        else:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((self._t0, end))
         if args.include_num_input_tokens_seen not in ("no", False):
             self.tokens.append(int(state.num_input_tokens_seen - self._tokens0))
         self._t0 = None

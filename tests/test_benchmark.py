@@ -259,6 +259,43 @@ def test_step_timer_times_steps_and_counts_tokens(tiny_llama):
     assert len(s["step_seconds"]) == 2 and s["step_tokens"] == [30, 12] and s["memory_kind"] == "rss"
 
 
+def test_step_timer_on_cuda_records_events_and_syncs_once_when_read(monkeypatch):
+    """No GPU needed: CUDA is faked, and any per-step synchronize fails the test."""
+    import owlore.metrics as metrics
+
+    waits: list[int] = []
+
+    class FakeEvent:
+        clock = 0.0
+
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+            self.t = None
+
+        def record(self) -> None:
+            FakeEvent.clock += 0.25
+            self.t = FakeEvent.clock
+
+        def synchronize(self) -> None:
+            waits.append(1)
+
+        def elapsed_time(self, end: "FakeEvent") -> float:
+            return 1e3 * (end.t - self.t)  # milliseconds, as torch.cuda.Event reports
+
+    monkeypatch.setattr(metrics, "memory_kind", lambda: "cuda")
+    monkeypatch.setattr(metrics.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(metrics.torch.cuda, "synchronize", lambda *a: pytest.fail("a host sync per step"))
+    timer = metrics.StepTimer()
+    args = SimpleNamespace(include_num_input_tokens_seen="no")
+    state = SimpleNamespace(num_input_tokens_seen=0)
+    for _ in range(3):
+        timer.on_step_begin(args, state, None)
+        timer.on_step_end(args, state, None)
+    assert waits == []  # nothing waited while training
+    assert timer.seconds == pytest.approx([0.25, 0.25, 0.25]) and waits == [1]
+    assert timer.seconds == pytest.approx([0.25] * 3) and waits == [1]  # read once
+
+
 # ------------------------------------------------------------------------------------------------ the script
 def test_script_rejects_bad_columns_and_overrides(tmp_path):
     script = support.load_script("bench")
