@@ -515,3 +515,14 @@ def test_resume_through_train_py_continues_exactly(method, tiny_dir, rows, tmp_p
     train.main(ms.train_argv(method, tiny_dir, rows, cut, *argv, "training.resume_from_checkpoint=last", steps=6))
     assert len(ms.logged_losses(whole)) == 6
     assert ms.logged_losses(cut) == ms.logged_losses(whole)
+
+
+@pytest.mark.parametrize(("cuda", "bf16", "want"), [(False, False, torch.float32), (True, True, torch.bfloat16),
+                                                    (True, False, torch.float16)])
+def test_qlora_auto_compute_dtype_follows_the_gpus_bf16_support(monkeypatch, cuda, bf16, want):
+    """A T4 / V100 has CUDA but no bf16: auto must not pick bfloat16 there."""
+    from owlore.methods.qlora import QuantizationConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    assert QuantizationConfig(compute_dtype="auto").torch_compute_dtype() == want

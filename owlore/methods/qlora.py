@@ -27,7 +27,8 @@ class QuantizationConfig:
     double_quant: bool = True
     """Quantise the quantisation constants too (~0.4 bit/param saved)."""
     compute_dtype: str = "auto"
-    """dtype of the 4-bit matmuls: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32."""
+    """dtype of the 4-bit matmuls: auto (bfloat16 on a CUDA GPU with bf16, float16 on one without, e.g. T4 or V100;
+    float32 on CPU), bfloat16, float16, float32."""
 
     def problems(self, prefix: str = "quantization.") -> list[str]:
         out = []
@@ -39,7 +40,9 @@ class QuantizationConfig:
 
     def torch_compute_dtype(self) -> torch.dtype:
         if self.compute_dtype == "auto":
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+            if not torch.cuda.is_available():
+                return torch.float32
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return getattr(torch, self.compute_dtype)
 
 

@@ -54,7 +54,8 @@ class VisualTokenPruner:
         num_directions: ZOO random directions ``m``. The paper uses 64; its ablation finds 16-160
             equally good, and 16 costs a quarter.
         step: ZOO finite-difference step ``h``.
-        seed: Seed of the random directions / random scores; each call restarts from it.
+        seed: Seed of the random directions / random scores: the pruner's generator starts from it and advances
+            with every call (new tokens each training step; the same sequence on a rerun).
         chunk_size: ZOO directions per projector call (memory bound).
         attn_layer: Vision encoder layer whose attention FoPru/[CLS] use; default: the layer producing the
             LLaVA feature layer.

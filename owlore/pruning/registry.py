@@ -62,7 +62,7 @@ class SelectionContext:
         projected: ``(images, N, d_l)`` all tokens projected (``projected`` methods), else None.
         text: ``(images, L, d_l)`` input embeddings of the prompt row each image belongs to, and ``text_mask``
             ``(images, L)`` True at its text tokens (not padding, not image placeholders); ``text`` methods only.
-        seed: The pruner's seed; each call restarts from it.
+        seed: The pruner's seed; its generator (``generator()``) starts from it and advances over calls.
         options: Method options given to the pruner (``num_directions``, ``grid``, ...).
         cache: Per-pruner storage that survives calls (e.g. a kernel that depends only on the weights).
     """
@@ -78,7 +78,24 @@ class SelectionContext:
     cache: dict[str, Any] = field(default_factory=dict)
 
     def generator(self) -> torch.Generator:
-        """A fresh generator seeded with the pruner's seed, on the features' device."""
+        """The pruner's generator on the features' device: seeded with its seed on first use, then advancing.
+
+        Kept in ``cache`` (which lives as long as the pruner), so every call draws new random scores or directions:
+        training with ``pruning.method: random`` sees a different subset at every step (a generator re-seeded per
+        call kept the same tokens all run long), and a rerun with the same seed and inputs repeats exactly.
+        """
+        device = self.enc.features.device
+        key = f"generator:{device}:{self.seed}"
+        if key not in self.cache:
+            self.cache[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.cache[key]
+
+    def seeded_generator(self) -> torch.Generator:
+        """A fresh generator seeded with the pruner's seed: the same draws on every call.
+
+        For randomness that is part of an estimator rather than of the choice (ZOO-Prune's probe directions): the
+        selection is then a function of the image alone, so a batch selects what its images would one by one.
+        """
         return torch.Generator(device=self.enc.features.device).manual_seed(self.seed)
 
 

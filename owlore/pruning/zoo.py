@@ -154,7 +154,7 @@ def _fp32_call(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 def _select_zoo(ctx: SelectionContext) -> torch.Tensor:
     features = ctx.enc.features
     directions = random_unit_directions(ctx.options.get("num_directions", 16), features.shape[-1],
-                                        generator=ctx.generator())
+                                        generator=ctx.seeded_generator())
     sensitivity = zoo_sensitivity(_fp32_call(ctx.projector), features, directions=directions,
                                   step=ctx.options.get("step", 0.01), chunk_size=ctx.options.get("chunk_size", 4))
     return sads_select(sensitivity, ctx.projected, ctx.k)

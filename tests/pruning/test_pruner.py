@@ -292,3 +292,28 @@ def test_zoo_exact_needs_an_mlp_projector_but_zoo_does_not(fresh_llava, pixels):
     with torch.no_grad():
         inputs = VisualTokenPruner("zoo", 4).prepare(fresh_llava, input_ids=ids, pixel_values=pixels)
     assert inputs["input_ids"].shape == (2, 5)
+
+
+def test_random_method_draws_new_tokens_each_call_and_a_rerun_repeats(tiny_llava, pixels):
+    """Training with pruning.method=random must not keep one fixed subset (a generator re-seeded per call did)."""
+    ids = torch.tensor([make_prompt([1])] * 2)
+
+    def kept(pruner: VisualTokenPruner) -> list[list[list[int]]]:
+        out = []
+        for _ in range(3):
+            pruner.prepare(tiny_llava, input_ids=ids, pixel_values=pixels)
+            out.append(pruner.last_stats["keep_indices"].tolist())
+        return out
+
+    first, again = kept(VisualTokenPruner("random", 5, seed=3)), kept(VisualTokenPruner("random", 5, seed=3))
+    assert first[0] != first[1] and first[1] != first[2]  # new tokens every call (16 choose 5 subsets)
+    assert first == again  # same seed, same calls: the same sequence
+
+
+def test_zoo_directions_are_the_same_every_call(tiny_llava, pixels):
+    pruner = VisualTokenPruner("zoo", 5, seed=3)
+    ids = torch.tensor([make_prompt([1])] * 2)
+    pruner.prepare(tiny_llava, input_ids=ids, pixel_values=pixels)
+    one = pruner.last_stats["keep_indices"].clone()
+    pruner.prepare(tiny_llava, input_ids=ids, pixel_values=pixels)
+    assert torch.equal(one, pruner.last_stats["keep_indices"])  # a function of the image, batch-invariant
