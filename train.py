@@ -188,19 +188,22 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     load_kwargs = method.model_kwargs(cfg) if method.model_kwargs else {}
     if cfg.vision.enabled:  # a LLaVA on Fashion-MNIST grid questions (owlore.vlm)
-        model, tokenizer, train_ds, collator, rss_after_load, alignment = _vision_model_and_data(cfg, load_kwargs)
+        model, tokenizer, train_ds, collator, rss_after_load, alignment = _vision_model_and_data(
+            cfg, load_kwargs, training_args)
     else:
         alignment = None
         rows = load_rows(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)  # bad data fails first
         if not cfg.data.skip_bad_rows:
             vet_rows(rows)
         model, tokenizer = load_model_and_tokenizer(cfg.model, **load_kwargs)
+        place_for_setup(model, training_args)
         rss_after_load = rss_after_touch(model)  # weights resident: the baseline for memory above the model
         train_ds = tokenize_rows(rows, tokenizer, max_seq_length=cfg.data.max_seq_length, packing=cfg.data.packing,
                                  skip_bad_rows=cfg.data.skip_bad_rows)
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
     logger.info("method %s: training on %d examples from %s", cfg.method, len(train_ds), cfg.data.train)
-    before = run_eval(model, tokenizer, cfg, "before") if not resume and cfg.eval.before else {}
+    before = (run_eval(model, tokenizer, cfg, "before")
+              if not resume and cfg.eval.before and evaluates_here(cfg, training_args, "before") else {})
 
     if cfg.parallel.fsdp2:  # before the optimizer exists, so that it holds the shards (owlore.fsdp)
         from owlore.fsdp import shard_model
@@ -233,7 +236,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - t_train
-    after = run_eval(parts.model, tokenizer, cfg, "after")
+    after = run_eval(parts.model, tokenizer, cfg, "after") if evaluates_here(cfg, training_args, "after") else {}
 
     final_dir = out_dir / "final"
     trainer.save_model(str(final_dir))  # a peft model saves its adapter (the Trainer writes on rank 0 only)
@@ -291,8 +294,33 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return summary
 
 
-def _vision_model_and_data(cfg: RunConfig, load_kwargs: dict[str, Any]):
-    """The LLaVA around the configured language model, its training questions and collator."""
+def place_for_setup(model, training_args) -> None:
+    """Move the model to this process's device (``cuda:LOCAL_RANK`` under torchrun) before the work done ahead of
+    the Trainer: vision alignment, the "before" evaluation and FSDP2 sharding would otherwise all run on the CPU
+    weights. The Trainer would make the same move later. Left alone: DeepSpeed (it places and partitions the
+    model itself) and models loaded with a ``device_map`` (QLoRA's 4-bit weights are already on their GPU)."""
+    if training_args.deepspeed or getattr(model, "hf_device_map", None):
+        return
+    model.to(training_args.device)
+
+
+def evaluates_here(cfg: RunConfig, training_args, when: str) -> bool:
+    """Whether this process runs the ``when`` evaluation: the main process only (the others would repeat the same
+    work and their results are discarded), except over sharded weights (ZeRO-3, FSDP2 after training), whose
+    forward needs every rank. The other ranks wait for rank 0 at their next collective, within
+    ``training.ddp_timeout`` (1800 s by default): raise it for a long evaluation of a big model."""
+    from owlore.recipe import deepspeed_config_stage
+
+    if training_args.world_size < 2:
+        return True
+    stage = deepspeed_config_stage(training_args.deepspeed)[0] if training_args.deepspeed else 0
+    sharded = stage == 3 or (cfg.parallel.fsdp2 and when == "after")
+    return sharded or training_args.process_index == 0
+
+
+def _vision_model_and_data(cfg: RunConfig, load_kwargs: dict[str, Any], training_args):
+    """The LLaVA around the configured language model (on this process's device), its training questions and
+    collator."""
     import functools
 
     from owlore.data.fashion_vqa import load_fashion_mnist
@@ -303,6 +331,7 @@ def _vision_model_and_data(cfg: RunConfig, load_kwargs: dict[str, Any]):
     lm, tokenizer = load_model_and_tokenizer(cfg.model, **load_kwargs)
     model, tokenizer = build_llava(lm, tokenizer, cfg.vision, seed=cfg.vision.seed)  # a VisionConfig is a tower config
     del lm
+    place_for_setup(model, training_args)  # alignment trains on the accelerator, not on the CPU
     alignment = None
     if cfg.vision.align_steps:  # tower + projector read like class words before the LM sees them (owlore.vision_align)
         from owlore.vision_align import align_vision

@@ -52,7 +52,9 @@ def visual_tokens(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     and projector)."""
     feats = model.model.get_image_features(pixel_values=pixel_values)
     feats = getattr(feats, "pooler_output", feats)
-    return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    if isinstance(feats, (list, tuple)):  # per-image views of one tensor; cat, not stack: stack of unbound views
+        return torch.cat([f.unsqueeze(0) for f in feats])  # lands on the CPU under the lazy test backend
+    return feats
 
 
 def align_vision(model: Any, tokenizer: Any, images: np.ndarray, labels: np.ndarray, *, grid: int, steps: int,
@@ -65,18 +67,18 @@ def align_vision(model: Any, tokenizer: Any, images: np.ndarray, labels: np.ndar
     accuracy, the rescale factor and the time taken.
     """
     from owlore.data.fashion_vqa import random_grids
-    from owlore.vlm import pixel_values
 
     patch = model.config.vision_config.patch_size
     if 28 % patch:
         raise ValueError(f"patch_size {patch} must divide the 28-pixel Fashion-MNIST item (7, 14 or 28)")
     side = 28 // patch
     tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    device = next(tower.parameters()).device  # runs where the model is: move it to the accelerator first
     ids = class_word_ids(tokenizer)
     if len(set(ids)) < len(ids):
         logger.warning("class words share first tokens %s: those classes cannot be told apart by alignment", ids)
     words = F.normalize(model.get_input_embeddings().weight[ids].detach().float(), dim=-1)
-    log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=device))
     params = [*tower.parameters(), *projector.parameters(), log_scale]
     was = [p.requires_grad for p in params[:-1]]
     for p in params:
@@ -91,21 +93,23 @@ def align_vision(model: Any, tokenizer: Any, images: np.ndarray, labels: np.ndar
     bar = _progress(steps, progress)
     for _ in range(steps):
         mosaics, cells = random_grids(images, labels, batch_size, grid=grid, rng=rng)
-        z = visual_tokens(model, pixel_values(mosaics))
-        target = token_cell_labels(torch.as_tensor(cells), grid, side)
-        logits = log_scale.exp() * F.normalize(z, dim=-1) @ words.T
+        z = visual_tokens(model, _pixels(mosaics, tower))
+        target = token_cell_labels(torch.as_tensor(cells), grid, side).to(device)
+        logits = log_scale.exp() * F.normalize(z.float(), dim=-1) @ words.T
         loss = F.cross_entropy(logits.reshape(-1, words.shape[0]), target.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        losses.append(loss.detach())
+        if bar is not None and len(losses) % 10 == 0:  # a host read every 10 steps, not every step
+            bar.update(10)
+            bar.set_postfix(loss=f"{float(losses[-1]):.3f}")
     if bar is not None:
+        bar.update(steps - bar.n)
         bar.close()
+    losses = torch.stack(losses).tolist() if losses else []
     for p, r in zip(params[:-1], was):
         p.requires_grad_(r)
     result: dict[str, Any] = {"steps": steps, "batch_size": batch_size, "lr": lr,
@@ -116,9 +120,9 @@ def align_vision(model: Any, tokenizer: Any, images: np.ndarray, labels: np.ndar
         result["rescale"] = rescale
         if heldout is not None:
             mosaics, cells = random_grids(*heldout, 256, grid=grid, rng=np.random.default_rng([seed, 8]))
-            pred = (visual_tokens(model, pixel_values(mosaics)) @ words.T).argmax(-1)
-            result["heldout_token_accuracy"] = float((pred == token_cell_labels(torch.as_tensor(cells), grid,
-                                                                                  side)).float().mean())
+            pred = (visual_tokens(model, _pixels(mosaics, tower)).float() @ words.T).argmax(-1)
+            truth = token_cell_labels(torch.as_tensor(cells), grid, side).to(device)
+            result["heldout_token_accuracy"] = float((pred == truth).float().mean())
     model.train(training)
     logger.info("vision alignment: %d steps in %.0f s, final loss %.3f, held-out token accuracy %s", steps,
                 result["seconds"], losses[-1] if losses else float("nan"), result.get("heldout_token_accuracy"))
@@ -128,10 +132,9 @@ def align_vision(model: Any, tokenizer: Any, images: np.ndarray, labels: np.ndar
 def _match_embedding_norm(model: Any, images: np.ndarray, grid: int, rng: np.random.Generator) -> float:
     """Scale the projector's last linear so the visual tokens' mean norm equals the word embeddings' mean norm."""
     from owlore.data.fashion_vqa import random_grids
-    from owlore.vlm import pixel_values
 
     mosaics, _ = random_grids(images, np.zeros(len(images), np.int64), 64, grid=grid, rng=rng)
-    z = visual_tokens(model, pixel_values(mosaics))
+    z = visual_tokens(model, _pixels(mosaics, model.model.vision_tower)).float()
     target = model.get_input_embeddings().weight.float().norm(dim=-1).mean()
     factor = float(target / z.norm(dim=-1).mean())
     last = model.model.multi_modal_projector.linear_2
@@ -139,6 +142,14 @@ def _match_embedding_norm(model: Any, images: np.ndarray, grid: int, rng: np.ran
     if last.bias is not None:
         last.bias.mul_(factor)
     return factor
+
+
+def _pixels(mosaics: np.ndarray, tower: Any) -> torch.Tensor:
+    """The mosaics as pixel values on the tower's device and in its dtype."""
+    from owlore.vlm import pixel_values
+
+    first = next(tower.parameters())
+    return pixel_values(mosaics).to(device=first.device, dtype=first.dtype)
 
 
 def _progress(total: int, enabled: bool):

@@ -44,3 +44,31 @@ def smollm2_path():
     from owlore.assets import embedded_model_path
 
     return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def other_device() -> torch.device:
+    """A second, real-computing device on a CPU-only machine: PyTorch's lazy tensor backend ("lazy", run by the
+    TorchScript executor on the CPU).
+
+    Moving a model there and running a pipeline makes every tensor that code creates on the default device (the
+    GPU-only bug class: batches, masks or index tensors left on the CPU) fail loudly with "Input tensor is not a
+    lazy tensor", while forward, backward, ``.item()`` and ``generate`` work. What it cannot catch: faults that
+    need a real GPU (CUDA kernels, NCCL, streams, out-of-memory) and host syncs, which it does not count (they are
+    cheap here); ops the lazy backend lacks fall back to the CPU silently, so a pass is not proof for those ops.
+    ``torch._lazy`` is a private API: when a torch build lacks it the tests using this fixture are skipped with
+    that reason.
+    """
+    try:
+        import torch._lazy
+        import torch._lazy.ts_backend
+
+        torch._lazy.ts_backend.init()
+        probe = torch.ones(2, device="lazy")
+        try:
+            _ = probe + torch.ones(2)
+        except RuntimeError:
+            return torch.device("lazy")
+    except Exception as err:  # noqa: BLE001 - any failure means "no second device here"
+        pytest.skip(f"no lazy tensor backend in this torch build ({err})")
+    pytest.skip("the lazy backend accepts CPU tensors in this torch build, so it cannot catch device mistakes")

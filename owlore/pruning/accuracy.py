@@ -29,7 +29,8 @@ def _first_tokens_unique(tokenizer: Any) -> bool:
     return all(len({_answer_ids(tokenizer, w)[0] for w in ws}) == len(ws) for ws in CANDIDATES.values())
 
 
-def _batch(rows: list[list[int]], images: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
+def vqa_batch(rows: list[list[int]], images: list[Any], pad_id: int, model: Any) -> dict[str, torch.Tensor]:
+    """Right-padded ids, mask and pixels, built on the host and moved to the model's device in one copy each."""
     from owlore.vlm import pixel_values
 
     width = max(map(len, rows))
@@ -38,10 +39,20 @@ def _batch(rows: list[list[int]], images: list[Any], pad_id: int) -> dict[str, t
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values(images)}
+    device, dtype = _device_and_dtype(model)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "pixel_values": pixel_values(images).to(device=device, dtype=dtype)}
 
 
-def _prepare(model, pruner, inputs):
+def _device_and_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
+    """Where the inputs go: the device of the model's first parameter, and the vision tower's dtype for pixels."""
+    first = next(model.parameters())
+    tower = getattr(getattr(model, "model", model), "vision_tower", None)
+    dtype = next(tower.parameters()).dtype if tower is not None else first.dtype
+    return first.device, dtype
+
+
+def prepare_inputs(model, pruner, inputs):
     return inputs if pruner is None else pruner.prepare(model, **inputs)
 
 
@@ -64,13 +75,14 @@ def vqa_accuracy(model: Any, tokenizer: Any, examples: Sequence[Any], *, num_ima
         prompts = [prompt_ids(tokenizer, e.question, num_image_tokens) for e in chunk]
         images = [e.image for e in chunk]
         if fast:
-            inputs = _prepare(model, pruner, _batch(prompts, images, pad))
+            inputs = prepare_inputs(model, pruner, vqa_batch(prompts, images, pad, model))
             logits = model(**inputs).logits
             last = inputs["attention_mask"].sum(1) - 1  # pruning shortens rows; the mask says where each ends
-            for i, e in enumerate(chunk):
-                words = CANDIDATES[e.kind]
-                firsts = torch.tensor([_answer_ids(tokenizer, w)[0] for w in words])
-                choice = words[int(logits[i, last[i], firsts].argmax())]
+            ends = logits[torch.arange(len(chunk), device=logits.device), last]  # (rows, vocab)
+            picks = [ends[i, [_answer_ids(tokenizer, w)[0] for w in CANDIDATES[e.kind]]].argmax()
+                     for i, e in enumerate(chunk)]
+            for e, pick in zip(chunk, torch.stack(picks).tolist()):  # one host read per batch
+                choice = CANDIDATES[e.kind][pick]
                 choices.append(choice)
                 correct[e.kind].append(choice == e.answer)
             continue
@@ -86,13 +98,15 @@ def vqa_accuracy(model: Any, tokenizer: Any, examples: Sequence[Any], *, num_ima
                 if j < len(words):
                     rows.append(prompts[i] + _answer_ids(tokenizer, words[j]))
                     owners.append((i, words[j], len(_answer_ids(tokenizer, words[j]))))
-            inputs = _prepare(model, pruner, _batch(rows, [chunk[i].image for i, _, _ in owners], pad))
+            inputs = prepare_inputs(model, pruner, vqa_batch(rows, [chunk[i].image for i, _, _ in owners], pad, model))
             logp = model(**inputs).logits.log_softmax(-1)
-            ends = inputs["attention_mask"].sum(1)
-            for r, (i, word, n) in enumerate(owners):
+            ends = inputs["attention_mask"].sum(1).tolist()
+            sums = []
+            for r, (_, _, n) in enumerate(owners):
                 ids = inputs["input_ids"][r, ends[r] - n:ends[r]]
-                positions = torch.arange(ends[r] - n - 1, ends[r] - 1)
-                scores[i][word] = float(logp[r, positions, ids].sum())
+                sums.append(logp[r, ends[r] - n - 1:ends[r] - 1].gather(-1, ids[:, None]).sum())
+            for (i, word, _), value in zip(owners, torch.stack(sums).tolist()):  # one host read per pass
+                scores[i][word] = value
         for i, e in enumerate(chunk):
             choices.append(max(scores[i], key=scores[i].get))
             correct[e.kind].append(choices[-1] == e.answer)

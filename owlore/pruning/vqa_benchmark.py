@@ -50,14 +50,14 @@ def vision_shape(model: Any):
 def _prefill_ms(model: Any, pruner: Any, tokenizer: Any, examples: Sequence[Any], num_image_tokens: int,
                 repeats: int) -> tuple[float, int]:
     """Median ms of the language model's prefill of one batch of pruned prompts, and the mean prompt length."""
-    from owlore.pruning.accuracy import _batch, _prepare
+    from owlore.pruning.accuracy import prepare_inputs, vqa_batch
     from owlore.vlm import prompt_ids
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    raw = _batch([prompt_ids(tokenizer, e.question, num_image_tokens) for e in examples], [e.image for e in examples],
-                 pad)
+    raw = vqa_batch([prompt_ids(tokenizer, e.question, num_image_tokens) for e in examples], [e.image for e in examples],
+                    pad, model)
     with torch.no_grad():
-        inputs = _prepare(model, pruner, raw)
+        inputs = prepare_inputs(model, pruner, raw)
         model(**inputs, logits_to_keep=1)  # warm-up
         times = []
         for _ in range(repeats):
@@ -162,14 +162,14 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, *, title: str = ""
 def kept_indices(model: Any, tokenizer: Any, example: Any, method: str, keep: int, num_image_tokens: int, *,
                  zoo_directions: int = 16, seed: int = 0, llm_layer: int | None = None) -> np.ndarray:
     """Raster indices of the visual tokens ``method`` keeps for ``example`` (its own question as the prompt)."""
-    from owlore.pruning.accuracy import _batch
+    from owlore.pruning.accuracy import vqa_batch
     from owlore.vlm import prompt_ids
 
     pruner = make_pruner(method, keep, zoo_directions=zoo_directions, seed=seed, llm_layer=llm_layer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.no_grad():
-        inputs = pruner.prepare(model, **_batch([prompt_ids(tokenizer, example.question, num_image_tokens)],
-                                                [example.image], pad))
+        inputs = pruner.prepare(model, **vqa_batch([prompt_ids(tokenizer, example.question, num_image_tokens)],
+                                                   [example.image], pad, model))
         if pruner.spec.stage == "llm":  # chosen inside the language model, at the prefill
             model(**inputs, logits_to_keep=1)
             keep = pruner.llm_keep(model)
