@@ -308,3 +308,24 @@ def test_train_main_logs_the_same_losses(tmp_path, monkeypatch):
     assert len(runs["hf"]) == 3
     assert len(calls) == 3 and all(n is not None for n in calls)
     assert runs["chunked"] == pytest.approx(runs["hf"], abs=1e-5, rel=0)
+
+
+def test_bf16_weight_gradient_is_summed_over_chunks_in_fp32_and_rounded_once():
+    """Each chunk's share of a bf16 head's gradient goes into the fp32 sum unrounded: the result is the fp64
+    truth (same bf16 inputs, same bf16-rounded gradient of the hidden states) rounded to bf16 once."""
+    g = torch.Generator().manual_seed(3)
+    n, d, v = 256, 16, 40
+    hidden = torch.randn(n, d, generator=g).bfloat16()
+    weight = torch.randn(v, d, generator=g).bfloat16().requires_grad_(True)
+    labels = torch.randint(0, v, (1, n + 1), generator=g)
+    got = torch.autograd.grad(chunked_linear_cross_entropy(hidden[None], weight, labels[:, :n], chunk_size=1,
+                                                           num_items_in_batch=1), weight)[0]
+    shifted = labels[0, 1:n + 1].clone()
+    shifted[-1] = -100  # the last position has no next token
+    # the chunked loss computes each chunk's logits as a bf16 matmul, then works in fp32: same logits here
+    logits = F.linear(hidden, weight.detach()).double().requires_grad_(True)
+    truth = torch.autograd.grad(F.cross_entropy(logits, shifted, reduction="sum"), [logits])[0].t() @ hidden.double()
+    assert got.dtype == torch.bfloat16
+    exact = (got.double() == truth.to(torch.bfloat16).double()).float().mean()
+    assert exact > 0.97  # rounded once (a few ties of fp32 vs fp64 rounding may differ by one ulp)
+    torch.testing.assert_close(got.double(), truth, rtol=2**-7, atol=1e-3)

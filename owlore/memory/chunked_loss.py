@@ -82,7 +82,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         hidden, weight, bias, rows, kept, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        # accumulated over chunks in fp32 (bf16 partial sums would lose bits); V·d, only when the head trains
+        # accumulated over chunks in fp32 (bf16 partial sums would lose bits); V·d, only when the head trains.
+        # Each chunk adds grad_logitsᵀ·h as one fp32 GEMM from the fp32 grad_logits (TF32 on Ampere+ if enabled):
+        # a bf16 product would be rounded to bf16 and then copied to fp32, two V·d temporaries (~0.8 GB at 7B).
         grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=lse.dtype) if need_bias else None
         for start in range(0, rows.numel(), ctx.chunk_size):
@@ -96,11 +98,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             g = grad_logits.to(hidden.dtype)
             if need_hidden:
                 grad_hidden.index_copy_(0, index, g @ weight)
-            if need_weight:
-                if g.dtype == grad_weight.dtype:
-                    grad_weight.addmm_(g.t(), h)
-                else:
-                    grad_weight += (g.t() @ h).to(grad_weight.dtype)
+            if need_weight:  # in place into the fp32 sum: no V·d temporary, no bf16 rounding of a chunk's part
+                grad_weight.addmm_(grad_logits.t(), h.to(grad_weight.dtype))
             if need_bias:
                 grad_bias += grad_logits.sum(0)
         if grad_weight is not None:
