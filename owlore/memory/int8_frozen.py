@@ -66,6 +66,9 @@ def _int8_forward(self: nn.Linear, x: Tensor) -> Tensor:
 def _exact_weight_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
     master = getattr(module, "_int8_master", None)
     if master is not None:
+        ready = getattr(module, "_int8_ready", None)
+        if ready is not None:  # the asynchronous device -> host copy must have landed before anyone reads it
+            ready.synchronize()
         state_dict[prefix + "weight"] = master
 
 
@@ -89,9 +92,7 @@ class Int8Store:
             if w.requires_grad:
                 raise RuntimeError(f"decoder layer {index} trains: only frozen layers are held in int8")
             codes, scale = quantize_rows(w)
-            pin = w.device.type == "cuda"
-            master = w.detach() if w.device == self.host else w.detach().to(self.host, copy=True)
-            m._int8_master = master.pin_memory() if pin else master
+            m._int8_master, m._int8_ready = self._to_host(w.detach())
             m.register_buffer("int8_codes", codes, persistent=False)
             m.register_buffer("int8_scale", scale, persistent=False)
             m._int8_shape = w.shape
@@ -104,9 +105,24 @@ class Int8Store:
             return
         for m in self.linears[index]:
             device = m.int8_codes.device
-            m.weight.data = m._int8_master.to(device, copy=m._int8_master.device != device)
-            del m._int8_master, m.int8_codes, m.int8_scale, m._int8_shape, m.forward
+            # from pinned memory the copy is asynchronous (the caching host allocator keeps the buffer alive
+            # until it has been read); on the CPU the host weight is the weight
+            m.weight.data = m._int8_master.to(device, copy=m._int8_master.device != device, non_blocking=True)
+            del m._int8_master, m._int8_ready, m.int8_codes, m.int8_scale, m._int8_shape, m.forward
         self.quantized.discard(index)
+
+    def _to_host(self, w: Tensor) -> tuple[Tensor, Any]:
+        """One copy of ``w`` into host memory: straight into a pinned buffer, asynchronously, from a CUDA device
+        (then also the event that marks it done); ``w`` itself when it already lives on the host."""
+        if w.device == self.host:
+            return w, None
+        if w.device.type != "cuda":
+            return w.to(self.host, copy=True), None
+        master = torch.empty(w.shape, dtype=w.dtype, device=self.host, pin_memory=True)
+        master.copy_(w, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return master, ready
 
     def sync(self, active: list[int] | set[int]) -> None:
         """Active layers exact on the device, every other layer int8."""
