@@ -3,7 +3,7 @@
     python benchmarks/memory_validation.py [--cases smollm2,options,wide] [--steps 3] [--out outputs/memory_validation]
         [--wide-layers 1,2,4] [--wide-dtype bfloat16] [--no-mmap-threshold] [--reuse] [--only CASE,...]
 
-Each case is ``train.py`` in a fresh process (``owlore.comparison.run_command``: the shipped SmolLM2 config of
+Each case is ``train.py`` in a fresh process (``owlore.benchmark.runs.run_command``: the shipped SmolLM2 config of
 the method, 3 steps, no saving, no evaluation). Measured: the training peak RSS (reset at train begin) minus the
 RSS once the weights are resident (``rss_after_load_bytes``, after faulting in the mmapped safetensors); also
 minus the RSS at train begin (data, Trainer and peft set-up excluded). Estimated: ``estimate_run`` on the same
@@ -148,13 +148,17 @@ def run_case(case: dict, args: argparse.Namespace) -> dict:
     config_files = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"]
     cfg = load_config(config_files, [a for a in cmd[3:] if "=" in a and not a.startswith("--")])
     active = summary.get("layers_sampled")
-    as_run = estimate_run(cfg, device="cpu", **({"active_layers": tuple(active)} if active else {}))
-    worst = estimate_run(cfg, device="cpu")
-    loaded = estimate_run(cfg, device="cpu", frozen_int8=False).weights
+    # on a GPU the peak is torch.cuda.max_memory_allocated and the baseline the bytes allocated at train begin
+    # (the weights on the device); on a CPU the peak RSS and the RSS once the weights are resident
+    device = "cuda" if summary.get("memory_kind") == "cuda" else "cpu"
+    baseline = summary["memory_at_train_begin_bytes" if device == "cuda" else "rss_after_load_bytes"]
+    as_run = estimate_run(cfg, device=device, **({"active_layers": tuple(active)} if active else {}))
+    worst = estimate_run(cfg, device=device)
+    loaded = estimate_run(cfg, device=device, frozen_int8=False).weights
     peak = summary["train_peak_memory_bytes"]
-    row.update(measured_peak=peak, rss_after_load=summary["rss_after_load_bytes"],
+    row.update(measured_peak=peak, rss_after_load=summary["rss_after_load_bytes"], memory_kind=device,
                train_begin=summary["memory_at_train_begin_bytes"], active_layers=active,
-               measured_above_load=peak - summary["rss_after_load_bytes"],
+               measured_above_load=peak - baseline,
                measured_above_begin=peak - summary["memory_at_train_begin_bytes"],
                estimate_above_load=_above_load(as_run, loaded), estimate_worst_above_load=_above_load(worst, loaded),
                estimate_total=as_run.total, estimate_weights=as_run.weights, peak_moment=as_run.peak_moment,
@@ -168,7 +172,7 @@ def run_case(case: dict, args: argparse.Namespace) -> dict:
         dtype, batch, seq, opts = opts_of(cfg)
         shape = ModelShape.from_config({**WIDE, "num_hidden_layers": 32}, name="7B width, 32 layers")
         row["estimate_32_above_load"] = _above_load(estimate(shape, method=case["method"], dtype=dtype, batch=batch,
-                                                             seq=seq, **{**opts, "device": "cpu"}))
+                                                             seq=seq, **{**opts, "device": device}))
     return row
 
 

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo-directions", type=int, default=16, help="ZOO-Prune m (paper: 64)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timings then wait for the GPU)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g = p.add_argument_group("vision tower (default: CLIP-L/336 layout, depth-reduced)")
     g.add_argument("--image-size", type=int, default=336)
     g.add_argument("--patch-size", type=int, default=14)
@@ -154,7 +156,8 @@ def build_model(args: argparse.Namespace):
     )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=args.vocab - 1)
     torch.manual_seed(args.seed)
-    return LlavaForConditionalGeneration(config).eval()
+    model = LlavaForConditionalGeneration(config).eval()
+    return model.to(device=getattr(args, "device", "cpu"), dtype=getattr(torch, getattr(args, "dtype", "float32")))
 
 
 def make_inputs(args: argparse.Namespace, num_visual: int) -> dict[str, torch.Tensor]:
@@ -164,7 +167,9 @@ def make_inputs(args: argparse.Namespace, num_visual: int) -> dict[str, torch.Te
     image = torch.full((args.batch, num_visual), args.vocab - 1)
     ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)
     pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    device, dtype = getattr(args, "device", "cpu"), getattr(torch, getattr(args, "dtype", "float32"))
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": pixels.to(device=device, dtype=dtype)}
 
 
 def timed(fn, *, repeats: int, warmup: int) -> tuple[float, object]:
@@ -173,9 +178,12 @@ def timed(fn, *, repeats: int, warmup: int) -> tuple[float, object]:
     for _ in range(warmup):
         result = fn()
     times = []
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         result = fn()
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times), result
 
