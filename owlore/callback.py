@@ -112,10 +112,15 @@ class OwLoreCallback(TrainerCallback):
         self._check_optimizer_covers_layers()
         restored = self._restore(args, state) if state.global_step > 0 else None
         if self.scores is None and self._uses_scores():
-            self.scores = self._compute_scores(model, args, train_dataloader)
+            from owlore.sharded import is_sharded
+
+            self.scores = self.data_parallel.scores_from_rank0(
+                lambda: self._compute_scores(model, args, train_dataloader), len(self.layers),
+                every_rank_computes=any(is_sharded(p) for p in model.parameters()))
+        elif self.scores is not None:  # given or restored: every rank must have been given the same
+            self.data_parallel.check_scores(self.scores)
         if self.scores is not None and len(self.scores) != len(self.layers):
             raise ValueError(f"got {len(self.scores)} outlier scores for {len(self.layers)} decoder layers")
-        self.data_parallel.check_scores(self.scores)
         if self.sampler is None:
             self.sampler = self._new_sampler()
         if restored is not None:

@@ -207,6 +207,15 @@ def gather_tensor(t: Tensor, group=None) -> list[Tensor]:
     return [o.cpu() for o in out]
 
 
+def broadcast_from_rank0(value: Tensor | None, like: Tensor, group=None) -> Tensor:
+    """Rank 0's ``value`` on every rank (the others pass None); ``like`` gives the shape and dtype. CPU in, CPU out,
+    on any backend (through the GPU for NCCL)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else like.device
+    t = (value if rank() == 0 else like).detach().to(device=device, dtype=like.dtype).contiguous()
+    dist.broadcast(t, src=0, group=group)
+    return t.cpu()
+
+
 def check_same_across_ranks(what: str, value: Tensor, *, hint: str = "", group=None) -> None:
     """Raise ``RuntimeError`` naming the ranks that disagree with rank 0 about ``value`` (same shape everywhere)."""
     if world_size() <= 1:
@@ -325,6 +334,16 @@ class SwitchingDataParallel:
             f"decoder layers drawn at step {step}", torch.tensor(sorted(layers), dtype=torch.long),
             hint="every rank must train the same layers: give every rank the same owlore.seed / lisa.seed and the "
                  "same calibration data (the outlier ratios are compared at the start)")
+
+    def scores_from_rank0(self, compute: Callable[[], Tensor], size: int, *, every_rank_computes: bool) -> Tensor:
+        """The per-layer outlier ratios, computed on rank 0 and broadcast, so that every rank samples from the same
+        distribution even where GPU kernels are not bit-reproducible (a thresholded count can flip). Over sharded
+        weights (FSDP2) every rank takes part in the calibration forward and rank 0's result is kept."""
+        if world_size() <= 1:
+            return compute()
+        scores = compute() if every_rank_computes or rank() == 0 else None
+        return broadcast_from_rank0(None if scores is None else torch.as_tensor(scores, dtype=torch.float64),
+                                    torch.zeros(size, dtype=torch.float64))
 
     def check_scores(self, scores: Tensor | None) -> None:
         if scores is not None:

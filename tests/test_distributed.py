@@ -308,3 +308,37 @@ def test_a_stock_trainer_without_the_install_call_is_told_what_to_do():
 
     with pytest.raises(RuntimeError, match=r"install_active_gradient_sync\(trainer\) before trainer.train\(\)"):
         SwitchingDataParallel().attach(torch.nn.Linear(2, 2))
+
+
+def _scores(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from owlore.distributed import SwitchingDataParallel
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    calls = []
+
+    def compute():  # ranks whose kernels round differently: a thresholded count flips on rank 1
+        calls.append(rank)
+        return torch.tensor([0.01, 0.02 + 0.001 * rank, 0.03], dtype=torch.float64)
+
+    try:
+        dp = SwitchingDataParallel()
+        replicated = dp.scores_from_rank0(compute, 3, every_rank_computes=False)
+        sharded = dp.scores_from_rank0(compute, 3, every_rank_computes=True)
+        Path(out, f"scores{rank}.json").write_text(json.dumps(
+            {"replicated": replicated.tolist(), "sharded": sharded.tolist(), "calls": calls}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_outlier_ratios_are_computed_on_rank0_and_broadcast(tmp_path):
+    """Every rank samples from rank 0's ratios; a replicated model is calibrated on rank 0 alone, a sharded one
+    by every rank (its forward needs them all)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_scores, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"scores{r}.json").read_text()) for r in (0, 1)]
+    for g in got:
+        assert g["replicated"] == g["sharded"] == [0.01, 0.02, 0.03]
+    assert got[0]["calls"] == [0, 0] and got[1]["calls"] == [1]
