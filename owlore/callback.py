@@ -90,6 +90,20 @@ class OwLoreCallback(TrainerCallback):
         """Several processes: the active-gradient reducer and the cross-rank checks (``owlore.distributed``)."""
 
     # ----------------------------------------------------------------------------------------------- set-up
+    def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Under ``state_policy: offload`` a resumed optimizer must load the layers' state into host memory (the
+        Trainer loads it before ``on_train_begin``); ``on_train_begin`` then moves the active layers' part over."""
+        self.mark_host_state(model, optimizer)
+
+    def mark_host_state(self, model, optimizer) -> None:
+        """Tell a ``GaLoreAdamW`` to load the decoder layers' state into host memory (``state_policy: offload``);
+        also called by ``OwLoreTrainer.create_optimizer``, whose optimizer does not exist at ``on_init_end``."""
+        if self.config.state_policy != "offload" or model is None or optimizer is None:
+            return
+        opt = unwrap_optimizer(optimizer)
+        if hasattr(opt, "host_state"):
+            opt.host_state = {id(p) for p in find_decoder_layers(model, self.config.layers_path).parameters()}
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if self.tokenizer is None and kwargs.get("processing_class") is not None:
             proc = kwargs["processing_class"]
@@ -130,8 +144,10 @@ class OwLoreCallback(TrainerCallback):
         self._apply_active(self.active)
         if SwitchingDataParallel.wanted(args, model):
             self.data_parallel.attach(model, bucket_mb=args.ddp_bucket_cap_mb or 25.0)
-        if self.config.state_policy == "offload":  # a resumed optimizer loads every state onto the param device
+        if self.config.state_policy == "offload":  # resumed: the layers' state was loaded into host memory
             move_state(self.optimizer, self._params_of(set(range(len(self.layers))) - set(self.active)), "cpu")
+            for p in self._params_of(self.active):
+                move_state(self.optimizer, [p], p.device)
         if args.process_index == 0 and "tensorboard" in (args.report_to or []):
             self._tb = OwLoreLogger(owlore_tensorboard_dir(args.output_dir))
         logger.info("OwLore: %s, %d decoder layers, gamma=%d, interval=%d, state_policy=%s", self.sampler,

@@ -151,6 +151,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.skipped_updates = 0
         self._code_maps = CodeMaps()
         self.fused, self.foreach = fused, foreach
+        self.host_state: set[int] = set()  # ids of params whose loaded state stays on the host (load_state_dict)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention)
         defaults.update(state_dtype=state_dtype, master_weights=master_weights, state_bits=state_bits)
         super().__init__(params, defaults)
@@ -376,15 +377,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
         torch casts all state tensors of a floating-point param to the param's dtype, which would round the fp32
         moments and master copies of bf16 params to bf16 and turn 8-bit codes into floats. Groups saved before an
-        option existed get its default.
+        option existed get its default. State of params in ``host_state`` (ids; OwLore's ``state_policy: offload``
+        puts every decoder layer there) stays in host memory instead of passing through the device first; the
+        layer-switching callback moves the active layers' state to the device.
         """
-        super().load_state_dict(state_dict)
+        super().load_state_dict({**state_dict, "state": {}})  # groups and hyperparameters; state placed below
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for param_id, p in zip(saved_ids, params):
+            device = "cpu" if id(p) in self.host_state else p.device
             for key, value in state_dict["state"].get(param_id, {}).items():
-                if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device)
+                self.state[p][key] = value.to(device=device) if isinstance(value, Tensor) else value
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)

@@ -25,6 +25,7 @@ from owlore.callback import OwLoreCallback
 from owlore.config import OwLoreConfig
 from owlore.distributed import install_active_gradient_sync
 from owlore.optim import GaLoreAdamW, make_param_groups
+from owlore.optim_state import unwrap_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,14 @@ class KeepOptimizerTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         from owlore.fsdp import has_shards, load_optimizer
 
+        host = getattr(unwrap_optimizer(self.optimizer), "host_state", None)
+        if checkpoint is not None and host and not has_shards(self.model) and not self.is_deepspeed_enabled:
+            # the Trainer would load the whole file onto the GPU first under several processes; state the
+            # optimizer keeps on the host (state_policy: offload) should never pass through the device
+            self.optimizer.load_state_dict(torch.load(Path(checkpoint) / "optimizer.pt", map_location="cpu",
+                                                      weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+            return None
         if checkpoint is None or not has_shards(self.model):
             return super()._load_optimizer_and_scheduler(checkpoint)
         load_optimizer(self.optimizer, checkpoint, self.args.process_index, self.args.world_size)
@@ -185,6 +194,7 @@ class OwLoreTrainer(Trainer):
                 model or self.model, self.owlore_config, lr=a.learning_rate, weight_decay=a.weight_decay,
                 betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon, **self.optimizer_kwargs,
             )
+            self.owlore_callback.mark_host_state(model or self.model, self.optimizer)
         return self.optimizer
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):

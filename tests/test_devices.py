@@ -137,3 +137,38 @@ def test_device_check_runs_its_cpu_subset_and_says_what_it_skipped(tmp_path):
     assert "fused" in by_check["optimizer step (fused vs torch fused)"]["figures"]
     assert "unpruned" in next(x for k, x in by_check.items() if k.startswith("prefill"))["figures"]
     assert "| check | ok |" in r.stdout
+
+
+def test_loaded_optimizer_state_of_host_params_never_visits_the_device(other_device):
+    """OwLore's state_policy=offload on resume: the layers' state is loaded into host memory (it used to be
+    loaded onto the device first and moved back, a peak of every layer's state where offload should save it)."""
+    from owlore.optim import GaLoreAdamW
+
+    params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))]
+    opt = GaLoreAdamW([{"params": params[:1], "rank": 2}, {"params": params[1:]}], lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    moved = [torch.nn.Parameter(p.detach().to(other_device)) for p in params]
+    fresh = GaLoreAdamW([{"params": moved[:1], "rank": 2}, {"params": moved[1:]}], lr=1e-2)
+    fresh.host_state = {id(moved[0])}
+    fresh.load_state_dict(saved)
+    assert {v.device.type for v in fresh.state[moved[0]].values() if torch.is_tensor(v)} == {"cpu"}
+    assert {v.device.type for v in fresh.state[moved[1]].values() if torch.is_tensor(v)} == {other_device.type}
+    assert fresh.state[moved[0]]["step"] == 1 and fresh.state[moved[0]]["side"] == opt.state[params[0]]["side"]
+
+
+def test_offload_policy_marks_every_layer_for_host_loading(tmp_path):
+    from transformers import TrainingArguments
+
+    from owlore.config import OwLoreConfig
+    from owlore.trainer import OwLoreTrainer
+
+    model = ms.tiny_model(3)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    data = [{"input_ids": torch.arange(8), "labels": torch.arange(8)}] * 4
+    t = OwLoreTrainer(model=model, args=args, train_dataset=data, owlore_config=OwLoreConfig(
+        gamma=1, rank=2, state_policy="offload"))
+    layer_ids = {id(p) for p in model.model.layers.parameters()}
+    assert t.create_optimizer().host_state == layer_ids
