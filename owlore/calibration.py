@@ -102,11 +102,13 @@ def calibration_batches(tokenizer: Any, spec: CalibrationSpec, *, batch_size: in
     return list(torch.split(windows, batch_size))
 
 
-def _total(t: torch.Tensor) -> torch.Tensor:
-    """A scalar on CPU; an FSDP2 shard's sum is reduced over ranks first (a collective: every rank calls it)."""
+def _abs_sum(p: torch.Tensor) -> torch.Tensor:
+    """``sum(|p|)`` in fp32 as a 0-d tensor on ``p``'s device, without an fp32 copy of ``p``; an FSDP2 shard's sum is
+    reduced over ranks first (a collective: every rank calls it)."""
     from owlore.sharded import is_sharded
 
-    return (t.full_tensor() if is_sharded(t) else t).cpu()
+    total = torch.linalg.vector_norm(p, ord=1, dtype=torch.float32 if p.element_size() < 8 else None)
+    return total.full_tensor() if is_sharded(total) else total
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -119,9 +121,16 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256(name.encode())
     params = list(model.parameters())
     with torch.no_grad():
-        sums = torch.stack([_total(p.detach().float().abs().sum()) for p in params]) if params else torch.zeros(0)
+        sums = [_abs_sum(p.detach()) for p in params]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, s in enumerate(sums):
+            by_device.setdefault(s.device, []).append(i)
+        values = [0.0] * len(sums)
+        for indices in by_device.values():  # one host read per device, not one per parameter
+            for i, v in zip(indices, torch.stack([sums[i] for i in indices]).tolist()):
+                values[i] = v
     h.update(str([tuple(p.shape) for p in params]).encode())
-    h.update(" ".join(f"{v:.6e}" for v in sums.tolist()).encode())
+    h.update(" ".join(f"{v:.6e}" for v in values).encode())
     h.update(str(sum(p.numel() for p in params)).encode())
     return h.hexdigest()[:16]
 

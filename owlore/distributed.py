@@ -230,11 +230,16 @@ def check_same_across_ranks(what: str, value: Tensor, *, hint: str = "", group=N
 def replica_digest(tensors: Iterable[Tensor]) -> Tensor:
     """Two float64 numbers per tensor list (sum and sum of squares, in a fixed order): equal replicas give equal
     digests bit for bit, and a replica that took a different step almost surely does not."""
-    s = torch.zeros(2, dtype=torch.float64)
-    for t in tensors:
+    parts: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:  # summed on each tensor's device in a fixed order; one host read per device at the end
         d = t.detach().reshape(-1)
         d = d if d.is_floating_point() else d.double()
-        s += torch.stack([d.sum(dtype=torch.float64), torch.dot(d.float(), d.float()).double()]).cpu()  # no copy
+        wide = torch.float32 if d.element_size() < 8 else None  # accumulate bf16 in fp32 without copying it
+        sq = torch.linalg.vector_norm(d, dtype=wide) ** 2
+        parts.setdefault(d.device, []).append(torch.stack([d.sum(dtype=torch.float64), sq.double()]))
+    s = torch.zeros(2, dtype=torch.float64)
+    for values in parts.values():
+        s += torch.stack(values).sum(0).cpu()
     return s
 
 

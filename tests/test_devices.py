@@ -172,3 +172,22 @@ def test_offload_policy_marks_every_layer_for_host_loading(tmp_path):
         gamma=1, rank=2, state_policy="offload"))
     layer_ids = {id(p) for p in model.model.layers.parameters()}
     assert t.create_optimizer().host_state == layer_ids
+
+
+def test_replica_digest_and_model_fingerprint_read_the_host_once(monkeypatch, tiny_llama):
+    """They run at the start and at every checkpoint over every parameter: one host read per device, not one
+    (plus an fp32 copy) per parameter."""
+    from owlore.calibration import model_fingerprint
+    from owlore.distributed import replica_digest
+
+    expected = (replica_digest(tiny_llama.parameters()), model_fingerprint(tiny_llama))
+    reads = []
+    for name in ("cpu", "tolist", "item", "float"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name, **k: reads.append(_n) or _r(
+            self, *a, **k))
+    got = replica_digest(tiny_llama.parameters())
+    assert reads == ["cpu"]
+    reads.clear()
+    assert model_fingerprint(tiny_llama) == expected[1] and reads == ["tolist"]
+    assert torch.equal(got, expected[0])
