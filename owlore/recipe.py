@@ -409,21 +409,38 @@ ZERO_METHODS = ("full", "lora", "qlora")
 """Methods whose optimizer is the Trainer's own, which DeepSpeed ZeRO 1-3 may partition."""
 
 
-def deepspeed_config_stage(value: Any) -> tuple[int | None, str | None]:
-    """The ZeRO stage of ``training.deepspeed`` (a JSON file or a dict), or the problem reading it."""
+def _deepspeed_config(value: Any) -> tuple[dict | None, str | None]:
+    """``training.deepspeed`` (a JSON file or a dict) as a dict, or the problem reading it."""
     import json
 
     if isinstance(value, dict):
-        data = value
-    else:
-        path = Path(str(value))
-        if not path.is_file():
-            return None, (f"training.deepspeed={value!r}: no such file; the shipped DeepSpeed configs are "
-                          "configs/deepspeed/zero0.json, zero2.json and zero3.json")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            return None, f"training.deepspeed={value!r}: not valid JSON ({e})"
+        return value, None
+    path = Path(str(value))
+    if not path.is_file():
+        return None, (f"training.deepspeed={value!r}: no such file; the shipped DeepSpeed configs are "
+                      "configs/deepspeed/zero0.json, zero2.json and zero3.json")
+    try:
+        return json.loads(path.read_text()), None
+    except json.JSONDecodeError as e:
+        return None, f"training.deepspeed={value!r}: not valid JSON ({e})"
+
+
+def deepspeed_precision(value: Any, training: dict[str, Any]) -> str | None:
+    """``"bf16"`` or ``"fp16"`` if the DeepSpeed config turns mixed precision on (``"auto"`` follows
+    ``training.bf16`` / ``training.fp16``, as the HF integration resolves it), else None."""
+    data, _ = _deepspeed_config(value)
+    for key in ("bf16", "fp16"):
+        enabled = ((data or {}).get(key) or {}).get("enabled", False)
+        if enabled is True or (enabled == "auto" and training.get(key)):
+            return key
+    return None
+
+
+def deepspeed_config_stage(value: Any) -> tuple[int | None, str | None]:
+    """The ZeRO stage of ``training.deepspeed`` (a JSON file or a dict), or the problem reading it."""
+    data, why = _deepspeed_config(value)
+    if why:
+        return None, why
     stage = (data.get("zero_optimization") or {}).get("stage", 0)
     return (stage if isinstance(stage, int) else None,
             None if isinstance(stage, int) else f"training.deepspeed: zero_optimization.stage={stage!r} is not 0-3")
@@ -466,6 +483,16 @@ def engine_problems(method: str, own_optimizer: bool, training: dict[str, Any], 
                        "Use training.deepspeed=configs/deepspeed/zero0.json (DeepSpeed's all-reduce only), plain "
                        "data parallelism (torchrun without training.deepspeed: only the active layers' gradients "
                        f"travel){FSDP_HINT.get(method, '')}; ZeRO 2/3 work for {', '.join(ZERO_METHODS)}")
+        elif method not in ZERO_METHODS and deepspeed_precision(ds, training):
+            precision = deepspeed_precision(ds, training)
+            out.append(f"training.deepspeed={ds!r} with {precision} on (its \"{precision}\" section, \"auto\" "
+                       f"following training.{precision}): DeepSpeed then wraps method {method}'s own optimizer in "
+                       "its FP16_UnfusedOptimizer, which keeps an fp32 copy of every parameter the optimizer holds "
+                       "(every layer's weights: the memory the method saves) and steps those copies, so the layer "
+                       "switching's per-layer state freeing and offloading no longer reach the state. Run it "
+                       f"without training.deepspeed (torchrun, {precision} weights; optimizer.master_weights=true "
+                       f"keeps fp32 copies of the trained layers only), or set training.{precision}=false for fp32 "
+                       "weights under DeepSpeed")
         if training.get("fsdp"):
             out.append("training.deepspeed and training.fsdp are both set: choose one engine")
     return out

@@ -361,3 +361,20 @@ def test_string_fields_in_files_keep_the_yaml_text(tmp_path):
     t = load_config(p).training
     assert (t["run_name"], t["output_dir"]) == ("007", "1e3")
     assert type(t["max_steps"]) is int and type(t["learning_rate"]) is float and t["learning_rate"] == 3e-4
+
+
+def test_deepspeed_mixed_precision_is_refused_for_methods_with_their_own_optimizer():
+    """DeepSpeed stage 0 with bf16/fp16 wraps the client optimizer in FP16_UnfusedOptimizer (fp32 clones of every
+    parameter): the per-layer methods would lose their memory saving and their state handling."""
+    from owlore.recipe import deepspeed_precision
+
+    zero0 = str(ROOT / "configs/deepspeed/zero0.json")
+    assert deepspeed_precision(zero0, {"bf16": True}) == "bf16" and deepspeed_precision(zero0, {}) is None
+    assert deepspeed_precision({"fp16": {"enabled": True}}, {}) == "fp16"
+    for method in ("owlore", "lisa", "badam", "galore"):
+        with pytest.raises(ConfigError, match="with bf16 on.*FP16_UnfusedOptimizer.*without training.deepspeed"):
+            load_config(ROOT / f"configs/smollm2_{method}.yaml", [f"training.deepspeed={zero0}", "training.bf16=true",
+                                                                  "training.output_dir=x"])
+        load_config(ROOT / f"configs/smollm2_{method}.yaml", [f"training.deepspeed={zero0}", "training.output_dir=x"])
+    load_config(ROOT / "configs/smollm2_full.yaml", [f"training.deepspeed={zero0}", "training.bf16=true",
+                                                     "training.output_dir=x"])  # the Trainer's optimizer: fine
