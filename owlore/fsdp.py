@@ -58,11 +58,14 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Scatter full weights into the shards (every rank passes the same dict)."""
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *,
+                         broadcast_from_rank0: bool = False) -> None:
+    """Scatter full weights into the shards: every rank passes the same dict, or (``broadcast_from_rank0``) rank 0
+    passes it and the others ``{}``, so that only one process holds the whole model in host memory."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True,
+                                                                     broadcast_from_rank0=broadcast_from_rank0))
 
 
 def optimizer_file(checkpoint: str | Path, rank: int, world: int) -> Path:

@@ -43,8 +43,9 @@ from owlore.quant_state import (
 )
 from owlore.sharded import (
     agree_finite,
-    broadcast_basis,
+    broadcast_outcome,
     full_gradient,
+    is_mesh_rank0,
     is_sharded,
     local,
     reduce_projected,
@@ -347,28 +348,36 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """
         side = choose_side(group["proj_type"], grad.shape)
         start = time.perf_counter()
-        try:
-            if group.get("basis_method", "svd") == "randomized":
-                warm = state.get("basis") if state.get("side") == side else None
-                seed = (where[0] * 1_000_003 + where[1] * 7_919 + state.get("step", 0)) % 2**62  # resumable
-                basis = randomized_basis(grad, group["rank"], side, warm=warm, seed=seed,
-                                         power_iters=group.get("power_iters", 2))
-            else:
-                basis = compute_basis(grad, group["rank"], side)
-        except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
-            self.svd_seconds += time.perf_counter() - start
+        basis, error = None, None
+        # sharded (FSDP2): mesh rank 0 alone computes, then sends its basis or its failure to every rank
+        if sharded_param is None or is_mesh_rank0(sharded_param):
+            try:
+                if group.get("basis_method", "svd") == "randomized":
+                    warm = state.get("basis") if state.get("side") == side else None
+                    seed = (where[0] * 1_000_003 + where[1] * 7_919 + state.get("step", 0)) % 2**62  # resumable
+                    basis = randomized_basis(grad, group["rank"], side, warm=warm, seed=seed,
+                                             power_iters=group.get("power_iters", 2))
+                else:
+                    basis = compute_basis(grad, group["rank"], side)
+            except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
+                error = err
+        if sharded_param is not None:
+            r = min(group["rank"], *grad.shape)
+            shape = (grad.shape[0], r) if side == LEFT else (r, grad.shape[1])
+            basis = broadcast_outcome(sharded_param, basis, shape, grad.dtype)
+            if basis is None and error is None:
+                error = RuntimeError("the SVD failed on mesh rank 0")
+        self.svd_seconds += time.perf_counter() - start
+        if basis is None:
             keep = "basis" in state
             outcome = "keeping the previous basis" if keep else "no previous basis, skipping its update"
             logger.warning(
                 "GaLore basis refresh: SVD failed (%s) for %s; %s.",
-                err,
+                error,
                 _describe(grad.shape, group, where),
                 outcome,
             )
             return keep
-        if sharded_param is not None:  # the same basis on every rank of the mesh, bit for bit
-            basis = broadcast_basis(sharded_param, basis)
-        self.svd_seconds += time.perf_counter() - start
         state["basis"], state["side"] = basis, side
         return True
 

@@ -54,11 +54,24 @@ def full_gradient(p: Tensor) -> Tensor:
     return p.grad.full_tensor()
 
 
-def broadcast_basis(p: Tensor, basis: Tensor) -> Tensor:
-    """Rank 0's basis on every rank of ``p``'s mesh (SVDs of equal inputs agree, but the LEFT side's all-reduce
-    needs them equal bit for bit)."""
+def is_mesh_rank0(p: Tensor) -> bool:
+    """Whether this process is rank 0 of ``p``'s mesh (the one that computes a shared GaLore basis)."""
+    return p.device_mesh.get_local_rank() == 0
+
+
+def broadcast_outcome(p: Tensor, basis: Tensor | None, shape: tuple[int, int], dtype: torch.dtype
+                      ) -> Tensor | None:
+    """Rank 0's basis (or its failure, ``None``) on every rank of ``p``'s mesh: first a success flag, so that a
+    failed SVD on rank 0 makes every rank keep its old basis instead of leaving the others waiting for it."""
     group = p.device_mesh.get_group()
     src = dist.get_global_rank(group, 0)
+    device = p.grad.to_local().device if hasattr(p.grad, "to_local") else p.device
+    flag = torch.tensor([basis is not None], dtype=torch.int32, device=device)
+    dist.broadcast(flag, src=src, group=group)
+    if not bool(flag.item()):
+        return None
+    if basis is None:
+        basis = torch.empty(shape, dtype=dtype, device=device)
     basis = basis.contiguous()
     dist.broadcast(basis, src=src, group=group)
     return basis

@@ -147,11 +147,11 @@ class KeepOptimizerTrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from safetensors.torch import load_file
 
-        files = sorted(Path(resume_from_checkpoint).glob("model*.safetensors"))
         state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        load_full_state_dict(self.model, state)
+        if self.args.process_index == 0:  # one copy of the model in host memory, not one per rank
+            for f in sorted(Path(resume_from_checkpoint).glob("model*.safetensors")):
+                state.update(load_file(str(f)))
+        load_full_state_dict(self.model, state, broadcast_from_rank0=True)
 
 
 class OwLoreTrainer(Trainer):

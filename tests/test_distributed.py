@@ -342,3 +342,48 @@ def test_outlier_ratios_are_computed_on_rank0_and_broadcast(tmp_path):
     for g in got:
         assert g["replicated"] == g["sharded"] == [0.01, 0.02, 0.03]
     assert got[0]["calls"] == [0, 0] and got[1]["calls"] == [1]
+
+
+def _svd_fails_on_rank0(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import owlore.optim as optim_module
+    from owlore.optim import GaLoreAdamW
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6, bias=False))
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        opt = GaLoreAdamW([{"params": list(model.parameters()), "rank": 2, "update_proj_gap": 1}], lr=1e-2)
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+        real, calls = optim_module.compute_basis, []
+
+        def flaky(grad, r, side):
+            calls.append(len(calls))
+            if len(calls) == 2:  # the second refresh fails on rank 0: every rank must keep its basis
+                raise torch.linalg.LinAlgError("injected")
+            return real(grad, r, side)
+
+        optim_module.compute_basis = flaky
+        for _ in range(3):
+            model(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        w = next(model.parameters()).full_tensor()
+        Path(out, f"svd{rank}.json").write_text(json.dumps({"calls": len(calls), "w": w.flatten().tolist()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_basis_is_computed_on_mesh_rank0_and_its_failure_reaches_every_rank(tmp_path):
+    """Only rank 0 runs the SVD (the others used to repeat it and discard theirs); when it fails there, every rank
+    keeps its previous basis instead of waiting for a broadcast that never comes."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_svd_fails_on_rank0, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"svd{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["calls"] == 3 and got[1]["calls"] == 0
+    assert got[0]["w"] == got[1]["w"]
