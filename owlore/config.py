@@ -239,6 +239,10 @@ class MemoryConfig:
     """Methods with their own optimizer: the input embedding's gradient as the row-sparse tensor it is (rows of the
     batch's tokens only; ``nn.Embedding(sparse=True)``), made dense only when it steps. A tied head's dense
     gradient then takes the embedding's rows in place instead of a second vocabulary-sized buffer."""
+    offload_activations: bool = False
+    """With activation checkpointing: the checkpointed layer inputs (and the head's input) in host memory, pinned
+    on CUDA, copied back when backward needs them (``owlore.memory.offload_activations``). Saves L·batch·seq·d
+    activation bytes on the device for one copy each way per layer."""
     profile: bool = False
     """Record live tensor bytes by kind (weights, gradients, optimizer state, saved activations) at the peak of
     each step into ``owlore_record.json`` (``owlore.memory.probe``; costs a little time; ``eval/bench.py`` sets

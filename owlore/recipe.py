@@ -366,6 +366,14 @@ def _memory_problems(method: Any, built: dict[str, Any], training: dict[str, Any
         out.append(f"memory.sparse_embedding_grad=true: method {method.name} uses the Trainer's optimizer "
                    f"({training.get('optim', 'adamw_torch')}), which takes no sparse gradients; use a method with "
                    "its own optimizer (owlore, lisa, galore, badam) or remove the option")
+    checkpointed = memory.checkpointing != "off" or built["model"].gradient_checkpointing
+    if memory.offload_activations and not checkpointed:
+        out.append("memory.offload_activations=true without activation checkpointing: every activation of every "
+                   "layer would cross to the host and back each step; set memory.checkpointing=all (or frozen), "
+                   "so that only the layers' inputs are offloaded")
+    if memory.offload_activations and built["parallel"].fsdp2:
+        out.append("memory.offload_activations=true with parallel.fsdp2=true: not supported on shards yet; "
+                   "remove one")
     if memory.frozen_weights == "int8" and training.get("load_best_model_at_end"):
         out.append("memory.frozen_weights=int8 with training.load_best_model_at_end=true: the Trainer loads the best "
                    "checkpoint while frozen layers still hold int8 codes (their exact weights come back only at the "

@@ -253,3 +253,13 @@ def test_shipped_memory_configs_estimate_offline(path, monkeypatch):
     cfg = load_config(path)
     assert cfg.method == "owlore" and cfg.training["output_dir"].endswith(path.stem)
     assert 12 * 2**30 < estimate_run(cfg).total < 48 * 2**30  # 7-8B in bf16, gamma=5 of 32 layers
+
+
+def test_offload_activations_moves_the_checkpointed_inputs_to_the_host():
+    kw = {"method": "owlore", "batch": 4, "seq": 2048, "checkpointing": "all"}
+    plain, off = estimate(LLAMA, **kw), estimate(LLAMA, offload_activations=True, **kw)
+    shape = load_model_shape(LLAMA)
+    inputs = 32 * 4 * 2048 * shape.hidden * 2  # one bf16 input per checkpointed layer: 2 GiB
+    assert off.host - plain.host == inputs
+    assert plain.saved_for_backward - off.saved_for_backward == inputs
+    assert off.total < plain.total

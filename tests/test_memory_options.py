@@ -307,3 +307,47 @@ def test_sparse_embedding_grad_gives_the_same_losses(tmp_path, tiny_dir, rows, i
 def test_sparse_embedding_grad_needs_an_own_optimizer():
     with pytest.raises(ConfigError, match="memory.sparse_embedding_grad=true: method full"):
         load_config(CONFIGS / "smollm2_full.yaml", ["memory.sparse_embedding_grad=true"])
+
+
+def test_offload_activations_gives_the_same_gradients_and_needs_checkpointing():
+    """The checkpointed inputs go through host memory (a no-op copy on a CPU): identical loss and gradients."""
+    from owlore.memory.offload_activations import disable_activation_offload, enable_activation_offload
+
+    model = ms.tiny_model(3).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref = grads()
+    enable_activation_offload(model)
+    packed = []
+    real = torch.autograd.graph.save_on_cpu.__init__
+
+    def spy(self, *a, **k):
+        packed.append(k.get("pin_memory"))
+        real(self, *a, **k)
+
+    torch.autograd.graph.save_on_cpu.__init__ = spy
+    try:
+        loss, got = grads()
+    finally:
+        torch.autograd.graph.save_on_cpu.__init__ = real
+    assert packed == [False]  # entered once per training forward, unpinned on a CPU
+    assert torch.equal(loss, ref_loss) and all(torch.equal(got[n], ref[n]) for n in ref)
+    disable_activation_offload(model)
+    assert "offloaded" not in model.forward.__qualname__
+    with pytest.raises(ConfigError, match="offload_activations=true without activation checkpointing"):
+        load_config(CONFIGS / "smollm2_owlore.yaml", ["memory.offload_activations=true"])
+    load_config(CONFIGS / "smollm2_owlore.yaml", ["memory.offload_activations=true", "memory.checkpointing=all"])
+
+
+def test_offload_activations_through_train_py_gives_the_same_losses(tmp_path, tiny_dir, rows):
+    train.main([*ms.train_argv("owlore", tiny_dir, rows, tmp_path / "ckpt", steps=4), "memory.checkpointing=all"])
+    train.main([*ms.train_argv("owlore", tiny_dir, rows, tmp_path / "offload", steps=4), "memory.checkpointing=all",
+                "memory.offload_activations=true"])
+    assert _losses(tmp_path / "offload") == _losses(tmp_path / "ckpt")

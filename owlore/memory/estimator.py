@@ -169,6 +169,9 @@ def _saved(shape: ModelShape, tok: Tokens, plan: Plan, o: Options, lora: LoraSha
     full = [sum(layer_saved(shape, tok, role=r, input_grad=emb or i > lowest, lora=lora).values())
             for i, r in enumerate(plan.roles)]
     kept = [tok.act_bytes * tok.n * shape.hidden if c else a for a, c in zip(full, ckpt)]
+    if o.offload_activations:  # the checkpointed inputs wait on the host; each comes back for its own recompute
+        plan.host["checkpointed layer inputs (memory.offload_activations)"] = sum(k for k, c in zip(kept, ckpt) if c)
+        kept = [0 if c else k for k, c in zip(kept, ckpt)]
     below = (2 * tok.seq * shape.head_dim * tok.act_bytes if lowest < shape.layers else 0) + (8 * tok.n if emb else 0)
     hs = head_saved(shape, tok, norm_trained=norm, head_trained=head, chunked=bool(o.chunked_loss))
     return _Saved(full, kept, below + hs["final_norm"] + hs["head_in"], below, hs["log_softmax"], lowest)
@@ -277,6 +280,7 @@ def run_options(cfg: Any) -> tuple[str, int, int, dict[str, Any]]:
                                                                            else "off")
     opts: dict[str, Any] = {
         "checkpointing": checkpointing, "chunked_loss": mem.chunked_loss, "attention": m.attn_implementation or "sdpa",
+        "offload_activations": bool(getattr(mem, "offload_activations", False)),
         "frozen_int8": getattr(mem, "frozen_weights", "full") == "int8", "mask": not cfg.data.packing,
         "autocast": dtype == "float32" and bool(t.get("bf16") or t.get("fp16")),
         "gradient_accumulation": int(t.get("gradient_accumulation_steps", 1)),

@@ -50,6 +50,10 @@ def apply_memory_options(parts: Any, cfg: Any) -> list[Any]:
         from owlore.memory.int8_frozen import Int8FrozenLayers
 
         callbacks.append(Int8FrozenLayers(parts.layer_callback))
+    if memory.offload_activations:
+        from owlore.memory.offload_activations import enable_activation_offload
+
+        enable_activation_offload(parts.model)
     if memory.profile:
         from owlore.memory.probe import MemoryProbe
 

@@ -202,6 +202,8 @@ class Options:
     checkpointing: str = "off"
     """off, all (every decoder layer keeps only its input), frozen (only the frozen layers)."""
     chunked_loss: int = 0
+    offload_activations: bool = False
+    """The checkpointed layers' inputs in host memory (``memory.offload_activations``)."""
     frozen_int8: bool = False
     attention: str = "sdpa"
     mask: bool = False
