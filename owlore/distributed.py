@@ -324,6 +324,17 @@ class SwitchingDataParallel:
                 "install_active_gradient_sync(trainer) before trainer.train() (train.py and OwLoreTrainer do), so "
                 "that the Trainer does not wrap the model in DDP, which would all-reduce every layer's gradient and "
                 "stall on the frozen ones")
+        from owlore.checkpointing import _maybe_reentrant
+
+        reentrant = [type(m).__name__ for m in model.modules()
+                     if getattr(m, "gradient_checkpointing", None) is True and _maybe_reentrant(m)]
+        if reentrant:
+            raise RuntimeError(
+                f"reentrant gradient checkpointing ({reentrant[0]}) with layer switching on {world_size()} "
+                "processes: each checkpointed layer runs a nested backward, which ends the active-gradient "
+                "reducer's round early, so every layer's gradients would be all-reduced again per segment (correct "
+                "averages, ~gamma times the traffic). Use non-reentrant checkpointing: "
+                "training.gradient_checkpointing_kwargs={use_reentrant: false} (train.py's default)")
         if self.reducer is None:
             self.reducer = ActiveGradientReducer(model.parameters(), bucket_mb=bucket_mb)
             self.stats = self.reducer.stats

@@ -387,3 +387,19 @@ def test_fsdp2_basis_is_computed_on_mesh_rank0_and_its_failure_reaches_every_ran
     got = [json.loads((tmp_path / f"svd{r}.json").read_text()) for r in (0, 1)]
     assert got[0]["calls"] == 3 and got[1]["calls"] == 0
     assert got[0]["w"] == got[1]["w"]
+
+
+def test_reentrant_checkpointing_is_refused_by_the_active_gradient_reducer():
+    """Its nested backward per checkpointed layer would end the reducer's round early: every layer's gradients
+    would be all-reduced again per segment. Refused before any process group is touched."""
+    from owlore.checkpointing import _maybe_reentrant
+    from owlore.distributed import SwitchingDataParallel
+
+    model = ms.tiny_model(2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    dp = SwitchingDataParallel()
+    dp.installed = True
+    with pytest.raises(RuntimeError, match="reentrant gradient checkpointing.*use_reentrant: false"):
+        dp.attach(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not any(getattr(m, "gradient_checkpointing", False) and _maybe_reentrant(m) for m in model.modules())
