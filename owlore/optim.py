@@ -120,6 +120,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         foreach: with ``fused`` off, step plain-AdamW params with torch's foreach (multi-tensor) AdamW; ``False``
             as well as ``fused=False`` keeps the per-param loop (the reference path, exact to
             ``torch.optim.AdamW``'s default on CPU).
+        skip_non_finite: test every gradient for inf/NaN and skip that param's update (default). The test is one
+            host read per step (per tensor under in-backward updates, ``owlore.memory.in_backward``); ``False``
+            drops it and steps whatever comes, as ``torch.optim.AdamW`` does.
 
     Speed: every param that needs nothing of GaLore's (no projection, torch convention, 32-bit moments, the state
     dtype equal to the weight's or its master's dtype, not FSDP-sharded) is updated by ``torch.optim.adamw``'s
@@ -142,6 +145,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state_bits: int = 32,
         fused: bool | None = None,
         foreach: bool | None = None,
+        skip_non_finite: bool = True,
     ) -> None:
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
             if not value >= 0.0:
@@ -151,7 +155,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.svd_seconds = 0.0
         self.skipped_updates = 0
         self._code_maps = CodeMaps()
-        self.fused, self.foreach = fused, foreach
+        self.fused, self.foreach, self.skip_non_finite = fused, foreach, skip_non_finite
         self.host_state: set[int] = set()  # ids of params whose loaded state stays on the host (load_state_dict)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention)
         defaults.update(state_dtype=state_dtype, master_weights=master_weights, state_bits=state_bits)
@@ -199,8 +203,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for p, _, _ in todo:
             if p.grad.is_sparse:  # a row-sparse embedding gradient (memory.sparse_embedding_grad): same math dense
                 p.grad = p.grad.to_dense()
-        flags = _finite_flags([local(p.grad) for p, _, _ in todo])
-        flags = agree_finite(flags, [p for p, _, _ in todo])  # FSDP2 shards: every rank skips or steps together
+        if self.skip_non_finite:
+            flags = _finite_flags([local(p.grad) for p, _, _ in todo])
+            flags = agree_finite(flags, [p for p, _, _ in todo])  # FSDP2 shards: every rank skips or steps together
+        else:  # no host read at all, as torch.optim.AdamW
+            flags = [True] * len(todo)
         plain = []
         for (p, group, where), finite in zip(todo, flags):
             if not finite:
@@ -480,6 +487,7 @@ def create_galore_optimizer(
     state_bits: int = 32,
     fused: bool | None = None,
     foreach: bool | None = None,
+    skip_non_finite: bool = True,
     **group_kwargs: Any,
 ) -> GaLoreAdamW:
     """``GaLoreAdamW(make_param_groups(model, **group_kwargs), lr=lr, ...)`` in one call."""
@@ -495,4 +503,5 @@ def create_galore_optimizer(
         state_bits=state_bits,
         fused=fused,
         foreach=foreach,
+        skip_non_finite=skip_non_finite,
     )

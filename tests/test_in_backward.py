@@ -329,3 +329,30 @@ def test_resume_through_train_py_continues_exactly(accumulation, tiny_dir, rows,
     train.main(ms.train_argv("lisa", tiny_dir, rows, cut, *argv, "training.resume_from_checkpoint=last", steps=6))
     assert len(ms.logged_losses(whole)) == 6
     assert ms.logged_losses(cut) == ms.logged_losses(whole)
+
+
+def test_without_the_finite_test_the_hooks_never_read_the_host(monkeypatch) -> None:
+    """optimizer.skip_non_finite=false: the same weights, the gradient norm read once per step, not per tensor."""
+    ref_model, model = _stack(), _stack()
+    ref = InBackwardGaLoreAdamW(_groups(ref_model, GALORE), lr=1e-2)
+    opt = InBackwardGaLoreAdamW(_groups(model, GALORE), lr=1e-2, skip_non_finite=False)
+    batches = _batches(3)
+    _fit(ref_model, ref, batches)
+    reads: list[str] = []
+    for name in ("__float__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name, **k: reads.append(_n) or _r(
+            self, *a, **k))
+    x = batches[0]
+    model(x).float().pow(2).mean().backward()  # every hook fires here
+    assert reads == []  # the hooks made no host read
+    opt.step()
+    assert reads == ["__float__"] and opt.last_grad_norm > 0  # one read for the step's gradient norm
+    monkeypatch.undo()
+    opt.zero_grad()
+    model2 = _stack()
+    opt2 = InBackwardGaLoreAdamW(_groups(model2, GALORE), lr=1e-2, skip_non_finite=False)
+    _fit(model2, opt2, batches)
+    for p, q in zip(model2.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    assert opt2.last_grad_norm == pytest.approx(ref.last_grad_norm, rel=1e-5)

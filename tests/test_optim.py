@@ -767,3 +767,18 @@ def test_create_galore_optimizer_trains_tiny_llama(tiny_llama: nn.Module) -> Non
     _train(tiny_llama, opt, _batches(5))
     assert not torch.equal(q, before) and opt.state[q]["basis"].shape == (4, 32)  # q_proj 32x32: right basis
     assert tiny_llama(input_ids=ids, labels=ids).loss.item() < loss0
+
+
+def test_skip_non_finite_false_makes_no_finiteness_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = [_param((12, 8), seed=1), _param((6,), seed=2)]
+    opt = GaLoreAdamW([{"params": params[:1], **GALORE}, {"params": params[1:]}], lr=1e-2, skip_non_finite=False)
+    monkeypatch.setattr(torch, "_foreach_norm", lambda *a, **k: pytest.fail("a finiteness test"))
+    _run(opt, params, [[_grads((12, 8), 1)[0], _grads((6,), 1)[0]]])
+    assert opt.state[params[0]]["step"] == 1 and opt.skipped_updates == 0
+
+
+def test_optimizer_section_passes_skip_non_finite():
+    from owlore.methods.base import OptimizerConfig
+
+    assert OptimizerConfig(skip_non_finite=False).optimizer_kwargs()["skip_non_finite"] is False
+    assert OptimizerConfig().optimizer_kwargs()["skip_non_finite"] is True

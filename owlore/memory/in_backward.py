@@ -67,8 +67,9 @@ class InBackwardGaLoreAdamW(GaLoreAdamW):
 
     ``state_dict`` / ``load_state_dict`` are ``GaLoreAdamW``'s: the counts are zero at every optimizer step, so
     nothing else needs saving. Cost: the non-finite test reads one float per tensor on the host (``step()`` reads
-    one per device), so on a GPU backward waits for each gradient before queueing the next kernels; measure it
-    on the device before relying on the throughput. Step pre/post hooks (``register_step_pre_hook``) run around ``step()``, not around
+    one per device), so on a GPU backward waits for each gradient before queueing the next kernels;
+    ``skip_non_finite=False`` (``optimizer.skip_non_finite=false``) drops the test and keeps the gradient norm on
+    the device, read once per step. Step pre/post hooks (``register_step_pre_hook``) run around ``step()``, not around
     the per-param updates. The hooks hold the optimizer weakly; ``remove_hooks()`` turns it back into a plain
     ``GaLoreAdamW`` (whose ``step()`` also frees the gradients).
 
@@ -96,6 +97,7 @@ class InBackwardGaLoreAdamW(GaLoreAdamW):
         self._live: dict[Where, int] = {}  # bytes of the .grad tensors alive now
         self._live_bytes = self._step_peak = 0
         self._sq_norm, self._stepped = 0.0, False
+        self._sq_norms: list[Tensor] = []  # device-side squared norms, read once in step()
         self.peak_grad_bytes = self.max_peak_grad_bytes = 0
         self.last_grad_norm: float | None = None
         super().__init__(params, lr, betas, eps, weight_decay, **options)
@@ -143,14 +145,18 @@ class InBackwardGaLoreAdamW(GaLoreAdamW):
         if p.grad.is_sparse:  # a row-sparse input-embedding gradient: the update is the dense one
             p.grad = p.grad.to_dense()
         grad = p.grad
-        norm = float(torch.linalg.vector_norm(grad, dtype=torch.float32))  # the host sync (see the class doc)
-        finite = math.isfinite(norm) or bool(torch.isfinite(grad).all())  # a finite grad whose norm overflows
         group = self.param_groups[where[0]]  # looked up now: load_state_dict replaces the group dicts
-        if finite:
+        if not self.skip_non_finite:  # no host read: the squared norm stays on the device until step()
+            self._sq_norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32) ** 2)
             self._step_one(p, group, where)
         else:
-            self._skip_non_finite(p, group, where)
-        self._sq_norm += norm * norm
+            norm = float(torch.linalg.vector_norm(grad, dtype=torch.float32))  # the host sync (see the class doc)
+            finite = math.isfinite(norm) or bool(torch.isfinite(grad).all())  # a finite grad whose norm overflows
+            if finite:
+                self._step_one(p, group, where)
+            else:
+                self._skip_non_finite(p, group, where)
+            self._sq_norm += norm * norm
         self._stepped = True
         p.grad = None
         self._live_bytes -= self._live.pop(where, 0)
@@ -170,6 +176,9 @@ class InBackwardGaLoreAdamW(GaLoreAdamW):
             self._update(p, where)
         self.peak_grad_bytes = self._step_peak
         self.max_peak_grad_bytes = max(self.max_peak_grad_bytes, self._step_peak)
+        if self._sq_norms:  # one host read per step (skip_non_finite=False)
+            self._sq_norm += float(sum(t.to(self._sq_norms[0].device) for t in self._sq_norms))
+            self._sq_norms.clear()
         self.last_grad_norm = math.sqrt(self._sq_norm) if self._stepped else None
         self._counts.clear()
         self._live.clear()

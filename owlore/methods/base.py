@@ -39,6 +39,10 @@ class OptimizerConfig:
     the gradients of the trained layers never coexist. Needs ``training.max_grad_norm=0`` (no global norm exists
     yet when a tensor steps); gradient accumulation works (the update waits for the last micro-batch), but then the
     gradients accumulate across micro-batches as usual and the option saves no gradient memory."""
+    skip_non_finite: bool = True
+    """Skip a tensor's update when its gradient holds inf/NaN (moments and weight unchanged). Costs one host read
+    per step, or per tensor with ``update_in_backward``; false drops the test (as torch's AdamW), e.g. for bf16 on
+    a GPU, where in-backward updates then never wait for the host."""
     embedding_state: str = "full"
     """Optimizer state of the input embedding / output head (on a large vocabulary the biggest trained tensors):
     full (AdamW), 8bit (blockwise 8-bit moments), lowrank (GaLore projection at ``embedding_rank``), factored
@@ -66,7 +70,7 @@ class OptimizerConfig:
     def optimizer_kwargs(self, *, master_weights_default: bool = False) -> dict[str, Any]:
         """Keyword arguments for ``GaLoreAdamW``."""
         master = master_weights_default if self.master_weights is None else self.master_weights
-        return {"state_bits": self.state_bits, "master_weights": master,
+        return {"state_bits": self.state_bits, "master_weights": master, "skip_non_finite": self.skip_non_finite,
                 "state_dtype": torch.float32 if self.state_dtype == "float32" else None}
 
 
