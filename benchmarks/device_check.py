@@ -9,9 +9,10 @@ on one CUDA GPU. Prints one table (check, result, figures) and exits non-zero wh
    layers' asynchronous host copies, in-backward updates, CUDA-event step timing, VQA scoring and pruning.
 2. Optimizer step of the whole SmolLM2 (``benchmarks/optimizer_kernels.py``): per-param loop, foreach, fused,
    and ``torch.optim.AdamW(fused=True)`` on the same tensors.
-3. Memory (``benchmarks/memory_validation.py``): every method on SmolLM2 and 7B-width models cut to 2 and 4
-   layers, ``torch.cuda.max_memory_allocated`` during training beside the estimator's figure (the ±15 % claim),
-   and each method's median step time over full fine-tuning's from the same records.
+3. Memory (``benchmarks/memory_validation.py``): every method on SmolLM2, OwLore with checkpointing with and
+   without ``memory.offload_activations``, and 7B-width models cut to 2 and 4 layers:
+   ``torch.cuda.max_memory_allocated`` during training beside the estimator's figure (the ±15 % claim), and each
+   method's median step time over full fine-tuning's from the same records.
 4. Prefill, pruned vs unpruned, on the LLaVA-1.5 layout (``eval/vlm_pruning.py speed``, depth-reduced).
 
 Without CUDA it runs the CPU subset (2, and 4 at tiny sizes), says what it skipped, and step 1 reports the CUDA
@@ -72,9 +73,12 @@ def check_memory(cuda: bool, out_dir: Path, quick: bool) -> list[dict]:
         return [{"check": "memory vs estimator", "ok": True, "result": "skipped: needs a CUDA GPU",
                  "figures": "CPU RSS figures: docs/memory.md (make memory-tables)", "seconds": 0.0}]
     out = out_dir / "memory"
-    cases = "smollm2" if quick else "smollm2,wide"
+    cases = "smollm2,options" if quick else "smollm2,options,wide"
+    only = [f"smollm2 {m}" for m in ("full", "lora", "galore", "lisa", "badam", "owlore")]
+    only += ["smollm2 owlore+emb checkpointing=all", "smollm2 owlore+emb offload_activations"]  # the 7B lever
+    only += [] if quick else [f"7B-width L{n} {m}" for n in (2, 4) for m in ("owlore", "lisa", "full")]
     rc, log, secs = _run([sys.executable, "benchmarks/memory_validation.py", "--cases", cases, "--steps", "3",
-                          "--wide-layers", "2,4", "--out", str(out)], 420)
+                          "--wide-layers", "2,4", "--only", ",".join(only), "--out", str(out)], 420)
     path = out / "validation.json"
     if not path.is_file():
         return [{"check": "memory vs estimator", "ok": False, "result": f"exit {rc}", "figures": log[-400:],

@@ -56,7 +56,8 @@ OPTIONS = {  # SmolLM2 OwLore with its (tied) embedding trained, then each memor
     "update_in_backward": ["optimizer.update_in_backward=true", "training.max_grad_norm=0"],
     "checkpointing=all": ["memory.checkpointing=all"], "checkpointing=frozen": ["memory.checkpointing=frozen"],
     "state_bits=8": ["optimizer.state_bits=8"], "embedding_state=factored": ["optimizer.embedding_state=factored"],
-    "frozen_weights=int8": ["memory.frozen_weights=int8"]}
+    "frozen_weights=int8": ["memory.frozen_weights=int8"],
+    "offload_activations": ["memory.checkpointing=all", "memory.offload_activations=true"]}
 WIDE_METHODS = {  # the paper's OwLore (embeddings and head train, rank 256) with one sampled layer; LISA alike
     "owlore": ["owlore.gamma=1", "owlore.rank=256", "owlore.train_embeddings=true", "owlore.train_lm_head=true",
                "owlore.basis_method=randomized", "owlore.calibration_batches=2", "owlore.cache_dir=null"],
