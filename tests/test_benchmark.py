@@ -279,7 +279,7 @@ def test_step_timer_on_cuda_records_events_and_syncs_once_when_read(monkeypatch)
         def synchronize(self) -> None:
             waits.append(1)
 
-        def elapsed_time(self, end: "FakeEvent") -> float:
+        def elapsed_time(self, end: FakeEvent) -> float:
             return 1e3 * (end.t - self.t)  # milliseconds, as torch.cuda.Event reports
 
     monkeypatch.setattr(metrics, "memory_kind", lambda: "cuda")
