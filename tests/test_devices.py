@@ -191,3 +191,15 @@ def test_replica_digest_and_model_fingerprint_read_the_host_once(monkeypatch, ti
     reads.clear()
     assert model_fingerprint(tiny_llama) == expected[1] and reads == ["tolist"]
     assert torch.equal(got, expected[0])
+
+
+def test_train_py_runs_whole_on_a_second_device(other_device, tmp_path):
+    """OwLore end to end (calibration, sampling, GaLore, layer switches) with the chunked loss, in-backward
+    updates and int8 frozen layers, everything on the lazy device: any CPU tensor our code makes fails."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "tests/fixtures/lazy_train.py", str(tmp_path), "owlore",
+                        "memory.chunked_loss=32", "optimizer.update_in_backward=true", "training.max_grad_norm=0",
+                        "memory.frozen_weights=int8"], cwd=root, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

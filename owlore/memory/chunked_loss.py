@@ -18,6 +18,7 @@ blockwise in backward. This module takes the recompute route in pure torch (CPU/
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -142,11 +143,12 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     if targets.numel() != hidden.shape[0]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match the {hidden.shape[0]} hidden states")
     device = hidden.device.type
-    if torch.is_autocast_enabled(device):  # cast as autocast would for the head, then run the math outside it
+    autocast = torch.amp.is_autocast_available(device)  # False on backends without autocast (lazy, XLA)
+    if autocast and torch.is_autocast_enabled(device):  # cast as autocast would for the head, math outside it
         dtype = torch.get_autocast_dtype(device)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    with torch.autocast(device, enabled=False):
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
         total = _LinearCrossEntropySum.apply(hidden, weight, bias, targets, chunk_size, ignore_index)
     if num_items_in_batch is None:
         return total / (targets != ignore_index).sum()
