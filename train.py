@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -136,6 +137,7 @@ def training_arguments(cfg: RunConfig):
 
     training = dict(cfg.training)
     training.pop("resume_from_checkpoint", None)
+    training.pop("overwrite_output_dir", None)  # ours (owlore.run_dir), not a TrainingArguments field
     from owlore.memory.options import checkpointing_enabled
 
     if checkpointing_enabled(cfg):  # newer transformers call it activation_checkpointing (old name: an alias)
@@ -169,6 +171,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     )
     from owlore.optim_state import state_bytes
     from owlore.plotting import layer_table, plot_layer_statistics
+    from owlore.run_dir import PARTIAL_RECORD_FILE, claim_output_dir
     from owlore.sharded import is_sharded
     from owlore.trainer import KeepOptimizerTrainer
 
@@ -178,6 +181,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if resume == "last":
         resume = last_complete_checkpoint(out_dir, method.state_files)
         logger.info("resuming from %s", resume or "scratch (no complete checkpoint)")
+    try:  # before anything loads: an earlier run's results are never replaced by accident
+        claim_output_dir(out_dir, resume=bool(cfg.training.get("resume_from_checkpoint")),
+                         overwrite=bool(cfg.training.get("overwrite_output_dir")),
+                         main_process=int(os.environ.get("RANK", "0")) == 0)
+    except FileExistsError as e:
+        raise ConfigError(str(e)) from None
     training_args = training_arguments(cfg)
     if training_args.process_index != 0:  # one log under torchrun / accelerate launch / deepspeed
         logging.getLogger().setLevel(logging.WARNING)
@@ -287,6 +296,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         text = json.dumps({"method": cfg.method, "sources": cfg.sources, **record, "summary": summary}, indent=1,
                           default=str)
         atomic_write(out_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
+        (out_dir / PARTIAL_RECORD_FILE).unlink(missing_ok=True)
         _write_evals(before, after, out_dir, trainer.state.global_step,
                      OwLoreLogger(owlore_tensorboard_dir(out_dir))
                      if "tensorboard" in (training_args.report_to or []) else None)

@@ -33,11 +33,10 @@ from owlore.layers import find_decoder_layers, set_layers_trainable
 from owlore.methods.base import LAYER_STATE_FILE as STATE_FILE
 from owlore.metrics import OwLoreLogger, owlore_tensorboard_dir, peak_memory_bytes
 from owlore.optim_state import drop_state, move_state, state_bytes, unwrap_optimizer
+from owlore.run_dir import PARTIAL_RECORD_FILE, RECORD_FILE
 from owlore.sampler import LayerSampler
 
 logger = logging.getLogger(__name__)
-
-RECORD_FILE = "owlore_record.json"
 
 
 class OwLoreCallback(TrainerCallback):
@@ -328,12 +327,17 @@ class OwLoreCallback(TrainerCallback):
             "history": [{"step": st, "layers": ls} for st, ls in self.history],
         }
 
-    def write_record(self, **extra: Any) -> None:
-        """Write ``record()`` (plus ``extra`` top-level entries) to ``<output_dir>/owlore_record.json`` atomically."""
+    def write_record(self, *, final: bool = False, **extra: Any) -> None:
+        """Write ``record()`` (plus ``extra`` top-level entries) atomically: while training to
+        ``owlore_record.partial.json``, at the end (``final``) to ``owlore_record.json``, so a run that crashes
+        never replaces an earlier run's record (``owlore.run_dir``)."""
         if self._output_dir is None or not self._is_main:  # one writer under DDP
             return
         text = json.dumps({**self.record(), **extra}, indent=1, default=str)
-        atomic_write(self._output_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
+        name = RECORD_FILE if final else PARTIAL_RECORD_FILE
+        atomic_write(self._output_dir / name, lambda tmp: Path(tmp).write_text(text))
+        if final:
+            (self._output_dir / PARTIAL_RECORD_FILE).unlink(missing_ok=True)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: tensors, ints and lists only (``torch.load(weights_only=True)``)."""
@@ -399,7 +403,7 @@ class OwLoreCallback(TrainerCallback):
         if self._input_grad_hook is not None:
             self._input_grad_hook.remove()
             self._input_grad_hook = None
-        self.write_record()
+        self.write_record(final=True)
         if self._tb:
             self._tb.scalars(state.global_step, self.metrics())
             self._tb.close()

@@ -8,7 +8,7 @@ Composition: a file may say ``include: base.yaml`` (or a list; paths relative to
 be given; later ones override earlier ones key by key, and a section set to ``null`` is removed (in any file, or
 ``section=null`` on the command line). ``${method}`` in any string value is replaced by the method's name (e.g.
 ``output_dir: outputs/smollm2_${method}``), ``${config}`` by the last config file's stem (the 7B bases write to
-``outputs/llama2_7b/${config}``: with the overlay ``paper/official.yaml``, ``outputs/llama2_7b/official``).
+``outputs/llama2_7b/${config}``: with the overlay ``paper/official.yaml``, ``outputs/llama2_7b/official``), ``${now}`` by the start time (``20261203-154500``: a fresh output directory per run).
 
 Everything is checked before any weights load, and one ``ConfigError`` lists every problem, each naming
 ``section.key``, the bad value and the fix.
@@ -17,7 +17,10 @@ Everything is checked before any weights load, and one ``ConfigError`` lists eve
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
+import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +225,11 @@ def _substitute(value: Any, names: dict[str, str]) -> Any:
     return value
 
 
+OWLORE_TRAINING_KEYS: dict[str, Any] = {"overwrite_output_dir": bool}
+"""``training`` keys that train.py handles itself (transformers 5 dropped ``overwrite_output_dir``): replace the
+results of an earlier run in ``output_dir`` instead of refusing to start (``owlore.run_dir``)."""
+
+
 def training_problems(training: dict[str, Any], texts: dict[str, str], *, own_optimizer: bool,
                       method: str, state_files: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[str]]:
     """Check ``training:`` against ``TrainingArguments``' fields and types (without building it)."""
@@ -231,6 +239,12 @@ def training_problems(training: dict[str, Any], texts: dict[str, str], *, own_op
     names = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
     out, problems = {}, []
     for k, v in training.items():
+        if k in OWLORE_TRAINING_KEYS:  # ours, not the Trainer's: train.py reads and removes them
+            value, why = coerce(v, OWLORE_TRAINING_KEYS[k], raw=texts.get(k))
+            if why:
+                problems.append(f"training.{k}={v!r}: {why}")
+            out[k] = value
+            continue
         if k not in names:
             problems.append(f"training.{k}: not a transformers.TrainingArguments field{suggest(str(k), names)}")
             continue
@@ -295,7 +309,10 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
         problems.append(f"method={method_name!r}: unknown method{suggest(str(method_name).lower(), REGISTRY)}; "
                         f"methods: {', '.join(REGISTRY)}")
         method_name = DEFAULT_METHOD
-    names = {"method": str(method_name), "config": Path(paths[-1]).stem}
+    names = {"method": str(method_name), "config": Path(paths[-1]).stem, "now": time.strftime("%Y%m%d-%H%M%S")}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "${now}" in json.dumps(raw) + " ".join(overrides or []):
+        problems.append("${now} under several processes: each would read its own clock and write elsewhere; "
+                        "give training.output_dir an explicit new path")
     raw = {k: _substitute(v, names) for k, v in raw.items()}
     texts = {k: _substitute(t, names) for k, t in texts.items()}
     methods = all_methods()

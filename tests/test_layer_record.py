@@ -36,11 +36,13 @@ def test_only_the_main_process_writes_the_record(tmp_path):
     cb, _ = _run(tmp_path, OwLoreConfig(gamma=2, interval=2, rank=None, calibration_batches=1))
     (tmp_path / "owlore_record.json").unlink()
     cb._is_main = False  # what on_train_begin sets on a rank with process_index > 0
-    cb.write_record()
+    cb.write_record(final=True)
     assert not (tmp_path / "owlore_record.json").exists()
     cb._is_main = True
-    cb.write_record()
-    assert (tmp_path / "owlore_record.json").is_file()
+    cb.write_record()  # while training: the partial record, never the finished one
+    assert (tmp_path / "owlore_record.partial.json").is_file() and not (tmp_path / "owlore_record.json").exists()
+    cb.write_record(final=True)
+    assert (tmp_path / "owlore_record.json").is_file() and not (tmp_path / "owlore_record.partial.json").exists()
 
 
 def test_state_file_is_written_before_the_trainer_checkpoint(tmp_path):
