@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from owlore.fileio import atomic_write
+from owlore.host import read_floats
 
 logger = logging.getLogger(__name__)
 
@@ -121,14 +122,7 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256(name.encode())
     params = list(model.parameters())
     with torch.no_grad():
-        sums = [_abs_sum(p.detach()) for p in params]
-        by_device: dict[torch.device, list[int]] = {}
-        for i, s in enumerate(sums):
-            by_device.setdefault(s.device, []).append(i)
-        values = [0.0] * len(sums)
-        for indices in by_device.values():  # one host read per device, not one per parameter
-            for i, v in zip(indices, torch.stack([sums[i] for i in indices]).tolist()):
-                values[i] = v
+        values = read_floats([_abs_sum(p.detach()) for p in params])  # one host read per device
     h.update(str([tuple(p.shape) for p in params]).encode())
     h.update(" ".join(f"{v:.6e}" for v in values).encode())
     h.update(str(sum(p.numel() for p in params)).encode())

@@ -22,6 +22,7 @@ from torch.optim.adamw import adamw as torch_adamw
 
 from owlore.adamw import Convention, adamw_update
 from owlore.factored import factored_update
+from owlore.host import by_device
 from owlore.param_groups import make_param_groups
 from owlore.projector import (
     BASIS_METHODS,
@@ -212,7 +213,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for (p, group, where), finite in zip(todo, flags):
             if not finite:
                 self._skip_non_finite(p, group, where)
-            elif self._multi_tensor() and self._is_plain_adamw(p, group):
+            elif self._is_plain_adamw(p, group):
                 plain.append((p, group))
             else:
                 self._step_param(p, group, where)
@@ -222,16 +223,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _step_one(self, p: Tensor, group: dict[str, Any], where: tuple[int, int]) -> None:
         """One param's update by the path ``step`` would take for it (used by the in-backward subclass)."""
-        if self._multi_tensor() and self._is_plain_adamw(p, group):
+        if self._is_plain_adamw(p, group):
             self._step_plain([(p, group)])
         else:
             self._step_param(p, group, where)
 
-    def _multi_tensor(self) -> bool:
-        return self.fused is not False or self.foreach is not False
-
     def _is_plain_adamw(self, p: Tensor, group: dict[str, Any]) -> bool:
-        """Whether ``p``'s update is exactly torch's AdamW on tensors of one dtype (see "Speed")."""
+        """Whether ``p`` steps through torch's AdamW: a multi-tensor path is on and its update is exactly torch's
+        AdamW on tensors of one dtype (see "Speed")."""
+        if self.fused is False and self.foreach is False:  # the per-param loop was asked for
+            return False
         if group["convention"] != "torch" or p.dim() == 2 and ("rank" in group or group.get("factored")):
             return False
         if is_sharded(p) or group["state_bits"] == 8 and p.numel() >= MIN_8BIT_SIZE:
@@ -465,10 +466,7 @@ def _finite_flags(grads: list[Tensor]) -> list[bool]:
     (entries ≳ 1e19) is re-checked exactly, so it is not mistaken for a non-finite one.
     """
     flags = [True] * len(grads)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, g in enumerate(grads):
-        by_device.setdefault(g.device, []).append(i)
-    for indices in by_device.values():
+    for indices in by_device(grads).values():
         norms = torch._foreach_norm([grads[i] for i in indices], 2, dtype=torch.float32)
         for i, finite in zip(indices, torch.stack(norms).isfinite().tolist()):
             flags[i] = finite or bool(torch.isfinite(grads[i]).all())
