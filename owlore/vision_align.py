@@ -52,9 +52,7 @@ def visual_tokens(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     and projector)."""
     feats = model.model.get_image_features(pixel_values=pixel_values)
     feats = getattr(feats, "pooler_output", feats)
-    if isinstance(feats, (list, tuple)):  # per-image views of one tensor; cat, not stack: stack of unbound views
-        return torch.cat([f.unsqueeze(0) for f in feats])  # lands on the CPU under the lazy test backend
-    return feats
+    return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
 
 def align_vision(model: Any, tokenizer: Any, images: np.ndarray, labels: np.ndarray, *, grid: int, steps: int,
@@ -67,6 +65,7 @@ def align_vision(model: Any, tokenizer: Any, images: np.ndarray, labels: np.ndar
     accuracy, the rescale factor and the time taken.
     """
     from owlore.data.fashion_vqa import random_grids
+    from owlore.vlm import pixel_values
 
     patch = model.config.vision_config.patch_size
     if 28 % patch:
@@ -93,7 +92,7 @@ def align_vision(model: Any, tokenizer: Any, images: np.ndarray, labels: np.ndar
     bar = _progress(steps, progress)
     for _ in range(steps):
         mosaics, cells = random_grids(images, labels, batch_size, grid=grid, rng=rng)
-        z = visual_tokens(model, _pixels(mosaics, tower))
+        z = visual_tokens(model, pixel_values(mosaics, tower=tower))
         target = token_cell_labels(torch.as_tensor(cells), grid, side).to(device)
         logits = log_scale.exp() * F.normalize(z.float(), dim=-1) @ words.T
         loss = F.cross_entropy(logits.reshape(-1, words.shape[0]), target.reshape(-1))
@@ -120,7 +119,7 @@ def align_vision(model: Any, tokenizer: Any, images: np.ndarray, labels: np.ndar
         result["rescale"] = rescale
         if heldout is not None:
             mosaics, cells = random_grids(*heldout, 256, grid=grid, rng=np.random.default_rng([seed, 8]))
-            pred = (visual_tokens(model, _pixels(mosaics, tower)).float() @ words.T).argmax(-1)
+            pred = (visual_tokens(model, pixel_values(mosaics, tower=tower)).float() @ words.T).argmax(-1)
             truth = token_cell_labels(torch.as_tensor(cells), grid, side).to(device)
             result["heldout_token_accuracy"] = float((pred == truth).float().mean())
     model.train(training)
@@ -132,9 +131,10 @@ def align_vision(model: Any, tokenizer: Any, images: np.ndarray, labels: np.ndar
 def _match_embedding_norm(model: Any, images: np.ndarray, grid: int, rng: np.random.Generator) -> float:
     """Scale the projector's last linear so the visual tokens' mean norm equals the word embeddings' mean norm."""
     from owlore.data.fashion_vqa import random_grids
+    from owlore.vlm import pixel_values
 
     mosaics, _ = random_grids(images, np.zeros(len(images), np.int64), 64, grid=grid, rng=rng)
-    z = visual_tokens(model, _pixels(mosaics, model.model.vision_tower)).float()
+    z = visual_tokens(model, pixel_values(mosaics, tower=model.model.vision_tower)).float()
     target = model.get_input_embeddings().weight.float().norm(dim=-1).mean()
     factor = float(target / z.norm(dim=-1).mean())
     last = model.model.multi_modal_projector.linear_2
@@ -142,14 +142,6 @@ def _match_embedding_norm(model: Any, images: np.ndarray, grid: int, rng: np.ran
     if last.bias is not None:
         last.bias.mul_(factor)
     return factor
-
-
-def _pixels(mosaics: np.ndarray, tower: Any) -> torch.Tensor:
-    """The mosaics as pixel values on the tower's device and in its dtype."""
-    from owlore.vlm import pixel_values
-
-    first = next(tower.parameters())
-    return pixel_values(mosaics).to(device=first.device, dtype=first.dtype)
 
 
 def _progress(total: int, enabled: bool):

@@ -63,11 +63,16 @@ def build_llava(language_model: nn.Module, tokenizer: Any, vision: VisionTowerCo
     return model.float().train(), tokenizer
 
 
-def pixel_values(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-    """``[B, 3, H, W]`` float pixels in [-1, 1] from grayscale uint8 images (the gray channel repeated)."""
+def pixel_values(images: np.ndarray | Sequence[np.ndarray], tower: nn.Module | None = None) -> torch.Tensor:
+    """``[B, 3, H, W]`` float pixels in [-1, 1] from grayscale uint8 images (the gray channel repeated); with
+    ``tower`` (a vision tower) on its device and in its dtype."""
     x = torch.as_tensor(np.stack(list(images)) if not isinstance(images, np.ndarray) else images)
     x = x.float().div(127.5).sub(1.0)
-    return x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    x = x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    if tower is None:
+        return x
+    first = next(tower.parameters())
+    return x.to(device=first.device, dtype=first.dtype)
 
 
 def prompt_ids(tokenizer: Any, question: str, num_image_tokens: int) -> list[int]:

@@ -39,17 +39,9 @@ def vqa_batch(rows: list[list[int]], images: list[Any], pad_id: int, model: Any)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = 1
-    device, dtype = _device_and_dtype(model)
+    device = next(model.parameters()).device
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "pixel_values": pixel_values(images).to(device=device, dtype=dtype)}
-
-
-def _device_and_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
-    """Where the inputs go: the device of the model's first parameter, and the vision tower's dtype for pixels."""
-    first = next(model.parameters())
-    tower = getattr(getattr(model, "model", model), "vision_tower", None)
-    dtype = next(tower.parameters()).dtype if tower is not None else first.dtype
-    return first.device, dtype
+            "pixel_values": pixel_values(images, tower=model.model.vision_tower)}
 
 
 def prepare_inputs(model, pruner, inputs):
