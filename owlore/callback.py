@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -144,9 +144,7 @@ class OwLoreCallback(TrainerCallback):
         if SwitchingDataParallel.wanted(args, model):
             self.data_parallel.attach(model, bucket_mb=args.ddp_bucket_cap_mb or 25.0)
         if self.config.state_policy == "offload":  # resumed: the layers' state was loaded into host memory
-            move_state(self.optimizer, self._params_of(set(range(len(self.layers))) - set(self.active)), "cpu")
-            for p in self._params_of(self.active):
-                move_state(self.optimizer, [p], p.device)
+            self._place_states(to_host=set(range(len(self.layers))) - set(self.active), to_device=self.active)
         if args.process_index == 0 and "tensorboard" in (args.report_to or []):
             self._tb = OwLoreLogger(owlore_tensorboard_dir(args.output_dir))
         logger.info("OwLore: %s, %d decoder layers, gamma=%d, interval=%d, state_policy=%s", self.sampler,
@@ -274,6 +272,13 @@ class OwLoreCallback(TrainerCallback):
         if step % self.config.interval == 0 and step != self.last_switch_step:
             self._switch(step)
 
+    def _place_states(self, *, to_host: Iterable[int], to_device: Iterable[int]) -> None:
+        """``state_policy: offload``: the optimizer state of the ``to_host`` layers in host memory, that of the
+        ``to_device`` layers beside their parameters."""
+        move_state(self.optimizer, self._params_of(to_host), "cpu")
+        for p in self._params_of(to_device):
+            move_state(self.optimizer, [p], p.device)
+
     def _switch(self, step: int) -> None:
         new = self.sampler.sample()
         old = set(self.active)
@@ -282,9 +287,7 @@ class OwLoreCallback(TrainerCallback):
         if policy == "reset":
             drop_state(self.optimizer, self._params_of(leaving))
         elif policy == "offload":
-            move_state(self.optimizer, self._params_of(leaving), "cpu")
-            for p in self._params_of(entering):
-                move_state(self.optimizer, [p], p.device)
+            self._place_states(to_host=leaving, to_device=entering)
         self.data_parallel.check_switch(step, new)
         self._apply_active(new)
         self.data_parallel.after_switch()

@@ -131,9 +131,11 @@ class KeepOptimizerTrainer(Trainer):
         if checkpoint is not None and host and not has_shards(self.model) and not self.is_deepspeed_enabled:
             # the Trainer would load the whole file onto the GPU first under several processes; state the
             # optimizer keeps on the host (state_policy: offload) should never pass through the device
-            self.optimizer.load_state_dict(torch.load(Path(checkpoint) / "optimizer.pt", map_location="cpu",
+            from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+            self.optimizer.load_state_dict(torch.load(Path(checkpoint) / OPTIMIZER_NAME, map_location="cpu",
                                                       weights_only=True))
-            self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
             return None
         if checkpoint is None or not has_shards(self.model):
             return super()._load_optimizer_and_scheduler(checkpoint)
