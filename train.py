@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from owlore.cli import entry_point, exit_code
 from owlore.config import ConfigError
 from owlore.methods.base import LAYER_STATE_FILE
 from owlore.recipe import RunConfig, load_config, missing_checkpoint_files, preflight
@@ -107,7 +108,9 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+@entry_point
+def main(argv: list[str]) -> dict[str, Any] | int:
+    """The run's summary; ``EXIT_SIGINT`` / ``EXIT_SIGTERM`` when a signal stopped it at a checkpoint."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, action="append",
                         help="YAML file, e.g. configs/smollm2_owlore.yaml; repeat to compose (later files win)")
@@ -115,18 +118,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
-    from owlore.data.sft import DataError
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        preflight(cfg)  # needs only the model's config.json
-        return run(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg)  # needs only the model's config.json
+    return run(cfg)
 
 
 def training_arguments(cfg: RunConfig):
@@ -420,4 +414,4 @@ def _print_summary(summary: dict, before: dict, after: dict, cb, final_dir: Path
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_code(main()))

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from owlore.cli import entry_point, exit_code
+
 
 def gradients(layers: list[int]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,14 +52,15 @@ def timed(fn, repeats: int):
     return out, statistics.median(times)
 
 
-def main() -> None:
+@entry_point
+def main(argv: list[str]) -> None:
     from owlore.projector import captured_energy, choose_side, compute_basis, randomized_basis
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--layers", default="2,15,29")
     p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     for name, g0, g1 in gradients([int(x) for x in args.layers.split(",")]):
@@ -85,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_code(main()))

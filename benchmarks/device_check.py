@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from owlore.cli import entry_point, exit_code
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -119,7 +121,8 @@ def check_prefill(cuda: bool, out_dir: Path) -> dict:
             "result": "ok" if ok else f"exit {rc}", "figures": figures, "seconds": secs}
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "device_check")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and only the SmolLM2 memory cases")
@@ -145,4 +148,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main()))

@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from owlore.benchmark import runs as cmp  # noqa: E402
+from owlore.cli import entry_point, exit_code  # noqa: E402
 
 logger = logging.getLogger("memory_validation")
 GIB = 2**30
@@ -232,7 +233,8 @@ def render(rows: list[dict], lines_fit: list[dict], args: argparse.Namespace) ->
     return "\n".join(md) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="smollm2,options,wide", help="comma-separated: smollm2, options, wide")
     p.add_argument("--only", default="", help="comma-separated case names to run (e.g. 'smollm2 full')")
@@ -272,4 +274,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main()))

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from owlore.cli import entry_point, exit_code  # noqa: E402
 from owlore.layers import find_decoder_layers  # noqa: E402
 from owlore.optim import GaLoreAdamW  # noqa: E402
 
@@ -35,7 +36,9 @@ def build_params(model_path: str, layers: int | None, dtype: torch.dtype, device
     """The trained tensors of a LISA-shaped step: ``layers`` decoder layers (all if None) plus the rest."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_path)
+    from owlore.sources import check_model_source
+
+    config = AutoConfig.from_pretrained(check_model_source(model_path, key="--model"))
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     decoder = find_decoder_layers(model)
@@ -57,7 +60,8 @@ def make_optimizer(impl: str, layer_params, rest, rank: int) -> torch.optim.Opti
     return GaLoreAdamW(groups, lr=1e-4, **options)
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=".cache/models/smollm2-135m-instruct")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers trained (default: all)")
@@ -93,4 +97,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main()))

@@ -16,6 +16,7 @@ import time
 import torch
 from torch import nn
 
+from owlore.cli import entry_point, exit_code
 from owlore.optim import GaLoreAdamW
 
 SHAPES = {"gate/up_proj": (1536, 576), "down_proj": (576, 1536)}  # nn.Linear weight is [out, in]
@@ -51,11 +52,12 @@ def measure(kind: str, shape: tuple[int, int], rank: int | None, repeats: int) -
     }
 
 
-def main() -> None:
+@entry_point
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30, help="steady-state steps per configuration")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.linalg.svd(torch.randn(64, 32), full_matrices=False)  # load LAPACK before the first timed step
@@ -79,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_code(main()))

@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from owlore.benchmark.runs import run_process  # noqa: E402
+from owlore.cli import entry_point, exit_code  # noqa: E402
+from owlore.errors import UsageError  # noqa: E402
 
 METHODS = ["full", "lora", "galore", "lisa", "badam", "owlore"]
 FSDP2 = ("full", "lisa", "owlore", "galore")
@@ -47,7 +49,8 @@ def _weights(run: Path) -> dict:
     return load_file(str(final / name))
 
 
-def main(argv: list[str] | None = None) -> dict:
+@entry_point
+def main(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--steps", type=int, default=3)
@@ -56,7 +59,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     out = Path(args.out)
     rows = []
-    for method in args.methods.split(","):
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if not (ROOT / "configs" / f"smollm2_{m}.yaml").is_file()]
+    if unknown:
+        raise UsageError(f"--methods {args.methods}: no configs/smollm2_<method>.yaml for {', '.join(unknown)}; "
+                         f"known: {', '.join(METHODS)}")
+    for method in methods:
         common = ["--config", str(ROOT / "configs" / f"smollm2_{method}.yaml"), f"training.max_steps={args.steps}",
                   f"data.max_seq_length={args.seq}", "training.save_strategy=no", "training.logging_steps=1",
                   "training.report_to=[]", "eval.demo=false", "training.disable_tqdm=true"]
@@ -122,4 +130,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_code(main()))

@@ -25,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from owlore.cli import entry_point, exit_code  # noqa: E402
+
 IMAGE = 32000
 
 
@@ -153,7 +155,8 @@ def to_markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.vision_layers, args.lm_layers, args.repeats = 2, 2, 1
@@ -170,4 +173,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main()))

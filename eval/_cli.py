@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from owlore.cli import entry_point, exit_code  # noqa: F401  (the scripts' main wrapper)
+from owlore.errors import UsageError
+
 
 def parser_with_model_args(description: str) -> argparse.ArgumentParser:
     """A parser with the flags every evaluation script shares (model, adapter, dtype, output, compare...)."""
@@ -16,8 +19,8 @@ def parser_with_model_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--merge-adapter", action="store_true", help="merge the adapter into the weights first")
     p.add_argument("--load-in-4bit", action="store_true",
                    help="load the base in 4-bit NF4 (bitsandbytes), as a QLoRA run trained it")
-    p.add_argument("--limit", type=int, help="score only the first N items of each task")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=positive_int, help="score only the first N items of each task")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -26,6 +29,17 @@ def parser_with_model_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
                    help="print two saved runs side by side with deltas (B - A), then exit")
     return p
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (``--limit 0`` would score nothing, ``-1`` fails inside lm-eval)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1 (leave the flag out to use every item)")
+    return value
 
 
 def go_offline_if_local(model: str, adapter: str | None, data_local: bool) -> None:
@@ -44,6 +58,9 @@ def compare_or_require_model(parser: argparse.ArgumentParser, args: argparse.Nam
     if args.compare:
         from owlore.evaluation import compare_results, format_comparison, load_results
 
+        for path in args.compare:
+            if not path.is_file():
+                raise UsageError(f"--compare {path}: no such file (give two --output JSON files of earlier runs)")
         a, b = (load_results(p) for p in args.compare)
         print(format_comparison(a, b))
         return compare_results(a, b)

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
+@_cli.entry_point
+def main(argv: list[str]) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     if (comparison := _cli.compare_or_require_model(parser, args)) is not None:
@@ -44,4 +45,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(_cli.exit_code(main()))

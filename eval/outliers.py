@@ -20,15 +20,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def main(argv: list[str] | None = None) -> dict:
+from owlore.cli import entry_point, exit_code  # noqa: E402
+
+
+@entry_point
+def main(argv: list[str]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from owlore.assets import resolve_model_name
     from owlore.calibration import CalibrationSpec, outlier_ratios_from_spec
     from owlore.data import write_demo_tasks
     from owlore.plotting import layer_table, plot_layer_statistics
     from owlore.sampler import LayerSampler
+    from owlore.sources import check_model_source
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    name = resolve_model_name(a.model)
+    name = check_model_source(a.model, key="--model")
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=a.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, a.dtype),
                                                  trust_remote_code=a.trust_remote_code)
@@ -78,4 +82,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_code(main()))

@@ -29,9 +29,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from owlore.cli import entry_point, exit_code  # noqa: E402
+from owlore.errors import UsageError  # noqa: E402
 from owlore.pruning.registry import method_names  # noqa: E402
 
 ALL_METHODS = list(method_names())
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a token budget is an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1 (a budget is the visual tokens kept per image)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (for tests)")
     p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
     p.add_argument(
-        "--budgets", nargs="+", type=int, default=[192, 128, 64], help="visual tokens kept per image"
+        "--budgets", nargs="+", type=positive_int, default=[192, 128, 64], help="visual tokens kept per image"
     )
     p.add_argument("--repeats", type=int, default=2, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement")
@@ -75,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model", type=Path, required=True, help="a saved LlavaForConditionalGeneration (train.py final/)")
     a.add_argument("--out", type=Path, default=Path("outputs/vlm_pruning_accuracy"))
     a.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
-    a.add_argument("--budgets", nargs="+", type=int, default=None,
+    a.add_argument("--budgets", nargs="+", type=positive_int, default=None,
                    help="visual tokens kept per image (default: 1/2, 1/4, 1/9 and 1/36 of them)")
     a.add_argument("--examples", type=int, default=288, help="held-out questions (one per test-split image)")
     a.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files (default: Debian's location)")
@@ -98,10 +111,13 @@ def run_accuracy(args: argparse.Namespace) -> dict:
     from owlore.pruning import vqa_benchmark as vb
 
     torch.set_num_threads(args.threads)
+    v = _llava_vision_config(args.model)  # a wrong model or budget fails before the weights load
+    n_tokens, grid = (v.image_size // v.patch_size) ** 2, v.image_size // 28
+    if args.budgets and max(args.budgets) > n_tokens:
+        raise UsageError(f"--budgets {' '.join(map(str, args.budgets))}: the model has {n_tokens} visual tokens per "
+                         f"image; give budgets from 1 to {n_tokens}")
     model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    v = model.config.vision_config
-    n_tokens, grid = (v.image_size // v.patch_size) ** 2, v.image_size // 28
     budgets = args.budgets or [n_tokens // 2, n_tokens // 4, n_tokens // 9, max(1, n_tokens // 36)]
     examples = heldout_examples(args.examples, grid=grid, seed=args.seed, data_dir=args.data_dir)  # as train.py's
     rows = vb.accuracy_table(model, tokenizer, examples, methods=args.methods, budgets=budgets,
@@ -122,6 +138,20 @@ def run_accuracy(args: argparse.Namespace) -> dict:
     print(vb.to_markdown(rows))
     print(f"wrote {args.out}/accuracy.json, accuracy.md, accuracy.png" + (", kept_tokens.png" if args.draw else ""))
     return result
+
+
+def _llava_vision_config(model: Path):
+    """The vision config of a saved LLaVA, read from its config.json alone; a ``UsageError`` for anything else."""
+    from transformers import AutoConfig
+
+    from owlore.sources import check_model_source
+
+    config = AutoConfig.from_pretrained(check_model_source(str(model), key="--model"))
+    if config.model_type != "llava":
+        raise UsageError(f"--model {model}: a {config.model_type!r} model; accuracy scores a saved "
+                         "LlavaForConditionalGeneration (train.py --config configs/fashion_llava.yaml writes one to "
+                         "<output_dir>/final)")
+    return config.vision_config
 
 
 def apply_quick(args: argparse.Namespace) -> None:
@@ -417,7 +447,8 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "accuracy":
         run_accuracy(args)
@@ -435,4 +466,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(exit_code(main()))

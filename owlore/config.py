@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from owlore.errors import UsageError
 from owlore.sampler import MODES, SCHEMES
 from owlore.typecheck import coerce, suggest
 
@@ -19,8 +20,10 @@ STATE_POLICIES = ("reset", "keep", "offload")
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """Invalid configuration; the message lists every problem, one per line, each with its key and a fix."""
+
+    kind = "config error"
 
 
 @dataclass

@@ -257,6 +257,7 @@ def training_problems(training: dict[str, Any], texts: dict[str, str], *, own_op
         got = f" (got {output_dir!r})" if "output_dir" in training else ""
         problems.append(f"training.output_dir: required (where checkpoints, logs and the model go){got}")
     problems += _resume_problems(out, state_files)
+    problems += _schedule_problems(out)
     optim = out.get("optim", _OWN_OPTIMIZER_DEFAULT)
     if own_optimizer and str(optim) not in (_OWN_OPTIMIZER_DEFAULT, "adamw_torch_fused"):
         problems.append(f"training.optim={optim!r}: method {method} builds its own GaLoreAdamW, so training.optim "
@@ -266,6 +267,22 @@ def training_problems(training: dict[str, Any], texts: dict[str, str], *, own_op
             problems.append(f"training.{key}={out[key]!r}: method {method} builds its own GaLoreAdamW and ignores "
                             f"it; set the method's own section instead (e.g. {method}.rank / target_modules)")
     return out, problems
+
+
+def _schedule_problems(training: dict[str, Any]) -> list[str]:
+    """Values the Trainer would accept and then misuse: a learning rate <= 0 (the optimizer raises only after the
+    weights load), ``max_steps=0`` (the Trainer then runs one step and exits 0) or below -1 (-1: use epochs)."""
+    out = []
+    lr = training.get("learning_rate")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr <= 0:
+        out.append(f"training.learning_rate={lr!r}: must be > 0 (e.g. 3e-4; a method's config file has a tuned one)")
+    steps = training.get("max_steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and (steps == 0 or steps < -1):
+        out.append(f"training.max_steps={steps!r}: must be >= 1 (or -1 to train training.num_train_epochs epochs)")
+    epochs = training.get("num_train_epochs")
+    if isinstance(epochs, (int, float)) and epochs <= 0 and training.get("max_steps", -1) in (-1, None):
+        out.append(f"training.num_train_epochs={epochs!r}: must be > 0 (or set training.max_steps)")
+    return out
 
 
 def missing_checkpoint_files(checkpoint: str | Path, state_files: tuple[str, ...] = ()) -> list[str]:
@@ -549,25 +566,50 @@ def decoder_layer_count(model_name: str, *, trust_remote_code: bool = False) -> 
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Checks that need the model's ``config.json`` (the model exists; ``owlore.gamma`` vs the layer count ...),
-    before any weights load."""
+    """Checks that need the model's ``config.json`` (the model exists and has weights; ``owlore.gamma`` vs the
+    layer count; ``data.max_seq_length`` vs the model's context), before any weights load."""
     from transformers import AutoConfig
 
-    from owlore.assets import resolve_model_name
     from owlore.methods import get_method
+    from owlore.sources import check_model_source, looks_like_path
 
     name = cfg.model.name
+    source = check_model_source(name, key="model.name")
     try:
-        hf_config = AutoConfig.from_pretrained(resolve_model_name(name), trust_remote_code=cfg.model.trust_remote_code)
+        hf_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.name={name!r}: cannot read its config.json ({first}). Use a hub id (with network "
-                          "access or a filled HF cache), a local save_pretrained directory, or the embedded "
-                          "smollm2-135m-instruct.") from None
+        where = "" if looks_like_path(source) else " (no such local directory, so it was read as a hub id)"
+        raise ConfigError(f"model.name={name!r}: cannot read its config.json{where}: {first}. Use a hub id (with "
+                          "network access or a filled HF cache), a local save_pretrained directory, or the "
+                          "embedded smollm2-135m-instruct.") from None
+    problems = _context_problems(cfg, hf_config)
     method = get_method(cfg.method)
     layers = _layer_count(hf_config)
-    if method.preflight is None or layers is None:
-        return
-    problems = method.preflight(cfg, layers)
+    if method.preflight is not None and layers is not None:
+        problems += method.preflight(cfg, layers)
     if problems:
-        raise ConfigError(f"{name} has {layers} decoder layers:\n" + "\n".join(f"  - {p}" for p in problems))
+        limit = context_length(hf_config)
+        head = name + (f" has {layers} decoder layers" if layers is not None else "")
+        head += f" and a context of {limit} tokens" if limit is not None else ""
+        raise ConfigError(f"{head}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def context_length(hf_config: Any) -> int | None:
+    """The model's trained context (``max_position_embeddings`` or its older names), or None if it has none."""
+    hf_config = getattr(hf_config, "text_config", None) or hf_config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(getattr(hf_config, key, None), int):
+            return getattr(hf_config, key)
+    return None
+
+
+def _context_problems(cfg: RunConfig, hf_config: Any) -> list[str]:
+    """``data.max_seq_length`` above the model's context is an error, not a warning: learned position tables
+    index out of range and rotary models run untrained positions, and a value that never bites (rows all shorter)
+    costs nothing to lower. Vision runs build their own sequences, so they are not checked here."""
+    limit = context_length(hf_config)
+    if cfg.vision.enabled or limit is None or cfg.data.max_seq_length <= limit:
+        return []
+    return [f"data.max_seq_length={cfg.data.max_seq_length}: longer than the model's context "
+            f"(max_position_embeddings={limit}); set data.max_seq_length <= {limit}"]

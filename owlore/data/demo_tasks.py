@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from owlore.errors import UsageError
+
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
@@ -158,11 +160,11 @@ def build_demo_tasks(split: str = "train", n: int | None = None, *, seed: int = 
         (``choices[label] == output``).
     """
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise UsageError(f"split must be 'train' or 'test', got {split!r}")
     names = tasks or list(DEMO_TASKS)
     unknown = sorted(set(names) - set(DEMO_TASKS))
     if unknown:
-        raise ValueError(f"unknown demo tasks {unknown}; available: {sorted(DEMO_TASKS)}")
+        raise UsageError(f"unknown demo tasks {unknown}; available: {sorted(DEMO_TASKS)}")
     n = n if n is not None else (2000 if split == "train" else 210)
     rng = random.Random(f"{seed}:{split}")
     out: list[dict[str, Any]] = []

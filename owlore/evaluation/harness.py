@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from owlore.errors import UsageError
 from owlore.evaluation.tasks import COMMONSENSE_TASKS, TaskSet, commonsense_tasks, demo_tasks, mmlu_tasks
 
 logger = logging.getLogger(__name__)
@@ -34,16 +35,16 @@ def build_task_set(out_dir: Path, *, suite: Suite, tokenizer: Any = None, data_d
                    examples: list[dict[str, Any]] | None = None) -> TaskSet:
     """Write the suite's task YAMLs into ``out_dir`` (see ``evaluate`` for the arguments)."""
     if suite not in SUITES:
-        raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
+        raise UsageError(f"suite must be one of {SUITES}, got {suite!r}")
     shots = DEFAULT_SHOTS[suite] if shots is None else shots
     data = Path(data_dir) if data_dir is not None else None
     if shots < 0:
-        raise ValueError(f"shots must be >= 0, got {shots}")
+        raise UsageError(f"shots must be >= 0, got {shots}")
     if suite == "mmlu":
         return mmlu_tasks(out_dir, split=split, data_dir=data, shots=shots, subjects=tasks)
     if suite == "commonsense":
         if split != "test":
-            raise ValueError("the commonsense suite scores each task's standard split; split must be 'test'")
+            raise UsageError("the commonsense suite scores each task's standard split; split must be 'test'")
         return commonsense_tasks(out_dir, tasks or list(COMMONSENSE_TASKS), data_dir=data, shots=shots)
     if examples is None:  # demo
         from owlore.data import build_demo_tasks

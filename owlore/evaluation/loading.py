@@ -11,6 +11,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from owlore.errors import UsageError
+from owlore.sources import ModelSourceError, check_model_source
+
 logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -30,7 +33,7 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     import torch
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        raise UsageError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return getattr(torch, dtype)
@@ -62,7 +65,7 @@ def load_model(model: str, *, adapter: str | None = None, merge_adapter: bool = 
 
     from owlore.assets import resolve_model_name
 
-    base = resolve_model_name(model)
+    base = check_model_source(model, key="--model", adapter_ok=True)
     local = Path(base)
     if adapter is None and (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
         adapter = base
@@ -71,7 +74,12 @@ def load_model(model: str, *, adapter: str | None = None, merge_adapter: bool = 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     tok_source = adapter if adapter is not None and _has_tokenizer(Path(adapter)) else base
-    tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=trust_remote_code)
+    except OSError as e:  # a hub id that is not there, or not reachable offline
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelSourceError(f"--model {model!r}: cannot load it ({first}). Give a local save_pretrained "
+                               "directory, or a hub id with network access or a filled HF cache") from None
     kw: dict[str, Any] = {}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -79,7 +87,7 @@ def load_model(model: str, *, adapter: str | None = None, merge_adapter: bool = 
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch_dtype)
         if merge_adapter:
-            raise ValueError("merge_adapter cannot fold an adapter into 4-bit weights; drop one of the two options")
+            raise UsageError("merge_adapter cannot fold an adapter into 4-bit weights; drop one of the two options")
     lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kw)
     if adapter is not None:
         from peft import PeftModel

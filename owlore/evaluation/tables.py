@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from owlore.errors import UsageError
+
 METRICS = ("acc", "acc_norm")
 
 
@@ -19,9 +21,14 @@ def save_results(result: dict[str, Any], path: str | Path) -> Path:
 
 def load_results(path: str | Path) -> dict[str, Any]:
     """Read a result JSON written by ``save_results`` (or by ``eval/*.py --output``)."""
-    result = json.loads(Path(path).read_text())
+    try:
+        result = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file (an evaluation result written with --output)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not a JSON evaluation result ({e})") from None
     if not isinstance(result, dict) or "results" not in result:
-        raise ValueError(f"{path} is not an evaluation result (no 'results' key)")
+        raise UsageError(f"{path} is not an evaluation result (no 'results' key)")
     return result
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from owlore.errors import UsageError
 from owlore.evaluation.mmlu_data import lm_eval_tasks_dir, mmlu_dev_items, mmlu_subjects
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def commonsense_tasks(out_dir: Path, names: list[str], *, data_dir: Path | None,
 
     unknown = sorted(set(names) - set(COMMONSENSE_TASKS))
     if unknown:
-        raise ValueError(f"unknown commonsense tasks {unknown}; available: {', '.join(COMMONSENSE_TASKS)}")
+        raise UsageError(f"unknown commonsense tasks {unknown}; available: {', '.join(COMMONSENSE_TASKS)}")
     ts = TaskSet(out_dir)
     problems: list[str] = []
     for name in names:
@@ -169,9 +170,9 @@ def mmlu_tasks(out_dir: Path, *, split: str, data_dir: Path | None, shots: int,
     wanted = subjects or known
     unknown = sorted(set(wanted) - set(known))
     if unknown:
-        raise ValueError(f"unknown MMLU subjects {unknown}; available: {', '.join(known)}")
+        raise UsageError(f"unknown MMLU subjects {unknown}; available: {', '.join(known)}")
     if split not in ("test", "dev"):
-        raise ValueError(f"MMLU split must be 'test' or 'dev', got {split!r}")
+        raise UsageError(f"MMLU split must be 'test' or 'dev', got {split!r}")
 
     by_subject: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     local = data_dir is not None or split == "dev"
@@ -216,9 +217,9 @@ def mmlu_tasks(out_dir: Path, *, split: str, data_dir: Path | None, shots: int,
         ts.tasks[subject] = name
         ts.shots[subject] = cfg["num_fewshot"]
     if problems:
-        raise ValueError("not enough few-shot examples:\n  " + "\n  ".join(problems))
+        raise UsageError("not enough few-shot examples:\n  " + "\n  ".join(problems))
     if not ts.tasks:
-        raise ValueError(f"no MMLU items for subjects {wanted} in the {split} data")
+        raise UsageError(f"no MMLU items for subjects {wanted} in the {split} data")
     _write_yaml(out_dir / "mmlu_group.yaml", {
         "group": "mmlu", "task": list(ts.tasks.values()),
         "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2},

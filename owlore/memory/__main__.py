@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from owlore.cli import entry_point, exit_code
 from owlore.config import ConfigError
 from owlore.memory.estimator import CATEGORIES, GIB, MemoryEstimate, estimate_run
 
@@ -101,7 +102,8 @@ def comparison_table(rows: list[tuple[str, MemoryEstimate | None, str]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m owlore.memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", help="YAML file; repeat to compose")
@@ -151,12 +153,8 @@ def _fit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--fit needs --model <hub id, local directory or config.json>")
     if args.seq < 1 or args.batch < 1:
         parser.error(f"--seq {args.seq} / --batch {args.batch}: must be >= 1")
-    try:
-        result = fit(args.fit, args.model, seq=args.seq, batch=args.batch, dtype=args.dtype, quality=args.quality,
-                     overrides=args.overrides)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = fit(args.fit, args.model, seq=args.seq, batch=args.batch, dtype=args.dtype, quality=args.quality,
+                 overrides=args.overrides)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=1))
         return 0
@@ -168,4 +166,4 @@ def _fit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main()))

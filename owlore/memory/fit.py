@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from owlore.errors import UsageError
 from owlore.memory.estimator import GIB, MemoryEstimate, estimate_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,12 +38,12 @@ def parse_budget(text: str) -> int:
     """``24GiB`` / ``24GB`` / ``80`` (GiB) -> bytes.
 
     Raises:
-        ValueError: not a positive number with an optional unit GiB, GB, MiB, MB.
+        UsageError: not a positive number with an optional unit GiB, GB, MiB, MB.
     """
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = (m.group(2).lower() if m else "").removesuffix("ytes")
     if not m or unit not in UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"--fit {text!r}: expected a size such as 24GiB, 80GB or 16 (GiB)")
+        raise UsageError(f"--fit {text!r}: expected a size such as 24GiB, 80GB or 16 (GiB)")
     return int(float(m.group(1)) * UNITS[unit])
 
 
@@ -115,11 +116,24 @@ def fit_table(found: Sequence[Candidate], budget: int, ranks: Mapping[str, int],
     return "\n".join(lines)
 
 
+def looks_local(model: str) -> bool:
+    """A local directory or ``config.json`` (checked here), rather than a hub id or a shipped stand-in's name."""
+    from owlore.sources import looks_like_path
+
+    return looks_like_path(model) or model.endswith(".json")
+
+
 def fit(budget: str, model: str, *, seq: int = 2048, batch: int = 8, dtype: str = "bfloat16",
         quality: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Everything ``--fit`` prints, as data: the table, the candidates and what could not be estimated."""
+    from owlore.sources import check_model_source
+
     limit = parse_budget(budget)
+    if looks_local(model):
+        check_model_source(model, key="--model")
     found, skipped = candidates(model, seq=seq, batch=batch, dtype=dtype, overrides=overrides)
+    if not found:  # nothing could be estimated: the same reason for every method, most likely the model
+        raise UsageError(f"--model {model}: no method could be estimated; the first reason: {skipped[0]}")
     ranks, note = quality_ranks(quality)
     return {"budget_bytes": limit, "table": fit_table(found, limit, ranks, quality_note=note), "skipped": skipped,
             "candidates": [{"name": c.name, "method": c.method, "total_bytes": c.estimate.total,
