@@ -18,6 +18,8 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,18 +27,9 @@ from typing import Any
 
 from owlore.cli import entry_point, exit_code
 from owlore.config import ConfigError
-from owlore.methods.base import LAYER_STATE_FILE
-from owlore.recipe import RunConfig, load_config, missing_checkpoint_files, preflight
+from owlore.recipe import OWLORE_TRAINING_KEYS, RunConfig, load_config, preflight
 
 logger = logging.getLogger("train")
-
-
-def last_complete_checkpoint(output_dir: str | Path, state_files: tuple[str, ...] = (LAYER_STATE_FILE,)) -> str | None:
-    """Newest ``checkpoint-N`` holding the Trainer's state and the method's ``state_files`` (a crash mid-save
-    leaves a checkpoint without ``trainer_state.json``, which the Trainer writes last)."""
-    ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    complete = [p for p in ckpts if not missing_checkpoint_files(p, state_files)]
-    return str(complete[-1]) if complete else None
 
 
 def load_model_and_tokenizer(cfg, **load_kwargs: Any):
@@ -110,7 +103,7 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
 
 @entry_point
 def main(argv: list[str]) -> dict[str, Any] | int:
-    """The run's summary; ``EXIT_SIGINT`` / ``EXIT_SIGTERM`` when a signal stopped it at a checkpoint."""
+    """The run's summary; 130 / 143 when SIGINT / SIGTERM stopped it at a checkpoint (``owlore.interrupt``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, action="append",
                         help="YAML file, e.g. configs/smollm2_owlore.yaml; repeat to compose (later files win)")
@@ -120,7 +113,14 @@ def main(argv: list[str]) -> dict[str, Any] | int:
                         stream=sys.stdout, force=True)
     cfg = load_config(args.config, args.overrides)
     preflight(cfg)  # needs only the model's config.json
-    return run(cfg)
+    summary = run(cfg)
+    if "interrupted" in summary:  # a signal stopped it at a checkpoint: say where, and how to go on
+        stop = summary["interrupted"]
+        again = [a for a in argv if not a.startswith(("training.resume_from_checkpoint=", "resume_from_checkpoint="))]
+        print(f"stopped by {stop['signal']} at step {stop['step']}; checkpoint: {stop['checkpoint']}. Resume with: "
+              f"python train.py {shlex.join(again)} training.resume_from_checkpoint=last", file=sys.stderr)
+        return stop["exit_code"]
+    return summary
 
 
 def training_arguments(cfg: RunConfig):
@@ -131,7 +131,8 @@ def training_arguments(cfg: RunConfig):
 
     training = dict(cfg.training)
     training.pop("resume_from_checkpoint", None)
-    training.pop("overwrite_output_dir", None)  # ours (owlore.run_dir), not a TrainingArguments field
+    for ours in OWLORE_TRAINING_KEYS:  # read by train.py itself (owlore.run_dir, owlore.resume)
+        training.pop(ours, None)
     from owlore.memory.options import checkpointing_enabled
 
     if checkpointing_enabled(cfg):  # newer transformers call it activation_checkpointing (old name: an alias)
@@ -154,6 +155,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from owlore.data.sft import load_rows, tokenize_rows, vet_rows
     from owlore.distributed import DDPByteCounter, ReplicaCheck, install_active_gradient_sync
     from owlore.fileio import atomic_write
+    from owlore.interrupt import StopOnSignal
+    from owlore.interrupt import exit_code as signal_exit_code
     from owlore.memory.options import apply_memory_options
     from owlore.methods import BuildContext, get_method
     from owlore.metrics import (
@@ -165,16 +168,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     )
     from owlore.optim_state import state_bytes
     from owlore.plotting import layer_table, plot_layer_statistics
+    from owlore.resume import ManifestCallback, choose_checkpoint, run_settings
     from owlore.run_dir import PARTIAL_RECORD_FILE, claim_output_dir
     from owlore.sharded import is_sharded
     from owlore.trainer import KeepOptimizerTrainer
 
     method = get_method(cfg.method)
     out_dir = Path(cfg.training["output_dir"])
-    resume = cfg.training.get("resume_from_checkpoint")
-    if resume == "last":
-        resume = last_complete_checkpoint(out_dir, method.state_files)
-        logger.info("resuming from %s", resume or "scratch (no complete checkpoint)")
+    settings = run_settings(cfg.method, cfg.sections)  # what a checkpoint records and a resume must match
+    resume = choose_checkpoint(out_dir, cfg.training.get("resume_from_checkpoint"), settings,
+                               allow_changes=bool(cfg.training.get("resume_allow_changes")))
     try:  # before anything loads: an earlier run's results are never replaced by accident
         claim_output_dir(out_dir, resume=bool(cfg.training.get("resume_from_checkpoint")),
                          overwrite=bool(cfg.training.get("overwrite_output_dir")),
@@ -228,17 +231,29 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if cfg.vision.enabled and parts.layer_callback is not None:  # the from-scratch tower trains with the layers
         parts.layer_callback.config.train_vision = cfg.vision.train_tower
     timer = StepTimer()  # first, so a layer switch in a method callback's on_step_begin is timed with its step
+    stop = StopOnSignal()  # before the method's callbacks: they save their state when it asks for a checkpoint
     trainer = KeepOptimizerTrainer(model=parts.model, args=training_args, train_dataset=train_ds,
                                    data_collator=collator, processing_class=tokenizer,
                                    optimizers=(parts.optimizer, None),
-                                   callbacks=[timer, *parts.callbacks, *memory_callbacks, replica_check])
+                                   callbacks=[timer, stop, *parts.callbacks, *memory_callbacks, replica_check])
     _report_before_loggers(trainer)
     install_active_gradient_sync(trainer)  # layer switching on several processes: no DDP (owlore.distributed)
     ddp_bytes = DDPByteCounter(trainer)  # the other methods under DDP: count what it all-reduces
     trainer.add_callback(ddp_bytes)
+    trainer.add_callback(ManifestCallback(settings))  # last: after every other callback's checkpoint files
     t_train = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stop.restore()
     train_seconds = time.perf_counter() - t_train
+    if stop.received is not None:  # checkpointed and stopped early: no final model, record or "after" scores
+        step = trainer.state.global_step
+        if trainer.is_world_process_zero() and (out_dir / RECORD_FILE).is_file():  # the callback's end-of-train
+            os.replace(out_dir / RECORD_FILE, out_dir / PARTIAL_RECORD_FILE)  # record: not a finished run's
+        return {"method": cfg.method, "optimizer_steps": step, "interrupted": {
+            "signal": signal.Signals(stop.received).name, "step": step, "exit_code": signal_exit_code(stop.received),
+            "checkpoint": str(out_dir / f"checkpoint-{step}")}}
     after = run_eval(parts.model, tokenizer, cfg, "after") if evaluates_here(cfg, training_args, "after") else {}
 
     final_dir = out_dir / "final"

@@ -198,14 +198,14 @@ class ActiveGradientReducer:
 
 
 # ------------------------------------------------------------------------------------------ consistency checks
-def _comm_device(group, default: torch.device) -> torch.device:
+def comm_device(group, default: torch.device) -> torch.device:
     """Where a small tensor must be for a collective: the current GPU under NCCL, else where it is."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else default
 
 
 def gather_tensor(t: Tensor, group=None) -> list[Tensor]:
     """``all_gather`` of a small CPU tensor (any backend; moved to the backend's device and back)."""
-    t = t.to(_comm_device(group, t.device))
+    t = t.to(comm_device(group, t.device))
     out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, t, group=group)
     return [o.cpu() for o in out]
@@ -214,7 +214,7 @@ def gather_tensor(t: Tensor, group=None) -> list[Tensor]:
 def broadcast_from_rank0(value: Tensor | None, like: Tensor, group=None) -> Tensor:
     """Rank 0's ``value`` on every rank (the others pass None); ``like`` gives the shape and dtype. CPU in, CPU out,
     on any backend (through the GPU for NCCL)."""
-    t = (value if rank() == 0 else like).detach().to(device=_comm_device(group, like.device), dtype=like.dtype)
+    t = (value if rank() == 0 else like).detach().to(device=comm_device(group, like.device), dtype=like.dtype)
     t = t.contiguous()
     dist.broadcast(t, src=0, group=group)
     return t.cpu()

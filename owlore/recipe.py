@@ -225,9 +225,10 @@ def _substitute(value: Any, names: dict[str, str]) -> Any:
     return value
 
 
-OWLORE_TRAINING_KEYS: dict[str, Any] = {"overwrite_output_dir": bool}
-"""``training`` keys that train.py handles itself (transformers 5 dropped ``overwrite_output_dir``): replace the
-results of an earlier run in ``output_dir`` instead of refusing to start (``owlore.run_dir``)."""
+OWLORE_TRAINING_KEYS: dict[str, Any] = {"overwrite_output_dir": bool, "resume_allow_changes": bool}
+"""``training`` keys that train.py handles itself: ``overwrite_output_dir`` replaces the results of an earlier run
+in ``output_dir`` instead of refusing to start (``owlore.run_dir``; transformers 5 dropped the field);
+``resume_allow_changes`` resumes a checkpoint trained with other method settings (``owlore.resume``)."""
 
 
 def training_problems(training: dict[str, Any], texts: dict[str, str], *, own_optimizer: bool,
