@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from owlore.benchmark import aggregate, records, report, runs  # noqa: E402
 from owlore.benchmark.sweep import Sweep, SweepError, load_sweep  # noqa: E402
+from owlore.cli import entry_point, exit_code  # noqa: E402
 
 logger = logging.getLogger("bench")
 
@@ -185,7 +186,8 @@ def _portable(path: Path) -> Path:
         return path
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -260,4 +262,4 @@ def write(out: Path, plan: list[runs.Run], sw: Sweep, command: str, settings: di
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(exit_code(main()))
