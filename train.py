@@ -328,7 +328,7 @@ def evaluates_here(cfg: RunConfig, training_args, when: str) -> bool:
     work and their results are discarded), except over sharded weights (ZeRO-3, FSDP2 after training), whose
     forward needs every rank. The other ranks wait for rank 0 at their next collective, within
     ``training.ddp_timeout`` (1800 s by default): raise it for a long evaluation of a big model."""
-    from owlore.recipe import deepspeed_config_stage
+    from owlore.deepspeed_config import deepspeed_config_stage
 
     if training_args.world_size < 2:
         return True

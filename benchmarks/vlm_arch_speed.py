@@ -114,7 +114,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 def measure(arch: str, args: argparse.Namespace) -> list[dict]:
     from owlore.pruning import VisualTokenPruner, get_method, method_names
-    from owlore.pruning.adapters import adapter_for
+    from owlore.pruning.models import adapter_for
     from owlore.pruning.flops import prefill_flops_exact
 
     model, raw, lm = (llava_next if arch == "llava_next" else qwen2_vl)(args)

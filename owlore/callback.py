@@ -30,9 +30,9 @@ from owlore.config import OwLoreConfig
 from owlore.distributed import SwitchingDataParallel, deepspeed_stage, engine_of
 from owlore.fileio import atomic_write
 from owlore.layers import find_decoder_layers, set_layers_trainable
-from owlore.methods.base import LAYER_STATE_FILE as STATE_FILE
 from owlore.metrics import OwLoreLogger, owlore_tensorboard_dir, peak_memory_bytes
 from owlore.optim_state import drop_state, move_state, state_bytes, unwrap_optimizer
+from owlore.run_dir import LAYER_STATE_FILE as STATE_FILE
 from owlore.run_dir import PARTIAL_RECORD_FILE, RECORD_FILE
 from owlore.sampler import LayerSampler
 

@@ -263,7 +263,7 @@ def engine_of(args, model: nn.Module | None = None) -> str:
 
 def deepspeed_stage(args) -> int:
     """The ZeRO stage of the DeepSpeed config the Trainer parsed (0 without DeepSpeed)."""
-    from owlore.recipe import deepspeed_config_stage
+    from owlore.deepspeed_config import deepspeed_config_stage
 
     ds = getattr(args, "hf_deepspeed_config", None)
     return (deepspeed_config_stage(ds.config)[0] or 0) if ds is not None else 0

@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 RECORD_FILE = "owlore_record.json"
 PARTIAL_RECORD_FILE = "owlore_record.partial.json"
+LAYER_STATE_FILE = "owlore_state.pt"
+"""The layer-switching callback's checkpoint file (sampler/schedule state, active layers, history)."""
 BYPRODUCTS = ("layers.png", "runs", PARTIAL_RECORD_FILE)
 """Also removed when a run is replaced (plots, TensorBoard events), but not by themselves a finished run."""
 

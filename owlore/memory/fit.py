@@ -51,7 +51,7 @@ def candidates(model: str, *, seq: int, batch: int, dtype: str,
                overrides: Sequence[str] = ()) -> tuple[list[Candidate], list[str]]:
     """Every method (paper setting) without / with checkpointing, and OwLore with each memory option; plus the
     methods that could not be estimated, with why."""
-    from owlore.memory.__main__ import OWLORE_OPTIONS, method_config
+    from owlore.memory.method_runs import OWLORE_OPTIONS, method_config
     from owlore.methods import REGISTRY
 
     common = [f"model.name={model}", f"model.dtype={dtype}", f"data.max_seq_length={seq}",

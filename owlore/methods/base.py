@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from owlore.param_groups import EMBEDDING_STATES
+from owlore.run_dir import LAYER_STATE_FILE  # noqa: F401  (the methods' state_files name it)
 
 
 @dataclass
@@ -128,8 +129,6 @@ class Method:
         return {**self.sections, "optimizer": OptimizerConfig} if self.own_optimizer else dict(self.sections)
 
 
-LAYER_STATE_FILE = "owlore_state.pt"
-"""The layer-switching callback's checkpoint file (sampler/schedule state, active layers, history)."""
 
 
 def adam_kwargs(args: Any) -> dict[str, Any]:

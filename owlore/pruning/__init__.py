@@ -16,10 +16,10 @@ from owlore.pruning.registry import (
     get_method,
     method_names,
     register,
-    support_table,
 )
 from owlore.pruning.select import random_scores, resolve_keep, topk_select
 from owlore.pruning.sequence import shrink_sequences
+from owlore.pruning.support import support_table
 from owlore.pruning.vit_attention import capture_qk, cls_attention_scores, head_mean_attention
 from owlore.pruning.zoo import (
     mlp_jacobian_kernel,

@@ -4,7 +4,7 @@
 for LLaVA-1.5; the base image and each tile for LLaVA-NeXT), scores and selects ``k`` tokens per unit with the
 registered method, then asks the adapter to build the language-model features of the kept tokens, which placeholder
 positions they take, and how to hand them to the model. Adding a model is one adapter class (with its
-``model_classes``) and one entry in :func:`all_adapters`.
+``model_classes``) and one entry in ``owlore.pruning.models.all_adapters``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from owlore.pruning.llava import (
 )
 from owlore.pruning.registry import Selection
 
-__all__ = ["ImageLayout", "LlavaAdapter", "adapter_for", "all_adapters"]
+__all__ = ["ImageLayout", "LlavaAdapter"]
 
 
 @dataclass
@@ -106,29 +106,3 @@ class LlavaAdapter:
 
     def inject(self, features: list[torch.Tensor], layout: ImageLayout) -> dict[str, Any]:
         return {"mm_encoder_outputs": to_mm_encoder_outputs(features)}
-
-
-def all_adapters() -> list[Any]:
-    """One instance of every adapter, in the order of the docs table's columns; adding a model is one entry here."""
-    from owlore.pruning.llava_next import LlavaNextAdapter
-    from owlore.pruning.qwen2_vl import Qwen2VLAdapter
-
-    return [LlavaAdapter(), LlavaNextAdapter(), Qwen2VLAdapter()]
-
-
-def adapter_for(model: nn.Module):
-    """The adapter whose ``model_classes`` name ``model``'s class (other models with a LLaVA-style
-    ``multi_modal_projector`` use LLaVA's).
-
-    Raises:
-        TypeError: For a model no adapter supports, naming the supported classes.
-    """
-    name = type(model).__name__
-    adapters = all_adapters()
-    for adapter in adapters:
-        if name in adapter.model_classes:
-            return adapter
-    if hasattr(getattr(model, "model", model), "multi_modal_projector"):
-        return adapters[0]
-    supported = ", ".join(c for a in adapters for c in a.model_classes if c.endswith("ForConditionalGeneration"))
-    raise TypeError(f"{name}: visual-token pruning supports {supported}")

@@ -16,12 +16,12 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
-from owlore.pruning.adapters import adapter_for
 from owlore.pruning.in_llm import attach_llm_pruning, detach_llm_pruning, llm_stage_of
 from owlore.pruning.llava import (
     VisionEncoding,
     image_token_mask,
 )
+from owlore.pruning.models import adapter_for
 from owlore.pruning.registry import (
     PruningMethod,
     Selection,

@@ -3,7 +3,7 @@
 A method is a module that scores and selects tokens on plain tensors and ends with one :func:`register` call saying
 what it needs from the model (vision attention, projected features, the text prompt) and what its selection costs.
 ``VisualTokenPruner`` computes only what the chosen method declares, ``flops.selection_flops`` and
-``eval/vlm_pruning.py`` read the same entry, and ``support_table`` writes the docs table. Adding a method is a new
+``eval/vlm_pruning.py`` read the same entry, and ``owlore.pruning.support.support_table`` writes the docs table. Adding a method is a new
 module plus its name in ``BUILTIN_MODULES`` (modules register themselves on import, like peft's tuner mapping).
 """
 
@@ -32,7 +32,6 @@ __all__ = [
     "get_method",
     "method_names",
     "register",
-    "support_table",
 ]
 
 BUILTIN_MODULES = ("select", "fastervlm", "fopru", "divprune", "zoo", "cdpruner", "visionzip", "fastv", "dart")
@@ -198,18 +197,3 @@ def get_method(name: str) -> PruningMethod:
     return _METHODS[name]
 
 
-def support_table() -> str:
-    """Markdown table of every registered method: where it prunes, what it needs, on which models it runs (from
-    each model adapter's ``unsupported``) and where it comes from (for docs/pruning.md)."""
-    from owlore.pruning.adapters import all_adapters
-
-    adapters = all_adapters()
-    lines = ["| method | prunes | needs | " + " | ".join(a.title for a in adapters) + " | paper | idea |",
-             "|---" * (5 + len(adapters)) + "|"]
-    for name in method_names():
-        m = _METHODS[name]
-        needs = ", ".join(sorted(m.needs)) or "-"
-        where = "before the LLM" if m.stage == "vision" else f"after LLM layer K (default {m.default_layer})"
-        models = " | ".join("yes" if (why := a.unsupported(m)) is None else f"no: {why}" for a in adapters)
-        lines.append(f"| `{name}` | {where} | {needs} | {models} | {m.paper} | {m.summary} |")
-    return "\n".join(lines)

@@ -59,7 +59,7 @@ def test_merger_projector_is_the_merger(tiny_qwen, raw):
         out = visual(raw["pixel_values"], grid_thw=THW)
         grouped = out.last_hidden_state.reshape(2, 16, -1)
         if hasattr(visual, "window_size"):
-            from owlore.pruning.adapters import adapter_for
+            from owlore.pruning.models import adapter_for
 
             grouped = adapter_for(tiny_qwen).encode(tiny_qwen, raw["pixel_values"], attention=False, attn_layer=None,
                                                     image_grid_thw=THW)[0].features
