@@ -44,18 +44,18 @@ lod: setup
 bench-optim: setup
 	$(PY) benchmarks/optimizer_step.py
 
-# Quick side-by-side on the synthetic demo tasks (every method, 60 steps, demo accuracy before -> after).
+# Quick side-by-side on the synthetic demo tasks (every registered method, 60 steps, demo accuracy before -> after).
 compare: setup
-	$(PY) eval/bench.py --methods full,lora,qlora,galore,lisa,badam,owlore --steps 60 --batch 8 --seq 128 \
+	$(PY) eval/bench.py --methods all --steps 60 --batch 8 --seq 128 \
 		--report demo --out outputs/compare eval.demo=true
 
 # Memory and time at the stated length: every row packed to exactly --seq real tokens.
 bench: setup
-	$(PY) eval/bench.py --methods full,lora,qlora,galore,lisa,badam,owlore --steps 20 --batch 4 --seq 128 --pack \
+	$(PY) eval/bench.py --methods all --steps 20 --batch 4 --seq 128 --pack \
 		--out outputs/bench
 
 memory-tables: setup
-	for seq in 128 512; do $(PY) eval/bench.py --methods full,lora,qlora,galore,lisa,badam,owlore,apollo \
+	for seq in 128 512; do $(PY) eval/bench.py --methods all \
 		--variants owlore_opt=owlore:memory.chunked_loss=1024,optimizer.update_in_backward=true,training.max_grad_norm=0,owlore.basis_method=randomized \
 		--steps 8 --batch 4 --seq $$seq --pack --out benchmarks/results/memory_seq$$seq eval.demo=false; done
 

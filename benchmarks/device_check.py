@@ -76,7 +76,9 @@ def check_memory(cuda: bool, out_dir: Path, quick: bool) -> list[dict]:
                  "figures": "CPU RSS figures: docs/memory.md (make memory-tables)", "seconds": 0.0}]
     out = out_dir / "memory"
     cases = "smollm2,options" if quick else "smollm2,options,wide"
-    only = [f"smollm2 {m}" for m in ("full", "lora", "galore", "lisa", "badam", "owlore")]
+    from owlore.methods import names_where
+
+    only = [f"smollm2 {m}" for m in names_where(lambda m: not m.extras and not m.memory.quantized_base)]
     only += ["smollm2 owlore+emb checkpointing=all", "smollm2 owlore+emb offload_activations"]  # the 7B lever
     only += [] if quick else [f"7B-width L{n} {m}" for n in (2, 4) for m in ("owlore", "lisa", "full")]
     rc, log, secs = _run([sys.executable, "benchmarks/memory_validation.py", "--cases", cases, "--steps", "3",

@@ -26,9 +26,12 @@ sys.path.insert(0, str(ROOT))
 from owlore.benchmark.runs import run_process  # noqa: E402
 from owlore.cli import entry_point, exit_code  # noqa: E402
 from owlore.errors import UsageError  # noqa: E402
+from owlore.methods import names_where  # noqa: E402
 
-METHODS = ["full", "lora", "galore", "lisa", "badam", "owlore"]
-FSDP2 = ("full", "lisa", "owlore", "galore")
+# every registered method but the optional extras and a 4-bit base (bitsandbytes places it with a device_map,
+# outside this CPU data-parallel check); FSDP2 for the methods that declare it (owlore.methods.base.Method)
+METHODS = names_where(lambda m: not m.extras and not m.memory.quantized_base)
+FSDP2 = names_where(lambda m: m.fsdp2)
 MiB = 2**20
 # glibc returns freed large blocks to the OS only above the mmap threshold, so RSS would keep what sharding freed
 # (eval/bench.py sets the same, for the same reason)

@@ -114,8 +114,8 @@ def _median_ms(fn, repeats: int) -> float:
 
 def measure(arch: str, args: argparse.Namespace) -> list[dict]:
     from owlore.pruning import VisualTokenPruner, get_method, method_names
-    from owlore.pruning.models import adapter_for
     from owlore.pruning.flops import prefill_flops_exact
+    from owlore.pruning.models import adapter_for
 
     model, raw, lm = (llava_next if arch == "llava_next" else qwen2_vl)(args)
     adapter = adapter_for(model)

@@ -55,7 +55,8 @@ logger = logging.getLogger("bench")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", type=Path, help="a sweep file (benchmarks/sweeps/*.yaml): the whole plan")
-    p.add_argument("--methods", default=None, help="comma-separated methods (owlore/methods registry), a column each")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods (owlore/methods registry), a column each; all: every registered one")
     p.add_argument("--variants", action="append", default=[], metavar="LABEL=METHOD[:KEY=VALUE,...]",
                    help="an extra column running METHOD with these overrides (repeat the flag for more)")
     p.add_argument("--steps", type=int, help="optimizer steps per run")
@@ -111,7 +112,8 @@ def sweep_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(str(e))
         return dataclasses.replace(sw, overrides=(*sw.overrides, *args.overrides), repeats=args.repeats or sw.repeats)
     problems = []
-    cols = {m.strip(): runs.Column(m.strip(), m.strip()) for m in (args.methods or "").split(",") if m.strip()}
+    names = list(REGISTRY) if args.methods == "all" else [m.strip() for m in (args.methods or "").split(",")]
+    cols = {m: runs.Column(m, m) for m in names if m}
     if [m for m in cols if m not in REGISTRY]:
         problems.append(f"unknown methods {[m for m in cols if m not in REGISTRY]} (known: {', '.join(REGISTRY)})")
     for text in args.variants:

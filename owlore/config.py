@@ -170,6 +170,9 @@ def dataclass_from_dict(
     except ConfigError as e:
         problems += [f"{section}.{ln.strip()[2:]}" for ln in str(e).splitlines()[1:]]
         return None, problems
+    except (ValueError, TypeError) as e:  # a section defined outside owlore (a plugin method) that raises itself
+        problems.append(f"{section}: {e}")
+        return None, problems
     if hasattr(obj, "problems") and not isinstance(obj, OwLoreConfig):  # OwLoreConfig checks in __post_init__
         problems += obj.problems(prefix=f"{section}.")
     return obj, problems  # obj (from the valid keys) lets callers run further checks; use it only if no problems

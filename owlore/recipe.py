@@ -371,8 +371,8 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
     problems += errs
     if not problems:
         problems += _memory_problems(method, built, training)
-        problems += engine_problems(method.name, method.own_optimizer, training, built["parallel"], built["memory"])
-        problems += _vision_problems(method.name, built["vision"], built["data"])
+        problems += engine_problems(method, training, built["parallel"], built["memory"])
+        problems += _vision_problems(method, built["vision"], built["data"])
         if built["pruning"].method and not built["vision"].enabled:
             problems.append(f"pruning.method={built['pruning'].method}: pruning during training needs a vision model "
                             "(vision.enabled=true); for inference use owlore.pruning.VisualTokenPruner")
@@ -383,25 +383,29 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
                      memory=built["memory"], parallel=built["parallel"], vision=built["vision"], pruning=built["pruning"], training=training, sections={k: built[k] for k in own}, sources=[str(p) for p in paths])
 
 
-LAYER_SWITCHING = ("owlore", "lisa", "badam")
+def _named(test) -> str:
+    """The registered methods passing ``test`` (a ``Method`` predicate), for messages."""
+    from owlore.methods import names_where
+
+    return ", ".join(names_where(test))
 
 
 def _memory_problems(method: Any, built: dict[str, Any], training: dict[str, Any]) -> list[str]:
     """Checks across sections for the memory options (``memory`` and the ``optimizer`` section)."""
     out = []
     memory = built["memory"]
-    if memory.checkpointing == "frozen" and method.name not in LAYER_SWITCHING:
-        out.append(f"memory.checkpointing=frozen: only layer-switching methods ({', '.join(LAYER_SWITCHING)}) "
+    if memory.checkpointing == "frozen" and not method.switches_layers:
+        out.append(f"memory.checkpointing=frozen: only layer-switching methods ({_named(lambda m: m.switches_layers)}) "
                    f"have frozen layers to checkpoint; method {method.name} trains every layer it trains at once, "
                    "use memory.checkpointing=all")
-    if memory.frozen_weights == "int8" and method.name not in LAYER_SWITCHING:
-        out.append(f"memory.frozen_weights=int8: only layer-switching methods ({', '.join(LAYER_SWITCHING)}) keep "
+    if memory.frozen_weights == "int8" and not method.switches_layers:
+        out.append(f"memory.frozen_weights=int8: only layer-switching methods ({_named(lambda m: m.switches_layers)}) keep "
                    f"frozen decoder layers; for method {method.name} quantise the base with method=qlora, or "
                    "remove memory.frozen_weights")
     if memory.sparse_embedding_grad and not method.own_optimizer:
         out.append(f"memory.sparse_embedding_grad=true: method {method.name} uses the Trainer's optimizer "
                    f"({training.get('optim', 'adamw_torch')}), which takes no sparse gradients; use a method with "
-                   "its own optimizer (owlore, lisa, galore, badam) or remove the option")
+                   f"its own optimizer ({_named(lambda m: m.own_optimizer)}) or remove the option")
     checkpointed = memory.checkpointing != "off" or built["model"].gradient_checkpointing
     if memory.offload_activations and not checkpointed:
         out.append("memory.offload_activations=true without activation checkpointing: every activation of every "
@@ -428,20 +432,16 @@ def _memory_problems(method: Any, built: dict[str, Any], training: dict[str, Any
     return out
 
 
-VISION_METHODS = ("full", "galore", "owlore", "lisa", "badam")
-"""Methods that train a ``vision:`` LLaVA (the tower trains with them; adapters would not save it)."""
-
-
-def _vision_problems(method: str, vision: Any, data: Any) -> list[str]:
+def _vision_problems(method: Any, vision: Any, data: Any) -> list[str]:
     if not vision.enabled:
         return []
     out = []
-    if method not in VISION_METHODS:
-        out.append(f"vision.enabled=true with method {method}: the from-scratch vision tower must train and be saved, "
-                   f"which an adapter-only method does not do yet; use one of {', '.join(VISION_METHODS)} (a frozen "
+    if not method.vision:
+        out.append(f"vision.enabled=true with method {method.name}: the from-scratch vision tower must train and be "
+                   f"saved, which this method does not do; use one of {_named(lambda m: m.vision)} (a frozen "
                    "language model: method=full with vision.freeze_language_model=true)")
-    if vision.freeze_language_model and method != "full":
-        out.append(f"vision.freeze_language_model=true with method {method}: only method full trains the tower "
+    if vision.freeze_language_model and method.name != "full":
+        out.append(f"vision.freeze_language_model=true with method {method.name}: only method full trains the tower "
                    "alone; remove it, or set method: full")
     if data.train != "fashion-vqa":
         out.append(f"data.train={data.train!r} with vision.enabled=true: the vision model trains on data.train: "
@@ -449,22 +449,15 @@ def _vision_problems(method: str, vision: Any, data: Any) -> list[str]:
     return out
 
 
-ZERO_METHODS = ("full", "lora", "qlora")
-"""Methods whose optimizer is the Trainer's own, which DeepSpeed ZeRO 1-3 may partition."""
-
-
-FSDP2_METHODS = ("full", "lisa", "owlore", "galore")
-"""Methods tested under ``parallel.fsdp2`` (2-process equality tests)."""
-
-
-def engine_problems(method: str, own_optimizer: bool, training: dict[str, Any], parallel: Any = None,
-                    memory: Any = None) -> list[str]:
-    """Which method runs under which scale-out engine (README "Scale out"), checked before anything loads."""
+def engine_problems(spec: Any, training: dict[str, Any], parallel: Any = None, memory: Any = None) -> list[str]:
+    """Which method (a ``Method``) runs under which scale-out engine (README "Scale out"), checked before anything
+    loads; read from the method's ``zero_stages`` and ``fsdp2``."""
     out = []
+    method, own_optimizer = spec.name, spec.own_optimizer
     if parallel is not None and parallel.fsdp2:
-        if method not in FSDP2_METHODS:
+        if not spec.fsdp2:
             out.append(f"parallel.fsdp2=true with method {method}: FSDP2 is supported for "
-                       f"{', '.join(FSDP2_METHODS)}; for {method} use plain data parallelism (torchrun) or "
+                       f"{_named(lambda m: m.fsdp2)}; for {method} use plain data parallelism (torchrun) or "
                        "DeepSpeed (training.deepspeed=configs/deepspeed/zero2.json for full/lora)")
         if training.get("deepspeed") or training.get("fsdp"):
             out.append("parallel.fsdp2=true with training.deepspeed / training.fsdp: choose one engine")
@@ -482,15 +475,15 @@ def engine_problems(method: str, own_optimizer: bool, training: dict[str, Any], 
         stage, why = deepspeed_config_stage(ds)
         if why:
             out.append(why)
-        elif stage and method not in ZERO_METHODS:
-            what = ("GaLore cannot project them (GaLore #2)" if method in ("owlore", "galore") else
+        elif stage and stage not in spec.zero_stages:
+            what = ("GaLore cannot project them (GaLore #2)" if spec.memory.lowrank else
                     "frozen layers would be stepped with zero gradients and every layer's state allocated")
             out.append(f"training.deepspeed={ds!r} is ZeRO stage {stage}, but method {method} builds its own "
                        f"per-layer optimizer and ZeRO {stage} hands it flat 1-D partitions of every parameter ({what}). "
                        "Use training.deepspeed=configs/deepspeed/zero0.json (DeepSpeed's all-reduce only), plain "
                        "data parallelism (torchrun without training.deepspeed: only the active layers' gradients "
-                       f"travel){FSDP_HINT.get(method, '')}; ZeRO 2/3 work for {', '.join(ZERO_METHODS)}")
-        elif method not in ZERO_METHODS and deepspeed_precision(ds, training):
+                       f"travel); ZeRO 2/3 work for {_named(lambda m: 3 in m.zero_stages)}")
+        elif own_optimizer and deepspeed_precision(ds, training):
             precision = deepspeed_precision(ds, training)
             out.append(f"training.deepspeed={ds!r} with {precision} on (its \"{precision}\" section, \"auto\" "
                        f"following training.{precision}): DeepSpeed then wraps method {method}'s own optimizer in "
@@ -503,10 +496,6 @@ def engine_problems(method: str, own_optimizer: bool, training: dict[str, Any], 
         if training.get("fsdp"):
             out.append("training.deepspeed and training.fsdp are both set: choose one engine")
     return out
-
-
-FSDP_HINT: dict[str, str] = {}
-"""Methods that also run sharded under FSDP2, with the option that says so."""
 
 
 def _layer_count(hf_config: Any) -> int | None:

@@ -162,8 +162,11 @@ def run_overrides(run: Run) -> list[str]:
         out.append(f"training.learning_rate={run.lr}")
     if run.seed is not None:
         out.append(f"training.seed={run.seed}")
-        if run.column.method in ("owlore", "lisa"):
-            out.append(f"{run.column.method}.seed={run.seed}")
+        from owlore.methods import get_method
+
+        seed_key = get_method(run.column.method).seed_key
+        if seed_key:
+            out.append(f"{seed_key}={run.seed}")
     return out
 
 

@@ -29,11 +29,12 @@ from typing import Any
 
 from owlore.memory.plan import (
     DTYPE_BYTES,
-    METHODS,
+    Counted,
     Options,
     Plan,
     Trained,
     build_plan,
+    counted,
     lora_targets,
     numel_of,
 )
@@ -49,7 +50,7 @@ from owlore.memory.shapes import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "MemoryEstimate", "Options", "estimate", "estimate_run"]
+__all__ = ["MemoryEstimate", "Options", "estimate", "estimate_run"]
 CATEGORIES = ("weights", "gradients", "optimizer_state", "activations", "logits", "temporaries")
 GIB = 2**30
 
@@ -109,7 +110,7 @@ def _shape(model_config: Any) -> ModelShape:
     return ModelShape.from_config(model_config)
 
 
-def estimate(model_config: Any, *, method: str, dtype: str = "bfloat16", batch: int = 1, seq: int = 512,
+def estimate(model_config: Any, *, method: Any, dtype: str = "bfloat16", batch: int = 1, seq: int = 512,
              **options: Any) -> MemoryEstimate:
     """Peak training memory of one method on one model from its config alone.
 
@@ -117,7 +118,8 @@ def estimate(model_config: Any, *, method: str, dtype: str = "bfloat16", batch: 
         model_config: a ``ModelShape``, a ``PretrainedConfig``, a ``config.json`` dict, or a model name / path
             (read with ``AutoConfig``; shipped architectures stand in offline for Llama-2-7B, Llama-3-8B,
             Mistral-7B).
-        method: full, lora, qlora, galore, lisa, badam or owlore.
+        method: a registered method's name (``owlore.methods.REGISTRY``) or a ``Method``; what it trains and
+            how its optimizer keeps state come from its ``MemoryProfile``.
         dtype: the weights' dtype (float32, bfloat16, float16).
         batch: sequences per micro-batch.
         seq: tokens per sequence.
@@ -136,10 +138,12 @@ def estimate(model_config: Any, *, method: str, dtype: str = "bfloat16", batch: 
     o = Options(**options)
     shape = _shape(model_config)
     p = DTYPE_BYTES[dtype]
-    plan, emb, head, norm = build_plan(shape, method, p, o)
-    s = 2 if o.autocast else (4 if method == "qlora" else p)  # qlora: the fp32 embeddings set the stream's dtype
+    c = counted(method)
+    plan, emb, head, norm = build_plan(shape, c, p, o)
+    s = 2 if o.autocast else (4 if c.quantized_base else p)  # qlora: the fp32 embeddings set the stream's dtype
     tok = Tokens(batch, seq, s, attention=o.attention, mask=o.mask, device=o.device)
-    est = _walk(shape, tok, plan, method, p, o, emb=emb, head=head, norm=norm)
+    est = _walk(shape, tok, plan, c, p, o, emb=emb, head=head, norm=norm)
+    method = c.name
     est.settings = {"model": shape.name, "method": method, "dtype": dtype, "batch": batch, "seq": seq,
                     **{k: v for k, v in dataclasses.asdict(o).items() if v != getattr(Options, k, None)},
                     "summary": f"{method}, {shape.name}, {dtype}, batch {batch} x seq {seq}"}
@@ -220,17 +224,16 @@ def _moments(shape: ModelShape, tok: Tokens, plan: Plan, sv: _Saved, o: Options,
     return out
 
 
-def _walk(shape: ModelShape, tok: Tokens, plan: Plan, method: str, p: int, o: Options, *, emb: bool,
+def _walk(shape: ModelShape, tok: Tokens, plan: Plan, c: Counted, p: int, o: Options, *, emb: bool,
           head: bool, norm: bool) -> MemoryEstimate:
     """Bytes alive at each moment of one step; the largest is the peak."""
-    lora = LoraShape(o.lora_rank, lora_targets(o.lora_targets), o.lora_dropout, 4) if method in (
-        "lora", "qlora") else None
+    lora = LoraShape(o.lora_rank, lora_targets(o.lora_targets), o.lora_dropout, 4) if c.adapters else None
     sv = _saved(shape, tok, plan, o, lora, emb=emb, head=head, norm=norm)
-    dequant = max(m * k for m, k in shape.linear_shapes().values()) * (p if method == "qlora" else tok.act_bytes) \
-        if method == "qlora" or o.frozen_int8 else 0  # one frozen linear's weight, dequantised for its matmul
+    dequant = max(m * k for m, k in shape.linear_shapes().values()) * (p if c.quantized_base else tok.act_bytes) \
+        if c.quantized_base or o.frozen_int8 else 0  # one frozen linear's weight, dequantised for its matmul
     cast = 2 * sum(numel_of(t.shape) for t in plan.trained if len(t.shape) == 2 and t.layer is not None) \
         if o.autocast else 0  # autocast caches a 16-bit copy of each trained weight from forward to backward
-    moments = _moments(shape, tok, plan, sv, o, p=p, sl=4 if method == "qlora" else p, head=head, emb=emb,
+    moments = _moments(shape, tok, plan, sv, o, p=p, sl=4 if c.quantized_base else p, head=head, emb=emb,
                        dequant=dequant, cast=cast)
     weights = sum(plan.weights.values())
     state = sum(t.state for t in plan.trained) + plan.inactive_state
@@ -267,13 +270,12 @@ def _grouped(category: str, trained: list[Trained], attr: str) -> list[tuple[str
     return out + [(category, t.name, getattr(t, attr)) for t in trained if t.layer is None]
 
 
-ESTIMATED_AS = {"apollo": "galore"}
-"""Methods whose memory follows another's layout (APOLLO's state is GaLore's: projected moments + a projection)."""
-
-
 def run_options(cfg: Any) -> tuple[str, int, int, dict[str, Any]]:
-    """(dtype, batch, seq, options) of ``estimate`` for an ``owlore.recipe.RunConfig``."""
-    t, m, mem, method = cfg.training, cfg.model, cfg.memory, cfg.method
+    """(dtype, batch, seq, options) of ``estimate`` for an ``owlore.recipe.RunConfig``: the common sections here,
+    the method's own from its ``MemoryProfile.options``."""
+    from owlore.methods import get_method
+
+    t, m, mem = cfg.training, cfg.model, cfg.memory
     sections = cfg.sections
     dtype = m.dtype if m.dtype in DTYPE_BYTES else "bfloat16"
     checkpointing = mem.checkpointing if mem.checkpointing != "off" else ("all" if m.gradient_checkpointing
@@ -285,24 +287,9 @@ def run_options(cfg: Any) -> tuple[str, int, int, dict[str, Any]]:
         "autocast": dtype == "float32" and bool(t.get("bf16") or t.get("fp16")),
         "gradient_accumulation": int(t.get("gradient_accumulation_steps", 1)),
         "device": "cpu" if t.get("use_cpu") else "cuda", "optim": str(t.get("optim", "adamw_torch_fused"))}
-    if method in ("owlore", "lisa"):
-        s = sections[method]
-        opts.update(gamma=s.gamma, rank=getattr(s, "rank", None), state_policy=s.state_policy,
-                    train_embeddings=s.train_embeddings, train_lm_head=s.train_lm_head, train_norms=s.train_norms,
-                    basis_method=getattr(s, "basis_method", "svd"))
-    elif method == "badam":
-        opts["block_size"] = sections["badam"].block_size
-    elif method == "galore":
-        opts.update(rank=sections["galore"].rank, basis_method=sections["galore"].basis_method)
-    elif method == "apollo":  # counted as GaLore: rank-r moments of the projected gradients on the decoder
-        # linears, full-rank AdamW elsewhere; its random projection needs no SVD workspace (randomized's small one)
-        opts.update(rank=sections["apollo"].rank, basis_method="randomized")
-    elif method in ("lora", "qlora"):
-        lo = sections["lora"]
-        opts.update(lora_rank=lo.r, lora_targets=lo.target_modules if isinstance(lo.target_modules, str)
-                    else tuple(lo.target_modules), lora_dropout=lo.dropout)
-        if method == "qlora":
-            opts["double_quant"] = sections["quantization"].double_quant
+    profile = get_method(cfg.method).memory
+    if profile.options is not None:
+        opts.update(profile.options(cfg))
     optimizer = sections.get("optimizer")
     if optimizer is not None:
         opts.update(state_bits=optimizer.state_bits, state_dtype=optimizer.state_dtype,
@@ -321,6 +308,5 @@ def estimate_run(run_config: Any, **overrides: Any) -> MemoryEstimate:
     dtype, batch, seq, opts = run_options(run_config)
     shape = load_model_shape(run_config.model.name, trust_remote_code=run_config.model.trust_remote_code)
     dtype, batch, seq = (overrides.pop(k, v) for k, v in (("dtype", dtype), ("batch", batch), ("seq", seq)))
-    method = ESTIMATED_AS.get(run_config.method, run_config.method)
-    return estimate(shape, method=method, dtype=dtype, batch=batch, seq=seq, **{**opts, **overrides})
+    return estimate(shape, method=run_config.method, dtype=dtype, batch=batch, seq=seq, **{**opts, **overrides})
 

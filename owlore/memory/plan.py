@@ -10,10 +10,10 @@ one fp32 absmax per 256), Adafactor (row and column vectors).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from owlore.memory.shapes import LINEARS, ModelShape
 
-METHODS = ("full", "lora", "qlora", "galore", "lisa", "badam", "owlore")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 QUANT_BLOCK = 256
@@ -21,6 +21,47 @@ QUANT_BLOCK = 256
 MIN_8BIT = 4096
 """Moments with fewer values stay 32-bit (bitsandbytes' ``min_8bit_size``, owlore.quant_state.MIN_8BIT_SIZE)."""
 TRAINER_8BIT = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit")
+
+
+@dataclass(frozen=True)
+class Counted:
+    """How one method is counted: its ``MemoryProfile`` (``owlore.methods.base``) and whose optimizer keeps the
+    state. Built from the registry by ``counted``, so a new method needs no branch here."""
+
+    name: str
+    trains: str = "all"
+    lowrank: bool = False
+    quantized_base: bool = False
+    master_weights: bool = False
+    own: bool = False
+    """GaLoreAdamW's per-tensor state (the methods with their own optimizer, and APOLLO), else ``training.optim``."""
+
+    @property
+    def adapters(self) -> bool:
+        return self.trains == "adapters"
+
+    @property
+    def switches_layers(self) -> bool:
+        return self.trains in ("sampled", "block")
+
+
+def counted(method: Any) -> Counted:
+    """``Counted`` of a registered method name (or a ``Method``).
+
+    Raises:
+        ValueError: a name that is not registered.
+    """
+    from owlore.methods import REGISTRY, get_method
+
+    if isinstance(method, Counted):
+        return method
+    if isinstance(method, str):
+        if method not in REGISTRY:
+            raise ValueError(f"method={method!r}: unknown; methods: {', '.join(REGISTRY)}")
+        method = get_method(method)
+    prof = method.memory
+    own = method.own_optimizer if prof.projected_state is None else prof.projected_state
+    return Counted(method.name, prof.trains, prof.lowrank, prof.quantized_base, prof.master_weights, own)
 
 
 @dataclass(frozen=True)
@@ -213,21 +254,22 @@ class Options:
     device: str = "cuda"
 
 
-def _layout(shape: ModelShape, method: str, o: Options) -> tuple[set[int], bool, bool, bool]:
+def _layout(shape: ModelShape, c: Counted, o: Options) -> tuple[set[int], bool, bool, bool]:
     """(trained decoder layers, embeddings train, head trains, final norm trains)."""
     L = shape.layers
-    if method in ("full", "galore"):
+    if c.trains == "all":
         return set(range(L)), True, True, True
-    if method in ("lora", "qlora"):
+    if c.adapters:
         return set(), False, False, False
-    k = o.block_size if method == "badam" else o.gamma
+    block = c.trains == "block"
+    k = o.block_size if block else o.gamma
     if not 1 <= k <= L:
-        raise ValueError(f"{'block_size' if method == 'badam' else 'gamma'}={k}: must be in [1, {L}] (the model's "
+        raise ValueError(f"{'block_size' if block else 'gamma'}={k}: must be in [1, {L}] (the model's "
                          "decoder layers)")
     active = set(o.active_layers) if o.active_layers is not None else set(range(k))
     if not active or not all(0 <= i < L for i in active):
         raise ValueError(f"active_layers={o.active_layers!r}: must be layer indices in [0, {L - 1}]")
-    if method == "badam":
+    if block:
         return active, False, False, False
     emb, head = o.train_embeddings, o.train_lm_head
     if shape.tied:
@@ -235,13 +277,13 @@ def _layout(shape: ModelShape, method: str, o: Options) -> tuple[set[int], bool,
     return active, emb, head, o.train_norms
 
 
-def _weights(plan: Plan, shape: ModelShape, method: str, p: int, o: Options, active: set[int]) -> None:
+def _weights(plan: Plan, shape: ModelShape, c: Counted, p: int, o: Options, active: set[int]) -> None:
     """Resident weights: 16/32-bit, NF4 (qlora) or int8 frozen layers (frozen_int8, exact copies on the host)."""
     layer_numel = shape.layer_params()
     linear_numel = sum(m * n for m, n in shape.linear_shapes().values())
-    base_p = 4 if method == "qlora" else p  # prepare_model_for_kbit_training casts every unquantised param to fp32
-    n_int8 = shape.layers - len(active) if o.frozen_int8 and method in ("owlore", "lisa", "badam") else 0
-    if method == "qlora":
+    base_p = 4 if c.quantized_base else p  # prepare_model_for_kbit_training casts every unquantised param to fp32
+    n_int8 = shape.layers - len(active) if o.frozen_int8 and c.switches_layers else 0
+    if c.quantized_base:
         plan.weights["decoder layers"] = int(shape.layers * (quantized_weight_bytes(
             linear_numel, double_quant=o.double_quant) + (layer_numel - linear_numel) * base_p))
     else:
@@ -250,36 +292,35 @@ def _weights(plan: Plan, shape: ModelShape, method: str, p: int, o: Options, act
         scales = 4 * sum(m for m, _ in shape.linear_shapes().values())
         plan.weights["decoder layers"] += n_int8 * ((layer_numel - linear_numel) * p + linear_numel + scales)
         plan.host["exact weights of the int8 layers"] = n_int8 * linear_numel * p
-    if method == "qlora" or n_int8:
+    if c.quantized_base or n_int8:
         plan.notes.append("quantised frozen linears are dequantised one at a time in forward and backward")
     plan.weights["embeddings + head"] = (1 if shape.tied else 2) * shape.embedding_params() * base_p
     plan.weights["final norm"] = shape.hidden * base_p
 
 
-def build_plan(shape: ModelShape, method: str, p: int, o: Options) -> tuple[Plan, bool, bool, bool]:
+def build_plan(shape: ModelShape, method: Any, p: int, o: Options) -> tuple[Plan, bool, bool, bool]:
     """Weights, trained tensors (gradient, state, step temporaries) and per-layer roles of one run.
 
     Returns:
         The plan, and whether the embeddings, the head and the final norm train.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}: unknown; methods: {', '.join(METHODS)}")
-    active, emb, head, norm = _layout(shape, method, o)
-    own = method not in ("full", "lora", "qlora")
-    master = o.master_weights if o.master_weights is not None else method == "badam"
+    c = counted(method)
+    active, emb, head, norm = _layout(shape, c, o)
+    own = c.own
+    master = o.master_weights if o.master_weights is not None else c.master_weights
     so = StateOptions(own=own, optim=o.optim, state_bits=o.state_bits, state_dtype=o.state_dtype,
                       master_weights=master, embedding_state=o.embedding_state, embedding_rank=o.embedding_rank,
                       basis_method=o.basis_method, device=o.device)
     plan = Plan()
-    _weights(plan, shape, method, p, o, active)
-    rank = o.rank if method in ("owlore", "galore") else None
+    _weights(plan, shape, c, p, o, active)
+    rank = o.rank if c.lowrank else None
 
     def add(name: str, tshape: tuple[int, ...], layer: int | None, tp: int, *, r: int | None = None,
             kind: str = "full") -> None:
         state, temp = own_tensor(name, tshape, tp, so, rank=r, kind=kind) if own else trainer_tensor(tshape, tp, so)
         plan.trained.append(Trained(name, tshape, layer, tp * numel_of(tshape), state, temp))
 
-    if method in ("lora", "qlora"):
+    if c.adapters:
         for i in range(shape.layers):  # peft keeps fp32 adapters on a 16-bit base (autocast_adapter_dtype)
             for name, tshape in lora_tensors(shape, o.lora_rank, lora_targets(o.lora_targets)):
                 add(f"layer {i} {name}", tshape, i, 4)
@@ -292,7 +333,7 @@ def build_plan(shape: ModelShape, method: str, p: int, o: Options) -> tuple[Plan
         add(name, (shape.vocab, shape.hidden), None, p, kind=o.embedding_state if own else "full")
     if norm:
         add("final norm", (shape.hidden,), None, p)
-    if own and o.state_policy in ("keep", "offload") and method in ("owlore", "lisa"):
+    if own and o.state_policy in ("keep", "offload") and c.trains == "sampled":
         inactive = (shape.layers - len(active)) * sum(t.state for t in plan.trained if t.layer == min(active))
         if o.state_policy == "keep":
             plan.inactive_state = inactive
@@ -303,6 +344,6 @@ def build_plan(shape: ModelShape, method: str, p: int, o: Options) -> tuple[Plan
     if not own and o.optim == "adamw_torch" and o.device == "cuda":
         plan.group_temp = sum(t.grad for t in plan.trained)  # foreach: sqrt(v) of the whole group at once
     lowest = 0 if emb else min(active, default=0)
-    plan.roles = ["lora"] * shape.layers if method in ("lora", "qlora") else [
+    plan.roles = ["lora"] * shape.layers if c.adapters else [
         "trained" if i in active else "frozen" if i > lowest or emb else "none" for i in range(shape.layers)]
     return plan, emb, head, norm

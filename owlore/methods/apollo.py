@@ -14,7 +14,7 @@ import importlib.util
 from dataclasses import dataclass, field
 
 from owlore.config import PROJ_TYPES
-from owlore.methods.base import BuildContext, Method, MethodParts
+from owlore.methods.base import BuildContext, MemoryProfile, Method, MethodParts
 
 DECODER_LINEARS = [r".*\.self_attn\..*_proj", r".*\.mlp\..*_proj"]
 """Default targets: the attention and MLP projections of every decoder layer (Llama/Mistral/Qwen names)."""
@@ -95,5 +95,12 @@ def build(ctx: BuildContext) -> MethodParts:
     return MethodParts(ctx.model)  # the Trainer builds APOLLOAdamW from these arguments
 
 
+def memory_options(cfg) -> dict:
+    """Counted as GaLore: rank-r moments of the projected gradients on the decoder linears, full-rank AdamW
+    elsewhere; its random projection needs no SVD workspace (the randomized range finder's small one)."""
+    return {"rank": cfg.sections["apollo"].rank, "basis_method": "randomized"}
+
+
 METHOD = Method(name="apollo", summary="all parameters, APOLLO's random-projection scaled AdamW (optional extra)",
-                build=build, sections={"apollo": ApolloConfig}, preflight=_preflight)
+                build=build, sections={"apollo": ApolloConfig}, preflight=_preflight, extras=("apollo",),
+                memory=MemoryProfile(lowrank=True, projected_state=True, options=memory_options))

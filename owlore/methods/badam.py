@@ -22,6 +22,7 @@ from owlore.config import OwLoreConfig
 from owlore.methods.base import (
     LAYER_STATE_FILE,
     BuildContext,
+    MemoryProfile,
     Method,
     MethodParts,
     layer_count_problems,
@@ -165,6 +166,11 @@ def preflight(cfg, num_layers: int) -> list[str]:
     return out
 
 
+def memory_options(cfg) -> dict:
+    """The estimator's keywords from the ``badam`` section."""
+    return {"block_size": cfg.sections["badam"].block_size}
+
+
 METHOD = Method(
     name="badam",
     summary="one block of decoder layers at a time in a fixed or permuted order, Adam state reset on a switch",
@@ -173,4 +179,7 @@ METHOD = Method(
     own_optimizer=True,
     preflight=preflight,
     state_files=(LAYER_STATE_FILE,),
+    switches_layers=True,
+    vision=True,
+    memory=MemoryProfile(trains="block", master_weights=True, options=memory_options),
 )

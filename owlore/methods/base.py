@@ -105,9 +105,41 @@ class MethodParts:
     record and plot from it and checks its state file when it picks a checkpoint to resume from."""
 
 
+TRAINS = ("all", "sampled", "block", "adapters")
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """How the memory estimator counts a method (``owlore.memory.plan`` reads this, never the method's name)."""
+
+    trains: str = "all"
+    """What trains: ``all`` (every decoder layer, the embeddings, head and final norm), ``sampled`` (γ decoder
+    layers at a time, plus whatever the section's ``train_embeddings`` / ``train_lm_head`` / ``train_norms`` say),
+    ``block`` (one block of ``block_size`` layers, nothing else: BAdam) or ``adapters`` (LoRA adapters on a
+    frozen base)."""
+    lowrank: bool = False
+    """The trained decoder linears keep their moments in a rank-``rank`` projection (GaLore's layout)."""
+    quantized_base: bool = False
+    """The frozen base is NF4 (QLoRA); the unquantised parameters are fp32."""
+    master_weights: bool = False
+    """fp32 master copies of 16-bit trained weights by default (``optimizer.master_weights=None``)."""
+    projected_state: bool | None = None
+    """Count the optimizer state per tensor as ``GaLoreAdamW`` keeps it (projected moments of the low-rank
+    linears, full-rank elsewhere) even though the Trainer builds the optimizer (APOLLO). None: follow
+    ``Method.own_optimizer``."""
+    options: Callable[[Any], dict[str, Any]] | None = None
+    """The run config -> the estimator's keywords taken from the method's own section (``gamma``, ``rank``,
+    ``block_size``, ``lora_rank`` ...; see ``owlore.memory.plan.Options``)."""
+
+    def __post_init__(self) -> None:
+        if self.trains not in TRAINS:
+            raise ValueError(f"MemoryProfile.trains={self.trains!r}: must be one of {', '.join(TRAINS)}")
+
+
 @dataclass(frozen=True)
 class Method:
-    """A registered training method."""
+    """A registered training method, and what it supports: the config checks, the estimator, the benchmarks and
+    the docs read these fields instead of lists of method names."""
 
     name: str
     summary: str
@@ -124,6 +156,23 @@ class Method:
     """Checks against the model's decoder-layer count (read from ``config.json``, before any weights load)."""
     state_files: tuple[str, ...] = ()
     """Files a checkpoint of this method must hold to be complete (besides the Trainer's own)."""
+    switches_layers: bool = False
+    """Trains some decoder layers at a time and switches them (so ``memory.checkpointing=frozen`` and
+    ``memory.frozen_weights=int8`` have frozen layers to act on)."""
+    vision: bool = False
+    """Trains a ``vision:`` LLaVA (the from-scratch tower trains and is saved with the language model)."""
+    zero_stages: tuple[int, ...] = (0,)
+    """DeepSpeed ZeRO stages it runs under (stage 0 is DeepSpeed's plain all-reduce; 1-3 partition the Trainer's
+    optimizer, which a method with its own per-layer optimizer does not survive)."""
+    fsdp2: bool = False
+    """Runs sharded under ``parallel.fsdp2`` (tested by 2-process equality tests)."""
+    memory: MemoryProfile = field(default_factory=MemoryProfile)
+    seed_key: str | None = None
+    """The config key of the method's own random draws (the layer sampler's seed), which a benchmark's seeds set
+    along with ``training.seed``. BAdam leaves it None: its block order (``badam.seed``) stays at its default,
+    so the sweeps' recorded commands stay comparable; vary it with a column override."""
+    extras: tuple[str, ...] = ()
+    """Optional dependencies it needs (``pip install .[name]``), for the docs and the benchmarks' defaults."""
 
     def all_sections(self) -> dict[str, type]:
         return {**self.sections, "optimizer": OptimizerConfig} if self.own_optimizer else dict(self.sections)

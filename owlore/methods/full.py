@@ -13,4 +13,5 @@ def build(ctx: BuildContext) -> MethodParts:
     return MethodParts(ctx.model)
 
 
-METHOD = Method(name="full", summary="all parameters, the Trainer's optimizer (training.optim)", build=build)
+METHOD = Method(name="full", summary="all parameters, the Trainer's optimizer (training.optim)", build=build,
+                vision=True, zero_stages=(0, 1, 2, 3), fsdp2=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from owlore.config import PROJ_TYPES
-from owlore.methods.base import BuildContext, Method, MethodParts, adam_kwargs
+from owlore.methods.base import BuildContext, MemoryProfile, Method, MethodParts, adam_kwargs
 
 
 @dataclass
@@ -73,10 +73,19 @@ def build(ctx: BuildContext) -> MethodParts:
     return MethodParts(ctx.model, optimizer, in_backward_callbacks(optimizer))
 
 
+def memory_options(cfg) -> dict:
+    """The estimator's keywords from the ``galore`` section."""
+    s = cfg.sections["galore"]
+    return {"rank": s.rank, "basis_method": s.basis_method}
+
+
 METHOD = Method(
     name="galore",
     summary="all layers, GaLore low-rank steps on every decoder linear (no sampling)",
     build=build,
     sections={"galore": GaLoreConfig},
     own_optimizer=True,
+    vision=True,
+    fsdp2=True,
+    memory=MemoryProfile(lowrank=True, options=memory_options),
 )

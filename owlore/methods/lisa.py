@@ -13,6 +13,7 @@ from owlore.config import STATE_POLICIES, OwLoreConfig
 from owlore.methods.base import (
     LAYER_STATE_FILE,
     BuildContext,
+    MemoryProfile,
     Method,
     MethodParts,
     layer_count_problems,
@@ -65,6 +66,13 @@ def preflight(cfg, num_layers: int) -> list[str]:
     return layer_count_problems("lisa.gamma", cfg.sections["lisa"].gamma, num_layers)
 
 
+def memory_options(cfg) -> dict:
+    """The estimator's keywords from the ``lisa`` section (``owlore.memory.plan.Options``)."""
+    s = cfg.sections["lisa"]
+    return dict(gamma=s.gamma, rank=None, state_policy=s.state_policy, train_embeddings=s.train_embeddings,
+                train_lm_head=s.train_lm_head, train_norms=s.train_norms)
+
+
 METHOD = Method(
     name="lisa",
     summary="γ uniformly sampled layers + embeddings/head, full-rank AdamW, state freed on a switch",
@@ -73,4 +81,9 @@ METHOD = Method(
     own_optimizer=True,
     preflight=preflight,
     state_files=(LAYER_STATE_FILE,),
+    switches_layers=True,
+    seed_key="lisa.seed",
+    vision=True,
+    fsdp2=True,
+    memory=MemoryProfile(trains="sampled", options=memory_options),
 )

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from owlore.methods.base import BuildContext, Method, MethodParts
+from owlore.methods.base import BuildContext, MemoryProfile, Method, MethodParts
 
 
 @dataclass
@@ -67,9 +67,18 @@ def build(ctx: BuildContext) -> MethodParts:
     return MethodParts(model)
 
 
+def memory_options(cfg) -> dict:
+    """The estimator's keywords from the ``lora`` section."""
+    lo = cfg.sections["lora"]
+    targets = lo.target_modules if isinstance(lo.target_modules, str) else tuple(lo.target_modules)
+    return {"lora_rank": lo.r, "lora_targets": targets, "lora_dropout": lo.dropout}
+
+
 METHOD = Method(
     name="lora",
     summary="frozen base + peft LoRA adapters, the Trainer's optimizer; saves the adapter",
     build=build,
     sections={"lora": LoraSettings},
+    zero_stages=(0, 1, 2, 3),
+    memory=MemoryProfile(trains="adapters", options=memory_options),
 )

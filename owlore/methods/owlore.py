@@ -10,6 +10,7 @@ from owlore.config import OwLoreConfig
 from owlore.methods.base import (
     LAYER_STATE_FILE,
     BuildContext,
+    MemoryProfile,
     Method,
     MethodParts,
     layer_count_problems,
@@ -25,6 +26,13 @@ def preflight(cfg, num_layers: int) -> list[str]:
     return layer_count_problems("owlore.gamma", cfg.sections["owlore"].gamma, num_layers)
 
 
+def memory_options(cfg) -> dict:
+    """The estimator's keywords from the ``owlore`` section (``owlore.memory.plan.Options``)."""
+    s = cfg.sections["owlore"]
+    return dict(gamma=s.gamma, rank=s.rank, state_policy=s.state_policy, train_embeddings=s.train_embeddings,
+                train_lm_head=s.train_lm_head, train_norms=s.train_norms, basis_method=s.basis_method)
+
+
 METHOD = Method(
     name="owlore",
     summary="γ outlier-weighted sampled layers, re-drawn every K steps, GaLore low-rank steps (ours)",
@@ -33,4 +41,9 @@ METHOD = Method(
     own_optimizer=True,
     preflight=preflight,
     state_files=(LAYER_STATE_FILE,),
+    switches_layers=True,
+    seed_key="owlore.seed",
+    vision=True,
+    fsdp2=True,
+    memory=MemoryProfile(trains="sampled", lowrank=True, options=memory_options),
 )

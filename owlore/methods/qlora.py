@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from owlore.config import ConfigError
-from owlore.methods.base import BuildContext, Method, MethodParts
+from owlore.methods.base import BuildContext, MemoryProfile, Method, MethodParts
 from owlore.methods.lora import LoraSettings, wrap_with_lora
 
 
@@ -117,10 +117,20 @@ def build(ctx: BuildContext) -> MethodParts:
     return MethodParts(wrap_with_lora(model, ctx.section("lora"), gradient_checkpointing=gc))
 
 
+def memory_options(cfg) -> dict:
+    """The estimator's keywords from the ``lora`` section (and ``quantization``)."""
+    lo = cfg.sections["lora"]
+    targets = lo.target_modules if isinstance(lo.target_modules, str) else tuple(lo.target_modules)
+    return {"lora_rank": lo.r, "lora_targets": targets, "lora_dropout": lo.dropout,
+            "double_quant": cfg.sections["quantization"].double_quant}
+
+
 METHOD = Method(
     name="qlora",
     summary="LoRA adapters on a 4-bit NF4 base (bitsandbytes), the Trainer's optimizer",
     build=build,
     sections={"lora": LoraSettings, "quantization": QuantizationConfig},
     model_kwargs=model_kwargs,
+    zero_stages=(0, 1, 2, 3),
+    memory=MemoryProfile(trains="adapters", quantized_base=True, options=memory_options),
 )
