@@ -22,6 +22,7 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,121 +148,187 @@ def training_arguments(cfg: RunConfig):
         raise ConfigError(f"training: {str(e).strip().splitlines()[0]}") from e
 
 
+@dataclass
+class Run:
+    """One training run as it goes through the steps of ``run``; each step fills in its part."""
+
+    cfg: RunConfig
+    method: Any
+    out_dir: Path
+    settings: dict[str, Any]
+    """The method and its settings: what a checkpoint's manifest records and a resume must match."""
+    resume: str | None
+    args: Any
+    """``transformers.TrainingArguments``."""
+    t_start: float = field(default_factory=time.perf_counter)
+    model: Any = None
+    tokenizer: Any = None
+    train_ds: Any = None
+    collator: Any = None
+    rss_after_load: int | None = None
+    alignment: dict[str, Any] | None = None
+    before: dict[str, Any] = field(default_factory=dict)
+    parts: Any = None
+    memory_callbacks: list[Any] = field(default_factory=list)
+    trainer: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    """The timer, the signal stop, the replica check and the DDP byte counter, by name."""
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
-    from transformers import DataCollatorForSeq2Seq
+    """Train one run: the steps below, in order. Returns the summary (or, stopped by a signal, where it stopped)."""
+    r = start(cfg)
+    load(r)
+    build(r)
+    make_trainer(r)
+    result, seconds = train_steps(r)
+    if r.extras["stop"].received is not None:
+        return interrupted(r)
+    after = run_eval(r.parts.model, r.tokenizer, cfg, "after") if evaluates_here(cfg, r.args, "after") else {}
+    summary = summarize(r, result, seconds, after)
+    write_outputs(r, summary, after)
+    return summary
+
+
+def start(cfg: RunConfig) -> Run:
+    """Before anything loads: the checkpoint to resume (verified, same settings), the output directory claimed
+    (an earlier run's results are never replaced by accident), the Trainer's arguments, the seed."""
     from transformers.trainer_utils import set_seed
 
-    from owlore.callback import RECORD_FILE
-    from owlore.data.sft import load_rows, tokenize_rows, vet_rows
-    from owlore.distributed import DDPByteCounter, ReplicaCheck, install_active_gradient_sync
-    from owlore.fileio import atomic_write
-    from owlore.interrupt import StopOnSignal
-    from owlore.interrupt import exit_code as signal_exit_code
-    from owlore.memory.options import apply_memory_options
-    from owlore.methods import BuildContext, get_method
-    from owlore.metrics import (
-        OwLoreLogger,
-        StepTimer,
-        owlore_tensorboard_dir,
-        peak_memory_bytes,
-        rss_after_touch,
-    )
-    from owlore.optim_state import state_bytes
-    from owlore.plotting import layer_table, plot_layer_statistics
-    from owlore.resume import ManifestCallback, choose_checkpoint, run_settings
-    from owlore.run_dir import PARTIAL_RECORD_FILE, claim_output_dir
-    from owlore.sharded import is_sharded
-    from owlore.trainer import KeepOptimizerTrainer
+    from owlore.methods import get_method
+    from owlore.resume import choose_checkpoint, run_settings
+    from owlore.run_dir import claim_output_dir
 
-    method = get_method(cfg.method)
     out_dir = Path(cfg.training["output_dir"])
-    settings = run_settings(cfg.method, cfg.sections)  # what a checkpoint records and a resume must match
+    settings = run_settings(cfg.method, cfg.sections)
     resume = choose_checkpoint(out_dir, cfg.training.get("resume_from_checkpoint"), settings,
                                allow_changes=bool(cfg.training.get("resume_allow_changes")))
-    try:  # before anything loads: an earlier run's results are never replaced by accident
+    try:
         claim_output_dir(out_dir, resume=bool(cfg.training.get("resume_from_checkpoint")),
                          overwrite=bool(cfg.training.get("overwrite_output_dir")),
                          main_process=int(os.environ.get("RANK", "0")) == 0)
     except FileExistsError as e:
         raise ConfigError(str(e)) from None
-    training_args = training_arguments(cfg)
-    if training_args.process_index != 0:  # one log under torchrun / accelerate launch / deepspeed
+    args = training_arguments(cfg)
+    if args.process_index != 0:  # one log under torchrun / accelerate launch / deepspeed
         logging.getLogger().setLevel(logging.WARNING)
-    training_args.resume_from_checkpoint = resume  # the layer-switching callback restores its state from here
+    args.resume_from_checkpoint = resume  # the layer-switching callback restores its state from here
     if cfg.vision.enabled:  # the collator needs each example's image, which the Trainer would drop as "unused"
-        training_args.remove_unused_columns = False
-    set_seed(training_args.seed)
-    t_start = time.perf_counter()
-    load_kwargs = method.model_kwargs(cfg) if method.model_kwargs else {}
+        args.remove_unused_columns = False
+    set_seed(args.seed)
+    return Run(cfg, get_method(cfg.method), out_dir, settings, resume, args)
+
+
+def load(r: Run) -> None:
+    """Data first (bad rows fail before any weights load), then the model on this process's device, the
+    tokenised training set, and the "before" evaluation."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from owlore.data.sft import load_rows, tokenize_rows, vet_rows
+    from owlore.metrics import rss_after_touch
+
+    cfg = r.cfg
+    load_kwargs = r.method.model_kwargs(cfg) if r.method.model_kwargs else {}
     if cfg.vision.enabled:  # a LLaVA on Fashion-MNIST grid questions (owlore.vlm)
-        model, tokenizer, train_ds, collator, rss_after_load, alignment = _vision_model_and_data(
-            cfg, load_kwargs, training_args)
+        r.model, r.tokenizer, r.train_ds, r.collator, r.rss_after_load, r.alignment = _vision_model_and_data(
+            cfg, load_kwargs, r.args)
     else:
-        alignment = None
-        rows = load_rows(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)  # bad data fails first
+        rows = load_rows(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)
         if not cfg.data.skip_bad_rows:
             vet_rows(rows)
-        model, tokenizer = load_model_and_tokenizer(cfg.model, **load_kwargs)
-        place_for_setup(model, training_args)
-        rss_after_load = rss_after_touch(model)  # weights resident: the baseline for memory above the model
-        train_ds = tokenize_rows(rows, tokenizer, max_seq_length=cfg.data.max_seq_length, packing=cfg.data.packing,
-                                 skip_bad_rows=cfg.data.skip_bad_rows)
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
-    logger.info("method %s: training on %d examples from %s", cfg.method, len(train_ds), cfg.data.train)
-    before = (run_eval(model, tokenizer, cfg, "before")
-              if not resume and cfg.eval.before and evaluates_here(cfg, training_args, "before") else {})
+        r.model, r.tokenizer = load_model_and_tokenizer(cfg.model, **load_kwargs)
+        place_for_setup(r.model, r.args)
+        r.rss_after_load = rss_after_touch(r.model)  # weights resident: the baseline for memory above the model
+        r.train_ds = tokenize_rows(rows, r.tokenizer, max_seq_length=cfg.data.max_seq_length,
+                                   packing=cfg.data.packing, skip_bad_rows=cfg.data.skip_bad_rows)
+        r.collator = DataCollatorForSeq2Seq(r.tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
+    logger.info("method %s: training on %d examples from %s", cfg.method, len(r.train_ds), cfg.data.train)
+    if not r.resume and cfg.eval.before and evaluates_here(cfg, r.args, "before"):
+        r.before = run_eval(r.model, r.tokenizer, cfg, "before")
 
-    if cfg.parallel.fsdp2:  # before the optimizer exists, so that it holds the shards (owlore.fsdp)
+
+def build(r: Run) -> None:
+    """FSDP2 shards (before the optimizer exists, so that it holds them), the method's parts (model wrapper,
+    optimizer, callbacks), the memory options, and visual-token pruning during training (after the memory options:
+    it wraps the chunked loss's forward)."""
+    from owlore.memory.options import apply_memory_options
+    from owlore.methods import BuildContext
+
+    cfg = r.cfg
+    if cfg.parallel.fsdp2:
         from owlore.fsdp import shard_model
 
-        if training_args.world_size < 2:
+        if r.args.world_size < 2:
             raise ConfigError("parallel.fsdp2=true needs several processes: torchrun --nproc_per_node N train.py ...")
-        shard_model(model, layers_path=_layers_path(cfg), reshard_after_forward=cfg.parallel.reshard_after_forward)
-    parts = method.build(BuildContext(model=model, config=cfg, args=training_args, tokenizer=tokenizer))
-    memory_callbacks = apply_memory_options(parts, cfg)
-    if cfg.pruning.method:  # after the memory options: pruning wraps the chunked loss's forward (owlore.pruning.training)
+        shard_model(r.model, layers_path=_layers_path(cfg), reshard_after_forward=cfg.parallel.reshard_after_forward)
+    r.parts = r.method.build(BuildContext(model=r.model, config=cfg, args=r.args, tokenizer=r.tokenizer))
+    r.memory_callbacks = apply_memory_options(r.parts, cfg)
+    if cfg.pruning.method:
         from owlore.pruning import VisualTokenPruner
         from owlore.pruning.training import enable_training_pruning
 
         keep = int(cfg.pruning.keep) if cfg.pruning.keep >= 1 else cfg.pruning.keep
-        enable_training_pruning(parts.model, VisualTokenPruner(cfg.pruning.method, keep, seed=cfg.pruning.seed,
-                                                               num_directions=cfg.pruning.num_directions))
+        enable_training_pruning(r.parts.model, VisualTokenPruner(cfg.pruning.method, keep, seed=cfg.pruning.seed,
+                                                                 num_directions=cfg.pruning.num_directions))
         logger.info("training with visual-token pruning: %s, keep %s per image", cfg.pruning.method, keep)
-    replica_check = ReplicaCheck()  # several processes: the replicas must stay equal (a no-op on one)
-    if cfg.vision.enabled and parts.layer_callback is not None:  # the from-scratch tower trains with the layers
-        parts.layer_callback.config.train_vision = cfg.vision.train_tower
+    if cfg.vision.enabled and r.parts.layer_callback is not None:  # the from-scratch tower trains with the layers
+        r.parts.layer_callback.config.train_vision = cfg.vision.train_tower
+
+
+def make_trainer(r: Run) -> None:
+    """The stock ``transformers.Trainer`` (``KeepOptimizerTrainer``) with the callbacks in the order they must
+    run, OwLore's data-parallel replacement for DDP under layer switching, and checkpoint manifests last."""
+    from owlore.distributed import DDPByteCounter, ReplicaCheck, install_active_gradient_sync
+    from owlore.interrupt import StopOnSignal
+    from owlore.metrics import StepTimer
+    from owlore.resume import ManifestCallback
+    from owlore.trainer import KeepOptimizerTrainer
+
     timer = StepTimer()  # first, so a layer switch in a method callback's on_step_begin is timed with its step
     stop = StopOnSignal()  # before the method's callbacks: they save their state when it asks for a checkpoint
-    trainer = KeepOptimizerTrainer(model=parts.model, args=training_args, train_dataset=train_ds,
-                                   data_collator=collator, processing_class=tokenizer,
-                                   optimizers=(parts.optimizer, None),
-                                   callbacks=[timer, stop, *parts.callbacks, *memory_callbacks, replica_check])
-    _report_before_loggers(trainer)
-    install_active_gradient_sync(trainer)  # layer switching on several processes: no DDP (owlore.distributed)
-    ddp_bytes = DDPByteCounter(trainer)  # the other methods under DDP: count what it all-reduces
-    trainer.add_callback(ddp_bytes)
-    trainer.add_callback(ManifestCallback(settings))  # last: after every other callback's checkpoint files
+    replica_check = ReplicaCheck()  # several processes: the replicas must stay equal (a no-op on one)
+    r.trainer = KeepOptimizerTrainer(model=r.parts.model, args=r.args, train_dataset=r.train_ds,
+                                     data_collator=r.collator, processing_class=r.tokenizer,
+                                     optimizers=(r.parts.optimizer, None),
+                                     callbacks=[timer, stop, *r.parts.callbacks, *r.memory_callbacks, replica_check])
+    _report_before_loggers(r.trainer)
+    install_active_gradient_sync(r.trainer)  # layer switching on several processes: no DDP (owlore.distributed)
+    ddp_bytes = DDPByteCounter(r.trainer)  # the other methods under DDP: count what it all-reduces
+    r.trainer.add_callback(ddp_bytes)
+    r.trainer.add_callback(ManifestCallback(r.settings))  # last: after every other callback's checkpoint files
+    r.extras = {"timer": timer, "stop": stop, "replica_check": replica_check, "ddp_bytes": ddp_bytes}
+
+
+def train_steps(r: Run) -> tuple[Any, float]:
+    """``trainer.train`` (resuming if asked), with the signal handlers put back afterwards; (result, seconds)."""
     t_train = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=resume)
+        result = r.trainer.train(resume_from_checkpoint=r.resume)
     finally:
-        stop.restore()
-    train_seconds = time.perf_counter() - t_train
-    if stop.received is not None:  # checkpointed and stopped early: no final model, record or "after" scores
-        step = trainer.state.global_step
-        if trainer.is_world_process_zero() and (out_dir / RECORD_FILE).is_file():  # the callback's end-of-train
-            os.replace(out_dir / RECORD_FILE, out_dir / PARTIAL_RECORD_FILE)  # record: not a finished run's
-        return {"method": cfg.method, "optimizer_steps": step, "interrupted": {
-            "signal": signal.Signals(stop.received).name, "step": step, "exit_code": signal_exit_code(stop.received),
-            "checkpoint": str(out_dir / f"checkpoint-{step}")}}
-    after = run_eval(parts.model, tokenizer, cfg, "after") if evaluates_here(cfg, training_args, "after") else {}
+        r.extras["stop"].restore()
+    return result, time.perf_counter() - t_train
 
-    final_dir = out_dir / "final"
-    trainer.save_model(str(final_dir))  # a peft model saves its adapter (the Trainer writes on rank 0 only)
-    main = trainer.is_world_process_zero()
-    if main:
-        tokenizer.save_pretrained(final_dir)
-    cb = parts.layer_callback
+
+def interrupted(r: Run) -> dict[str, Any]:
+    """A signal stopped the run at a checkpoint: no final model, record or "after" scores; where it stopped."""
+    from owlore.interrupt import exit_code
+    from owlore.run_dir import PARTIAL_RECORD_FILE, RECORD_FILE
+
+    stop, step = r.extras["stop"], r.trainer.state.global_step
+    if r.trainer.is_world_process_zero() and (r.out_dir / RECORD_FILE).is_file():  # the callback's end-of-train
+        os.replace(r.out_dir / RECORD_FILE, r.out_dir / PARTIAL_RECORD_FILE)  # record: not a finished run's
+    return {"method": r.cfg.method, "optimizer_steps": step, "interrupted": {
+        "signal": signal.Signals(stop.received).name, "step": step, "exit_code": exit_code(stop.received),
+        "checkpoint": str(r.out_dir / f"checkpoint-{step}")}}
+
+
+def summarize(r: Run, result: Any, train_seconds: float, after: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary: loss, steps, time, memory, optimizer state, evaluations, and each callback's figures."""
+    from owlore.metrics import peak_memory_bytes
+    from owlore.optim_state import state_bytes
+    from owlore.sharded import is_sharded
+
+    cfg, trainer, timer, cb = r.cfg, r.trainer, r.extras["timer"], r.parts.layer_callback
     steps = trainer.state.global_step - (trainer._initial_global_step or 0)
     summary = {
         "method": cfg.method,
@@ -270,47 +337,60 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "steps_per_second": steps / train_seconds if train_seconds > 0 else None,
         "peak_memory_bytes": max(timer.peak_before_train or 0, peak_memory_bytes()),  # the timer resets the peak
-        "rss_after_load_bytes": rss_after_load,
+        "rss_after_load_bytes": r.rss_after_load,
         **timer.summary(),
         "log_losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "optimizer_state_bytes": state_bytes(trainer.optimizer),
-        "trainable_parameters": sum(p.numel() for p in parts.model.parameters() if p.requires_grad),
-        "wall_seconds": time.perf_counter() - t_start,
-        "eval_before": before,
+        "trainable_parameters": sum(p.numel() for p in r.parts.model.parameters() if p.requires_grad),
+        "wall_seconds": time.perf_counter() - r.t_start,
+        "eval_before": r.before,
         "eval_after": after,
-        "model_dir": str(final_dir),
+        "model_dir": str(r.out_dir / "final"),
     }
-    if alignment is not None:
-        summary["vision_alignment"] = alignment
+    if r.alignment is not None:
+        summary["vision_alignment"] = r.alignment
     if cfg.pruning.method:
         summary["training_pruning"] = {"method": cfg.pruning.method, "keep": cfg.pruning.keep}
-    summary["world_size"] = training_args.world_size
+    summary["world_size"] = r.args.world_size
     summary["sharded_parameters"] = sum(is_sharded(p) for p in trainer.model.parameters())  # FSDP2 DTensors
-    for extra in [*memory_callbacks, replica_check, ddp_bytes]:
+    for extra in [*r.memory_callbacks, r.extras["replica_check"], r.extras["ddp_bytes"]]:
         if hasattr(extra, "summary"):
             summary.update(extra.summary())
     if cb is not None:
-        summary.update(cb.data_parallel.metrics())  # bytes the active-gradient reducer all-reduced (several processes)
+        summary.update(cb.data_parallel.metrics())  # bytes the active-gradient reducer all-reduced
+        summary["layers_sampled"] = sorted({i for _, ls in cb.history for i in ls})
+    return summary
+
+
+def write_outputs(r: Run, summary: dict[str, Any], after: dict[str, Any]) -> None:
+    """``final/`` (the model, or a peft adapter), and on the main process the per-layer plot, the record
+    (atomically; the partial record goes), the evaluation files and the printed summary."""
+    from owlore.fileio import atomic_write
+    from owlore.metrics import OwLoreLogger, owlore_tensorboard_dir
+    from owlore.plotting import layer_table, plot_layer_statistics
+    from owlore.run_dir import PARTIAL_RECORD_FILE, RECORD_FILE
+
+    cfg, trainer, cb, out_dir = r.cfg, r.trainer, r.parts.layer_callback, r.out_dir
+    final_dir = out_dir / "final"
+    trainer.save_model(str(final_dir))  # a peft model saves its adapter (the Trainer writes on rank 0 only)
+    if not trainer.is_world_process_zero():
+        return
+    r.tokenizer.save_pretrained(final_dir)
     record = cb.record() if cb is not None else {}
     if cb is not None:
-        summary["layers_sampled"] = sorted({i for _, ls in cb.history for i in ls})
-    if cb is not None and main:
         summary["plot"] = str(plot_layer_statistics(
             out_dir / "layers.png", record["outlier_ratios"], record["inclusion_probabilities"],
             record["activation_counts"], title=f"{cfg.method} on {cfg.model.name}"))
         logger.info("per-layer statistics:\n%s", layer_table(record["outlier_ratios"],
                                                               record["inclusion_probabilities"],
                                                               record["activation_counts"]))
-    if main:
-        text = json.dumps({"method": cfg.method, "sources": cfg.sources, **record, "summary": summary}, indent=1,
-                          default=str)
-        atomic_write(out_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
-        (out_dir / PARTIAL_RECORD_FILE).unlink(missing_ok=True)
-        _write_evals(before, after, out_dir, trainer.state.global_step,
-                     OwLoreLogger(owlore_tensorboard_dir(out_dir))
-                     if "tensorboard" in (training_args.report_to or []) else None)
-        _print_summary(summary, before, after, cb, final_dir, out_dir / RECORD_FILE)
-    return summary
+    text = json.dumps({"method": cfg.method, "sources": cfg.sources, **record, "summary": summary}, indent=1,
+                      default=str)
+    atomic_write(out_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
+    (out_dir / PARTIAL_RECORD_FILE).unlink(missing_ok=True)
+    _write_evals(r.before, after, out_dir, trainer.state.global_step,
+                 OwLoreLogger(owlore_tensorboard_dir(out_dir)) if "tensorboard" in (r.args.report_to or []) else None)
+    _print_summary(summary, r.before, after, cb, final_dir, out_dir / RECORD_FILE)
 
 
 def place_for_setup(model, training_args) -> None:
