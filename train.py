@@ -6,7 +6,7 @@
 
 A config has ``method:`` (default owlore), the sections ``model``, ``data``, ``training``
 (``transformers.TrainingArguments``), ``eval``, ``memory`` (``owlore/memory/options.py``), and the method's own (``owlore``, ``lora``, ``galore``, ``lisa``,
-``badam``, ``quantization``, ``optimizer``); see ``owlore/recipe.py``. Overrides are YAML values read against the
+``badam``, ``quantization``, ``optimizer``); see ``owlore/run/recipe.py``. Overrides are YAML values read against the
 field's type: ``owlore.gamma=2``, ``training.max_steps=5``, ``training.resume_from_checkpoint=last``.
 The method builds the model wrapper, optimizer and callbacks (``owlore/methods/``); this script hands them to a
 stock ``transformers.Trainer``.
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from owlore.cli import entry_point, exit_code
-from owlore.config import ConfigError
-from owlore.recipe import OWLORE_TRAINING_KEYS, RunConfig, load_config, preflight
+from owlore.run.config import ConfigError
+from owlore.run.recipe import OWLORE_TRAINING_KEYS, RunConfig, load_config, preflight
 
 logger = logging.getLogger("train")
 
@@ -104,7 +104,7 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
 
 @entry_point
 def main(argv: list[str]) -> dict[str, Any] | int:
-    """The run's summary; 130 / 143 when SIGINT / SIGTERM stopped it at a checkpoint (``owlore.interrupt``)."""
+    """The run's summary; 130 / 143 when SIGINT / SIGTERM stopped it at a checkpoint (``owlore.run.interrupt``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, action="append",
                         help="YAML file, e.g. configs/smollm2_owlore.yaml; repeat to compose (later files win)")
@@ -132,7 +132,7 @@ def training_arguments(cfg: RunConfig):
 
     training = dict(cfg.training)
     training.pop("resume_from_checkpoint", None)
-    for ours in OWLORE_TRAINING_KEYS:  # read by train.py itself (owlore.run_dir, owlore.resume)
+    for ours in OWLORE_TRAINING_KEYS:  # read by train.py itself (owlore.run.output_dir, owlore.run.resume)
         training.pop(ours, None)
     from owlore.memory.options import checkpointing_enabled
 
@@ -196,8 +196,8 @@ def start(cfg: RunConfig) -> Run:
     from transformers.trainer_utils import set_seed
 
     from owlore.methods import get_method
-    from owlore.resume import choose_checkpoint, run_settings
-    from owlore.run_dir import claim_output_dir
+    from owlore.run.output_dir import claim_output_dir
+    from owlore.run.resume import choose_checkpoint, run_settings
 
     out_dir = Path(cfg.training["output_dir"])
     settings = run_settings(cfg.method, cfg.sections)
@@ -225,11 +225,11 @@ def load(r: Run) -> None:
     from transformers import DataCollatorForSeq2Seq
 
     from owlore.data.sft import load_rows, tokenize_rows, vet_rows
-    from owlore.metrics import rss_after_touch
+    from owlore.run.metrics import rss_after_touch
 
     cfg = r.cfg
     load_kwargs = r.method.model_kwargs(cfg) if r.method.model_kwargs else {}
-    if cfg.vision.enabled:  # a LLaVA on Fashion-MNIST grid questions (owlore.vlm)
+    if cfg.vision.enabled:  # a LLaVA on Fashion-MNIST grid questions (owlore.vision.llava)
         r.model, r.tokenizer, r.train_ds, r.collator, r.rss_after_load, r.alignment = _vision_model_and_data(
             cfg, load_kwargs, r.args)
     else:
@@ -256,7 +256,7 @@ def build(r: Run) -> None:
 
     cfg = r.cfg
     if cfg.parallel.fsdp2:
-        from owlore.fsdp import shard_model
+        from owlore.parallel.fsdp import shard_model
 
         if r.args.world_size < 2:
             raise ConfigError("parallel.fsdp2=true needs several processes: torchrun --nproc_per_node N train.py ...")
@@ -278,10 +278,10 @@ def build(r: Run) -> None:
 def make_trainer(r: Run) -> None:
     """The stock ``transformers.Trainer`` (``KeepOptimizerTrainer``) with the callbacks in the order they must
     run, OwLore's data-parallel replacement for DDP under layer switching, and checkpoint manifests last."""
-    from owlore.distributed import DDPByteCounter, ReplicaCheck, install_active_gradient_sync
-    from owlore.interrupt import StopOnSignal
-    from owlore.metrics import StepTimer
-    from owlore.resume import ManifestCallback
+    from owlore.parallel.distributed import DDPByteCounter, ReplicaCheck, install_active_gradient_sync
+    from owlore.run.interrupt import StopOnSignal
+    from owlore.run.metrics import StepTimer
+    from owlore.run.resume import ManifestCallback
     from owlore.trainer import KeepOptimizerTrainer
 
     timer = StepTimer()  # first, so a layer switch in a method callback's on_step_begin is timed with its step
@@ -292,7 +292,7 @@ def make_trainer(r: Run) -> None:
                                      optimizers=(r.parts.optimizer, None),
                                      callbacks=[timer, stop, *r.parts.callbacks, *r.memory_callbacks, replica_check])
     _report_before_loggers(r.trainer)
-    install_active_gradient_sync(r.trainer)  # layer switching on several processes: no DDP (owlore.distributed)
+    install_active_gradient_sync(r.trainer)  # layer switching on several processes: no DDP (owlore.parallel.distributed)
     ddp_bytes = DDPByteCounter(r.trainer)  # the other methods under DDP: count what it all-reduces
     r.trainer.add_callback(ddp_bytes)
     r.trainer.add_callback(ManifestCallback(r.settings))  # last: after every other callback's checkpoint files
@@ -311,8 +311,8 @@ def train_steps(r: Run) -> tuple[Any, float]:
 
 def interrupted(r: Run) -> dict[str, Any]:
     """A signal stopped the run at a checkpoint: no final model, record or "after" scores; where it stopped."""
-    from owlore.interrupt import exit_code
-    from owlore.run_dir import PARTIAL_RECORD_FILE, RECORD_FILE
+    from owlore.run.interrupt import exit_code
+    from owlore.run.output_dir import PARTIAL_RECORD_FILE, RECORD_FILE
 
     stop, step = r.extras["stop"], r.trainer.state.global_step
     if r.trainer.is_world_process_zero() and (r.out_dir / RECORD_FILE).is_file():  # the callback's end-of-train
@@ -324,9 +324,9 @@ def interrupted(r: Run) -> dict[str, Any]:
 
 def summarize(r: Run, result: Any, train_seconds: float, after: dict[str, Any]) -> dict[str, Any]:
     """The run's summary: loss, steps, time, memory, optimizer state, evaluations, and each callback's figures."""
-    from owlore.metrics import peak_memory_bytes
-    from owlore.optim_state import state_bytes
-    from owlore.sharded import is_sharded
+    from owlore.optim.state import state_bytes
+    from owlore.parallel.sharded import is_sharded
+    from owlore.run.metrics import peak_memory_bytes
 
     cfg, trainer, timer, cb = r.cfg, r.trainer, r.extras["timer"], r.parts.layer_callback
     steps = trainer.state.global_step - (trainer._initial_global_step or 0)
@@ -365,10 +365,10 @@ def summarize(r: Run, result: Any, train_seconds: float, after: dict[str, Any]) 
 def write_outputs(r: Run, summary: dict[str, Any], after: dict[str, Any]) -> None:
     """``final/`` (the model, or a peft adapter), and on the main process the per-layer plot, the record
     (atomically; the partial record goes), the evaluation files and the printed summary."""
-    from owlore.fileio import atomic_write
-    from owlore.metrics import OwLoreLogger, owlore_tensorboard_dir
-    from owlore.plotting import layer_table, plot_layer_statistics
-    from owlore.run_dir import PARTIAL_RECORD_FILE, RECORD_FILE
+    from owlore.layerwise.plotting import layer_table, plot_layer_statistics
+    from owlore.run.fileio import atomic_write
+    from owlore.run.metrics import OwLoreLogger, owlore_tensorboard_dir
+    from owlore.run.output_dir import PARTIAL_RECORD_FILE, RECORD_FILE
 
     cfg, trainer, cb, out_dir = r.cfg, r.trainer, r.parts.layer_callback, r.out_dir
     final_dir = out_dir / "final"
@@ -408,7 +408,7 @@ def evaluates_here(cfg: RunConfig, training_args, when: str) -> bool:
     work and their results are discarded), except over sharded weights (ZeRO-3, FSDP2 after training), whose
     forward needs every rank. The other ranks wait for rank 0 at their next collective, within
     ``training.ddp_timeout`` (1800 s by default): raise it for a long evaluation of a big model."""
-    from owlore.deepspeed_config import deepspeed_config_stage
+    from owlore.parallel.deepspeed_config import deepspeed_config_stage
 
     if training_args.world_size < 2:
         return True
@@ -423,8 +423,8 @@ def _vision_model_and_data(cfg: RunConfig, load_kwargs: dict[str, Any], training
     import functools
 
     from owlore.data.fashion_vqa import load_fashion_mnist
-    from owlore.metrics import rss_after_touch
-    from owlore.vlm import build_llava, collate, vqa_features
+    from owlore.run.metrics import rss_after_touch
+    from owlore.vision.llava import build_llava, collate, vqa_features
 
     load_fashion_mnist("train", cfg.vision.data_dir)  # missing images fail before any weights load
     lm, tokenizer = load_model_and_tokenizer(cfg.model, **load_kwargs)
@@ -432,8 +432,8 @@ def _vision_model_and_data(cfg: RunConfig, load_kwargs: dict[str, Any], training
     del lm
     place_for_setup(model, training_args)  # alignment trains on the accelerator, not on the CPU
     alignment = None
-    if cfg.vision.align_steps:  # tower + projector read like class words before the LM sees them (owlore.vision_align)
-        from owlore.vision_align import align_vision
+    if cfg.vision.align_steps:  # tower + projector read like class words before the LM sees them (owlore.vision.align)
+        from owlore.vision.align import align_vision
 
         images, labels = load_fashion_mnist("train", cfg.vision.data_dir)
         alignment = align_vision(model, tokenizer, images, labels, grid=cfg.vision.grid, steps=cfg.vision.align_steps,

@@ -54,7 +54,7 @@ def timed(fn, repeats: int):
 
 @entry_point
 def main(argv: list[str]) -> None:
-    from owlore.projector import captured_energy, choose_side, compute_basis, randomized_basis
+    from owlore.optim.projector import captured_energy, choose_side, compute_basis, randomized_basis
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rank", type=int, default=32)

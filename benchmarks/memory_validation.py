@@ -121,7 +121,7 @@ def cases(names: list[str], wide_layers: list[int], wide_dtype: str, batch: int,
 def run_case(case: dict, args: argparse.Namespace) -> dict:
     """Train one case in a fresh process and compare its record with the estimate."""
     from owlore.memory.estimator import estimate_run
-    from owlore.recipe import load_config
+    from owlore.run.recipe import load_config
 
     out_dir = args.out / case["case"].replace(" ", "_")
     overrides = [*COMMON, *case["overrides"]]

@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from owlore.cli import entry_point, exit_code  # noqa: E402
-from owlore.layers import find_decoder_layers  # noqa: E402
-from owlore.optim import GaLoreAdamW  # noqa: E402
+from owlore.layerwise.layers import find_decoder_layers  # noqa: E402
+from owlore.optim.galore_adamw import GaLoreAdamW  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -36,7 +36,7 @@ def build_params(model_path: str, layers: int | None, dtype: torch.dtype, device
     """The trained tensors of a LISA-shaped step: ``layers`` decoder layers (all if None) plus the rest."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from owlore.sources import check_model_source
+    from owlore.run.sources import check_model_source
 
     config = AutoConfig.from_pretrained(check_model_source(model_path, key="--model"))
     with torch.device(device):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from owlore.cli import entry_point, exit_code
-from owlore.optim import GaLoreAdamW
+from owlore.optim.galore_adamw import GaLoreAdamW
 
 SHAPES = {"gate/up_proj": (1536, 576), "down_proj": (576, 1536)}  # nn.Linear weight is [out, in]
 

@@ -28,11 +28,11 @@ def main(argv: list[str]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from owlore.calibration import CalibrationSpec, outlier_ratios_from_spec
     from owlore.data import write_demo_tasks
-    from owlore.plotting import layer_table, plot_layer_statistics
-    from owlore.sampler import LayerSampler
-    from owlore.sources import check_model_source
+    from owlore.layerwise.calibration import CalibrationSpec, outlier_ratios_from_spec
+    from owlore.layerwise.plotting import layer_table, plot_layer_statistics
+    from owlore.layerwise.sampler import LayerSampler
+    from owlore.run.sources import check_model_source
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")

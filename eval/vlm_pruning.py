@@ -144,7 +144,7 @@ def _llava_vision_config(model: Path):
     """The vision config of a saved LLaVA, read from its config.json alone; a ``UsageError`` for anything else."""
     from transformers import AutoConfig
 
-    from owlore.sources import check_model_source
+    from owlore.run.sources import check_model_source
 
     config = AutoConfig.from_pretrained(check_model_source(str(model), key="--model"))
     if config.model_type != "llava":

@@ -4,7 +4,7 @@
 ``@entry_point`` and end in ``raise SystemExit(exit_code(main()))``. A ``UsageError`` (``owlore.errors``: config,
 data, a missing model or file, an unknown task or method) prints ``<kind>: <message>`` to stderr and exits 2;
 Ctrl-C outside training prints one line and exits 130 (inside training the run checkpoints first:
-``owlore.interrupt``). ``OWLORE_DEBUG=1`` or ``--debug`` adds the traceback. Any other exception is a bug and
+``owlore.run.interrupt``). ``OWLORE_DEBUG=1`` or ``--debug`` adds the traceback. Any other exception is a bug and
 keeps its traceback.
 
 This is the only module of the library that writes to the terminal; it is for entry points, not library code.

@@ -2,7 +2,7 @@
 
 A ``UsageError`` says which input is wrong (the key, flag, file or row), the value, and the fix; entry points
 turn it into one line on stderr and exit code 2 (``owlore.cli``). Anything else is a bug and keeps its
-traceback. ``ConfigError`` (``owlore.config``) and ``DataError`` (``owlore.data.sft``) are kinds of it; it is a
+traceback. ``ConfigError`` (``owlore.run.config``) and ``DataError`` (``owlore.data.sft``) are kinds of it; it is a
 ``ValueError`` so code that caught ``ValueError`` before keeps working.
 """
 

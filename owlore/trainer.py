@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from owlore.callback import OwLoreCallback
-from owlore.config import OwLoreConfig
-from owlore.distributed import install_active_gradient_sync
-from owlore.optim import GaLoreAdamW, make_param_groups
-from owlore.optim_state import unwrap_optimizer
+from owlore.layerwise.callback import OwLoreCallback
+from owlore.optim.galore_adamw import GaLoreAdamW, make_param_groups
+from owlore.optim.state import unwrap_optimizer
+from owlore.parallel.distributed import install_active_gradient_sync
+from owlore.run.config import OwLoreConfig
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +97,10 @@ class KeepOptimizerTrainer(Trainer):
             self.optimizer = self._given_optimizer
         return super().create_optimizer(model)
 
-    # A model sharded with owlore.fsdp.shard_model (parallel.fsdp2): the Trainer does not know it is sharded, so
+    # A model sharded with owlore.parallel.fsdp.shard_model (parallel.fsdp2): the Trainer does not know it is sharded, so
     # weights are gathered on every rank before rank 0 writes them, and each rank keeps its own optimizer file.
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        from owlore.fsdp import full_state_dict, has_shards
+        from owlore.parallel.fsdp import full_state_dict, has_shards
 
         if not has_shards(self.model):
             return super().save_model(output_dir, _internal_call)
@@ -116,7 +116,7 @@ class KeepOptimizerTrainer(Trainer):
         return super()._save(output_dir, state_dict=state_dict)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        from owlore.fsdp import has_shards, save_optimizer
+        from owlore.parallel.fsdp import has_shards, save_optimizer
 
         if not has_shards(self.model):
             return super()._save_optimizer_and_scheduler(output_dir)
@@ -125,7 +125,7 @@ class KeepOptimizerTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / "scheduler.pt")
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        from owlore.fsdp import has_shards, load_optimizer
+        from owlore.parallel.fsdp import has_shards, load_optimizer
 
         host = getattr(unwrap_optimizer(self.optimizer), "host_state", None)
         if checkpoint is not None and host and not has_shards(self.model) and not self.is_deepspeed_enabled:
@@ -143,7 +143,7 @@ class KeepOptimizerTrainer(Trainer):
         self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        from owlore.fsdp import has_shards, load_full_state_dict
+        from owlore.parallel.fsdp import has_shards, load_full_state_dict
 
         if not has_shards(self.model):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -3,6 +3,7 @@ one message naming the input and the fix, and no traceback (owlore.cli). The cas
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import method_support as ms  # noqa: E402
 
-from owlore.resume import run_settings, write_manifest  # noqa: E402
+from owlore.run.resume import run_settings, write_manifest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -59,6 +60,10 @@ def _run(args: list[str]) -> tuple[int, str]:
 
 def _check(args: list[str], words: tuple[str, ...]) -> None:
     rc, text = _run(args)
+    if os.environ.get("OWLORE_BAD_INPUT_TABLE"):  # collect the table of cases (command, exit code, message)
+        message = next((ln for ln in text.splitlines() if "error" in ln.split(":")[0] or ln.startswith("usage")), "")
+        with open(os.environ["OWLORE_BAD_INPUT_TABLE"], "a") as f:
+            f.write(json.dumps({"args": args, "rc": rc, "message": message}) + "\n")
     assert rc == 2, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     assert "No module named 'kernels'" not in text  # bitsandbytes' harmless import warning is silenced

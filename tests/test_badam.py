@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, Trainer, TrainerCallback
 
-from owlore.layers import find_decoder_layers
+from owlore.layerwise.layers import find_decoder_layers
 from owlore.methods import BuildContext, OptimizerConfig, get_method
 from owlore.methods.badam import BAdamConfig, BlockSchedule
-from owlore.optim_state import params_with_state, unwrap_optimizer
+from owlore.optim.state import params_with_state, unwrap_optimizer
 from tests.conftest import tiny_llama_config
 from tests.test_callback import RandomLM, _args
 

@@ -242,7 +242,7 @@ def test_the_shipped_sweeps_load():
 
 # ------------------------------------------------------------------------------------------------ metrics
 def test_step_timer_times_steps_and_counts_tokens(tiny_llama):
-    from owlore.metrics import StepTimer, rss_after_touch
+    from owlore.run.metrics import StepTimer, rss_after_touch
 
     assert rss_after_touch(tiny_llama) > 0
     timer = StepTimer()
@@ -261,7 +261,7 @@ def test_step_timer_times_steps_and_counts_tokens(tiny_llama):
 
 def test_step_timer_on_cuda_records_events_and_syncs_once_when_read(monkeypatch):
     """No GPU needed: CUDA is faked, and any per-step synchronize fails the test."""
-    import owlore.metrics as metrics
+    import owlore.run.metrics as metrics
 
     waits: list[int] = []
 

@@ -5,8 +5,8 @@ import torch
 from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from owlore import OwLoreCallback, OwLoreConfig, OwLoreTrainer, create_owlore_optimizer
-from owlore.layers import find_decoder_layers
-from owlore.optim_state import params_with_state, unwrap_optimizer
+from owlore.layerwise.layers import find_decoder_layers
+from owlore.optim.state import params_with_state, unwrap_optimizer
 from tests.conftest import tiny_llama_config
 
 
@@ -91,7 +91,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
 
 @pytest.mark.parametrize("policy", ["keep", "offload"])
 def test_state_policies(tmp_path, policy, monkeypatch):
-    import owlore.callback as callback_mod
+    import owlore.layerwise.callback as callback_mod
 
     moves = []
     real_move = callback_mod.move_state

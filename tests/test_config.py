@@ -2,7 +2,7 @@
 
 import pytest
 
-from owlore.config import ConfigError, OwLoreConfig, dataclass_from_dict
+from owlore.run.config import ConfigError, OwLoreConfig, dataclass_from_dict
 
 
 def test_defaults_follow_official_scripts():

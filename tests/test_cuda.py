@@ -24,7 +24,7 @@ def _params(shapes, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_galore_adamw_fused_path_equals_torch_fused_adamw_on_cuda(dtype):
-    from owlore.optim import GaLoreAdamW
+    from owlore.optim.galore_adamw import GaLoreAdamW
 
     shapes = [(64, 32), (32,), (128, 64)]
     ours = [p.to(CUDA) for p in _params(shapes, dtype)]
@@ -42,7 +42,7 @@ def test_galore_adamw_fused_path_equals_torch_fused_adamw_on_cuda(dtype):
 
 
 def test_galore_projected_step_on_cuda_matches_cpu():
-    from owlore.optim import GaLoreAdamW
+    from owlore.optim.galore_adamw import GaLoreAdamW
 
     cpu = _params([(64, 48)], torch.float32)
     gpu = [nn.Parameter(p.detach().to(CUDA)) for p in cpu]
@@ -94,7 +94,7 @@ def test_int8_store_round_trip_on_cuda_is_exact_and_state_dict_reads_the_host_co
 
 def test_in_backward_updates_on_cuda_equal_the_normal_step():
     from owlore.memory.in_backward import InBackwardGaLoreAdamW
-    from owlore.optim import GaLoreAdamW
+    from owlore.optim.galore_adamw import GaLoreAdamW
 
     torch.manual_seed(0)
     models = [nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)).to(CUDA) for _ in range(2)]
@@ -114,7 +114,7 @@ def test_in_backward_updates_on_cuda_equal_the_normal_step():
 def test_step_timer_reads_cuda_events():
     from types import SimpleNamespace
 
-    from owlore.metrics import StepTimer
+    from owlore.run.metrics import StepTimer
 
     torch.cuda.init()
     timer = StepTimer()
@@ -138,7 +138,7 @@ def test_pruned_generate_and_vqa_accuracy_on_cuda():
     from owlore.data.fashion_vqa import build_vqa
     from owlore.pruning import VisualTokenPruner
     from owlore.pruning.accuracy import vqa_accuracy
-    from owlore.vlm import VisionTowerConfig, build_llava
+    from owlore.vision.llava import VisionTowerConfig, build_llava
 
     tower = VisionTowerConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
     model, tok = build_llava(ms.tiny_model(2), eval_support.tokenizer(), tower)

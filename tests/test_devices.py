@@ -15,7 +15,7 @@ import eval_support  # noqa: E402
 import method_support as ms  # noqa: E402
 
 from owlore.data.fashion_vqa import build_vqa  # noqa: E402
-from owlore.vlm import VisionTowerConfig, build_llava  # noqa: E402
+from owlore.vision.llava import VisionTowerConfig, build_llava  # noqa: E402
 
 TOWER = VisionTowerConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
 
@@ -76,7 +76,7 @@ def _lazy_image_features(monkeypatch, model, device: torch.device) -> None:
 
 
 def test_vision_alignment_runs_where_the_model_is(other_device, monkeypatch):
-    from owlore.vision_align import align_vision
+    from owlore.vision.align import align_vision
 
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), rng.integers(0, 10, 40)
@@ -142,7 +142,7 @@ def test_device_check_runs_its_cpu_subset_and_says_what_it_skipped(tmp_path):
 def test_loaded_optimizer_state_of_host_params_never_visits_the_device(other_device):
     """OwLore's state_policy=offload on resume: the layers' state is loaded into host memory (it used to be
     loaded onto the device first and moved back, a peak of every layer's state where offload should save it)."""
-    from owlore.optim import GaLoreAdamW
+    from owlore.optim.galore_adamw import GaLoreAdamW
 
     params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))]
     opt = GaLoreAdamW([{"params": params[:1], "rank": 2}, {"params": params[1:]}], lr=1e-2)
@@ -162,7 +162,7 @@ def test_loaded_optimizer_state_of_host_params_never_visits_the_device(other_dev
 def test_offload_policy_marks_every_layer_for_host_loading(tmp_path):
     from transformers import TrainingArguments
 
-    from owlore.config import OwLoreConfig
+    from owlore.run.config import OwLoreConfig
     from owlore.trainer import OwLoreTrainer
 
     model = ms.tiny_model(3)
@@ -177,8 +177,8 @@ def test_offload_policy_marks_every_layer_for_host_loading(tmp_path):
 def test_replica_digest_and_model_fingerprint_read_the_host_once(monkeypatch, tiny_llama):
     """They run at the start and at every checkpoint over every parameter: one host read per device, not one
     (plus an fp32 copy) per parameter."""
-    from owlore.calibration import model_fingerprint
-    from owlore.distributed import replica_digest
+    from owlore.layerwise.calibration import model_fingerprint
+    from owlore.parallel.distributed import replica_digest
 
     expected = (replica_digest(tiny_llama.parameters()), model_fingerprint(tiny_llama))
     reads = []

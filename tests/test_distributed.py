@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import method_support as ms  # noqa: E402
 
 import train  # noqa: E402
-from owlore.config import ConfigError  # noqa: E402
+from owlore.run.config import ConfigError  # noqa: E402
 
 ROOT = ms.ROOT
 DRIVER = ROOT / "tests" / "fixtures" / "dist_driver.py"
@@ -209,7 +209,7 @@ def test_gradient_accumulation_under_ddp(single, ddp):
 def _disagree(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
-    from owlore.distributed import SwitchingDataParallel
+    from owlore.parallel.distributed import SwitchingDataParallel
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
@@ -284,7 +284,7 @@ def test_zero_stage_above_zero_is_refused_for_per_layer_optimizers(tmp_path):
             train.main(_argv(method, model, rows, tmp_path / method,
                              f"training.deepspeed={ROOT / 'configs/deepspeed/zero2.json'}", per_device=2))
         assert e.value.code == 2
-    from owlore.recipe import load_config
+    from owlore.run.recipe import load_config
 
     with pytest.raises(ConfigError, match="ZeRO stage 3.*zero0.json.*plain data parallelism"):
         load_config(ROOT / "configs/smollm2_owlore.yaml", ["training.deepspeed=configs/deepspeed/zero3.json",
@@ -304,7 +304,7 @@ def test_zero_stage_above_zero_is_refused_for_per_layer_optimizers(tmp_path):
 
 def test_a_stock_trainer_without_the_install_call_is_told_what_to_do():
     """Under torchrun, a layer-switching callback in a Trainer that would build DDP refuses to start."""
-    from owlore.distributed import SwitchingDataParallel
+    from owlore.parallel.distributed import SwitchingDataParallel
 
     with pytest.raises(RuntimeError, match=r"install_active_gradient_sync\(trainer\) before trainer.train\(\)"):
         SwitchingDataParallel().attach(torch.nn.Linear(2, 2))
@@ -313,7 +313,7 @@ def test_a_stock_trainer_without_the_install_call_is_told_what_to_do():
 def _scores(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
-    from owlore.distributed import SwitchingDataParallel
+    from owlore.parallel.distributed import SwitchingDataParallel
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     calls = []
@@ -349,8 +349,8 @@ def _svd_fails_on_rank0(rank: int, world: int, init: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    import owlore.optim as optim_module
-    from owlore.optim import GaLoreAdamW
+    import owlore.optim.galore_adamw as optim_module
+    from owlore.optim.galore_adamw import GaLoreAdamW
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
@@ -392,8 +392,8 @@ def test_fsdp2_basis_is_computed_on_mesh_rank0_and_its_failure_reaches_every_ran
 def test_reentrant_checkpointing_is_refused_by_the_active_gradient_reducer():
     """Its nested backward per checkpointed layer would end the reducer's round early: every layer's gradients
     would be all-reduced again per segment. Refused before any process group is touched."""
-    from owlore.checkpointing import _maybe_reentrant
-    from owlore.distributed import SwitchingDataParallel
+    from owlore.layerwise.checkpointing import _maybe_reentrant
+    from owlore.parallel.distributed import SwitchingDataParallel
 
     model = ms.tiny_model(2)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})

@@ -1,6 +1,7 @@
 """The library's import graph has no circles, counting the imports inside functions too (they are still
 dependencies; a deferred import only hides a circle), but not ``if TYPE_CHECKING:`` blocks (annotations only).
-And the runtime layers never import the config loader: they receive plain config objects."""
+And the runtime layers never import the config loader: they receive plain config objects; the module paths of
+before the package layout still import (``owlore.MOVED``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIME = ("owlore.callback", "owlore.distributed", "owlore.optim", "owlore.sampler", "owlore.trainer",
-           "owlore.fsdp", "owlore.sharded")
+RUNTIME = ("owlore.optim", "owlore.layerwise", "owlore.parallel", "owlore.trainer")
+"""Packages (and modules) that run inside training; they receive config objects and never load one."""
 
 
 def _modules() -> dict[str, Path]:
@@ -88,5 +89,21 @@ def test_the_runtime_never_imports_the_config_loader():
                 reach(d, seen)
         return seen
 
-    for m in RUNTIME:
-        assert "owlore.recipe" not in reach(m, set()), m
+    runtime = [m for m in graph if m in RUNTIME or m.startswith(tuple(f"{p}." for p in RUNTIME))]
+    assert len(runtime) > 15
+    for m in runtime:
+        assert "owlore.run.recipe" not in reach(m, set()), m
+
+
+def test_the_old_module_paths_still_import_with_a_warning():
+    import importlib
+    import warnings
+
+    import owlore
+
+    for old, new in owlore.MOVED.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new), old
+        assert not caught or f"{old} moved to {new}" in str(caught[0].message)  # warned once, on first import

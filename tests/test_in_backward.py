@@ -15,10 +15,10 @@ import transformers
 from torch import nn
 
 import train
-from owlore.config import ConfigError
 from owlore.memory.in_backward import InBackwardGaLoreAdamW, InBackwardGradNorm, training_args_problems
-from owlore.optim import GaLoreAdamW
-from owlore.optim_state import unwrap_optimizer
+from owlore.optim.galore_adamw import GaLoreAdamW
+from owlore.optim.state import unwrap_optimizer
+from owlore.run.config import ConfigError
 from tests.conftest import tiny_llama_config
 from tests.test_callback import RandomLM, _args
 from tests.test_methods import _one_torch_thread, _StopAt, _train, ms  # noqa: F401 (an autouse fixture)

@@ -1,4 +1,4 @@
-"""Ctrl-C / SIGTERM during training (owlore.interrupt): a real signal to a real train.py process stops it at the
+"""Ctrl-C / SIGTERM during training (owlore.run.interrupt): a real signal to a real train.py process stops it at the
 end of the step with a verified checkpoint, one line saying how to resume, exit 130 / 143 and no traceback; the
 resume then continues from that step."""
 
@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import method_support as ms  # noqa: E402
 
-from owlore.resume import verify  # noqa: E402
+from owlore.run.resume import verify  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

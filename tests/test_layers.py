@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from owlore.layers import active_layer_indices, find_decoder_layers, set_layers_trainable
+from owlore.layerwise.layers import active_layer_indices, find_decoder_layers, set_layers_trainable
 from tests.conftest import tiny_llama_config
 
 SMALL = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, max_position_embeddings=64)

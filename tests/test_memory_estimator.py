@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from owlore.memory.__main__ import main as cli
 from owlore.memory.estimator import estimate, estimate_run
 from owlore.memory.shapes import LoraShape, ModelShape, Tokens, layer_saved, load_model_shape
-from owlore.recipe import load_config
+from owlore.run.recipe import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 B, T = 2, 16
@@ -131,7 +131,7 @@ def test_saved_for_backward_of_the_whole_model(method):
 
 
 def _owlore_step(model: torch.nn.Module, active: list[int], **opt_kwargs):
-    from owlore.config import OwLoreConfig
+    from owlore.run.config import OwLoreConfig
     from owlore.trainer import create_owlore_optimizer
 
     opt = create_owlore_optimizer(model, OwLoreConfig(rank=8), lr=1e-3, **opt_kwargs)

@@ -14,11 +14,11 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import method_support as ms  # noqa: E402
 
 import train  # noqa: E402
-from owlore.config import ConfigError  # noqa: E402
 from owlore.memory.checkpoint_policy import checkpoint_plan  # noqa: E402
-from owlore.optim import GaLoreAdamW  # noqa: E402
-from owlore.param_groups import make_param_groups  # noqa: E402
-from owlore.recipe import load_config  # noqa: E402
+from owlore.optim.galore_adamw import GaLoreAdamW  # noqa: E402
+from owlore.optim.param_groups import make_param_groups  # noqa: E402
+from owlore.run.config import ConfigError  # noqa: E402
+from owlore.run.recipe import load_config  # noqa: E402
 
 CONFIGS = ms.ROOT / "configs"
 
@@ -101,7 +101,7 @@ def _saved_bytes(model, batch) -> int:
 def test_frozen_layer_checkpointing_keeps_gradients_and_saves_less():
     """Checkpointing the frozen layers changes no gradient and keeps fewer activations than no checkpointing;
     checkpointing everything keeps fewer still (the trained layers' activations are the difference)."""
-    from owlore.layers import find_decoder_layers, set_layers_trainable
+    from owlore.layerwise.layers import find_decoder_layers, set_layers_trainable
 
     torch.manual_seed(0)
     ids = torch.randint(2, 200, (2, 48))
@@ -176,10 +176,10 @@ def test_embedding_state_through_train_py(tmp_path, tiny_dir, rows, state):
 def test_factored_update_matches_transformers_adafactor(monkeypatch):
     from transformers.optimization import Adafactor
 
-    from owlore.factored import factored_state_bytes, factored_update
+    from owlore.optim.factored import factored_state_bytes, factored_update
 
     torch.manual_seed(0)
-    monkeypatch.setattr("owlore.factored.CHUNK_ELEMENTS", 100)  # 8 rows per chunk: several chunks, a short last one
+    monkeypatch.setattr("owlore.optim.factored.CHUNK_ELEMENTS", 100)  # 8 rows per chunk: several chunks, a short last one
     w0 = torch.randn(40, 12)
     ours, ref = w0.clone(), torch.nn.Parameter(w0.clone())
     oracle = Adafactor([ref], lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False,
@@ -208,7 +208,7 @@ def test_int8_rows_round_trip():
 
 
 def test_int8_store_keeps_exact_weights_and_close_gradients():
-    from owlore.layers import find_decoder_layers, set_layers_trainable
+    from owlore.layerwise.layers import find_decoder_layers, set_layers_trainable
     from owlore.memory.int8_frozen import Int8Store
 
     torch.manual_seed(0)
@@ -270,7 +270,7 @@ def test_int8_frozen_needs_a_layer_switching_method():
 
 
 def test_factored_embedding_state_steps_with_adafactor(tmp_path, tiny_dir, rows):
-    """GaLoreAdamW's factored group takes owlore.factored's step: row/column state only, the weight moves."""
+    """GaLoreAdamW's factored group takes owlore.optim.factored's step: row/column state only, the weight moves."""
     model = ms.tiny_model()
     opt = GaLoreAdamW(make_param_groups(model, rank=4, embedding_state="factored"), lr=1e-3)
     emb = model.get_input_embeddings().weight

@@ -18,15 +18,15 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import method_support as ms  # noqa: E402
 
 import train  # noqa: E402
-from owlore.config import ConfigError  # noqa: E402
 from owlore.methods import PLUGINS_ENV, REGISTRY, get_method, unregister  # noqa: E402
+from owlore.run.config import ConfigError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = '''
 """first_layers: the lowest ``layers`` decoder layers train with the Trainer's optimizer; nothing else does."""
 from dataclasses import dataclass
 
-from owlore.layers import find_decoder_layers
+from owlore.layerwise.layers import find_decoder_layers
 from owlore.methods import MemoryProfile, Method, MethodParts, register
 
 
@@ -77,7 +77,7 @@ def test_a_plugin_method_runs_through_checks_train_py_and_the_estimator(plugin):
     from owlore.memory.estimator import estimate_run
     from owlore.memory.plan import Options, build_plan
     from owlore.memory.shapes import load_model_shape
-    from owlore.recipe import load_config
+    from owlore.run.recipe import load_config
 
     assert "first_layers" in REGISTRY and get_method("first_layers").memory.trains == "block"
     argv = _argv(plugin, "first_layers.layers=2")
@@ -104,3 +104,17 @@ def test_the_benchmark_runs_a_plugin_method_in_its_child_process(plugin):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     runs = json.loads((out / "bench.json").read_text())["runs"]
     assert [(x["label"], x["status"]) for x in runs] == [("first_layers", "ok")]
+
+
+def test_readme_says_every_field_a_method_declares():
+    """README's "Adding a method" recipe names every field of Method and MemoryProfile, so it stays the whole
+    recipe when a field is added."""
+    import dataclasses
+
+    from owlore.methods import MemoryProfile, Method
+
+    text = (ROOT / "README.md").read_text()
+    recipe = text[text.index("**Adding a method**"):text.index("**Adding a pruning method**")]
+    missing = [f.name for cls in (Method, MemoryProfile) for f in dataclasses.fields(cls)
+               if f.name not in ("name", "summary", "build") and f.name not in recipe]
+    assert missing == [], f"README's method recipe does not mention {missing}"

@@ -24,10 +24,10 @@ import eval_support as support  # noqa: E402
 import method_support as ms  # noqa: E402
 
 import train  # noqa: E402
-from owlore.config import ConfigError  # noqa: E402
 from owlore.methods import REGISTRY, BuildContext, OptimizerConfig, get_method  # noqa: E402
 from owlore.methods.qlora import keep_4bit_weights_trainable  # noqa: E402
-from owlore.optim_state import params_with_state, state_bytes, unwrap_optimizer  # noqa: E402
+from owlore.optim.state import params_with_state, state_bytes, unwrap_optimizer  # noqa: E402
+from owlore.run.config import ConfigError  # noqa: E402
 from tests.conftest import tiny_llama_config  # noqa: E402
 from tests.test_callback import RandomLM  # noqa: E402
 

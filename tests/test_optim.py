@@ -1,4 +1,4 @@
-"""Tests for GaLoreAdamW and the param-group factory (owlore/optim.py)."""
+"""Tests for GaLoreAdamW and the param-group factory (owlore/optim/galore_adamw.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from owlore.layers import find_decoder_layers, set_layers_trainable
-from owlore.optim import GaLoreAdamW, create_galore_optimizer, make_param_groups
-from owlore.projector import choose_side, compute_basis, project, project_back
+from owlore.layerwise.layers import find_decoder_layers, set_layers_trainable
+from owlore.optim.galore_adamw import GaLoreAdamW, create_galore_optimizer, make_param_groups
+from owlore.optim.projector import choose_side, compute_basis, project, project_back
 
 ORIENTATIONS = {"tall": (12, 8), "wide": (8, 12)}
 GALORE = {"rank": 4, "update_proj_gap": 5, "scale": 0.5}
@@ -170,7 +170,7 @@ def test_full_rank_groups_match_torch_adamw_exactly(state_dtype: torch.dtype | N
 
 
 def test_plain_params_take_one_torch_call_per_group_and_step_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    import owlore.optim as optim_module
+    import owlore.optim.galore_adamw as optim_module
 
     calls: list[int] = []
     real = optim_module.torch_adamw
@@ -260,7 +260,7 @@ def test_non_finite_grad_on_refresh_step_keeps_basis_and_skips(caplog: pytest.Lo
     basis = opt.state[p]["basis"].clone()
     bad = _grads((12, 8), 1, seed=5)[0]
     bad[0, 0] = float("nan")
-    with caplog.at_level(logging.WARNING, logger="owlore.optim"):
+    with caplog.at_level(logging.WARNING, logger="owlore.optim.galore_adamw"):
         _run(opt, [p], [[bad]])  # step 3 is a refresh step
     assert "not finite for param 0 (12, 8) of group 0" in caplog.text and "skipping its update" in caplog.text
     assert torch.equal(opt.state[p]["basis"], basis) and opt.state[p]["step"] == 2
@@ -269,7 +269,7 @@ def test_non_finite_grad_on_refresh_step_keeps_basis_and_skips(caplog: pytest.Lo
 def test_non_finite_skips_are_counted_and_logged_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
     a, b = _param((12, 8)), _param((5,))
     opt = GaLoreAdamW([{"params": [a], **GALORE, "name": "galore"}, {"params": [b]}], lr=1e-2)
-    with caplog.at_level(logging.WARNING, logger="owlore.optim"):
+    with caplog.at_level(logging.WARNING, logger="owlore.optim.galore_adamw"):
         # a: 5 NaN steps; b: 5 finite steps, then 4 inf ones
         _run(opt, [a, b], [[torch.full((12, 8), float("nan")), torch.ones(5)]] * 5)
         _run(opt, [a, b], [[torch.ones(12, 8), torch.full((5,), -float("inf"))]] * 4)
@@ -366,7 +366,7 @@ def test_non_finite_grad_without_basis_skips_update(caplog: pytest.LogCaptureFix
     p, fresh = _param((12, 8)), _param((12, 8))
     before = p.detach().clone()
     opt = GaLoreAdamW([{"params": [p], **GALORE}], lr=1e-2)
-    with caplog.at_level(logging.WARNING, logger="owlore.optim"):
+    with caplog.at_level(logging.WARNING, logger="owlore.optim.galore_adamw"):
         _run(opt, [p], [[torch.full((12, 8), float("inf"))]])
     assert "skipping its update" in caplog.text
     assert torch.equal(p, before) and p not in opt.state
@@ -389,7 +389,7 @@ def test_svd_failure_keeps_previous_basis(
         raise torch.linalg.LinAlgError("did not converge")
 
     monkeypatch.setattr(torch.linalg, "svd", boom)
-    with caplog.at_level(logging.WARNING, logger="owlore.optim"):
+    with caplog.at_level(logging.WARNING, logger="owlore.optim.galore_adamw"):
         _run(opt, [p], [_grads((12, 8), 1, seed=7)])
     assert "SVD failed" in caplog.text
     assert torch.equal(opt.state[p]["basis"], basis)
@@ -403,7 +403,7 @@ def test_svd_failure_on_first_step_skips(
     before = p.detach().clone()
     opt = GaLoreAdamW([{"params": [p], **GALORE}], lr=1e-2)
     monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
-    with caplog.at_level(logging.WARNING, logger="owlore.optim"):
+    with caplog.at_level(logging.WARNING, logger="owlore.optim.galore_adamw"):
         _run(opt, [p], [_grads((12, 8), 1)])
     assert "SVD failed" in caplog.text and "skipping" in caplog.text
     assert torch.equal(p, before) and p not in opt.state

@@ -1,4 +1,4 @@
-"""Tests for GaLoreAdamW's 8-bit optimizer state (owlore/quant_state.py, state_bits=8)."""
+"""Tests for GaLoreAdamW's 8-bit optimizer state (owlore/optim/quant_state.py, state_bits=8)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from owlore.optim import GaLoreAdamW, adamw_update
-from owlore.quant_state import BLOCKSIZE, MIN_8BIT_SIZE, CodeMaps, dequantize, quantize
+from owlore.optim.galore_adamw import GaLoreAdamW, adamw_update
+from owlore.optim.quant_state import BLOCKSIZE, MIN_8BIT_SIZE, CodeMaps, dequantize, quantize
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -250,7 +250,7 @@ def test_missing_bitsandbytes_raises_helpful_import_error(monkeypatch: pytest.Mo
 
 
 def test_importing_the_optimizer_does_not_import_bitsandbytes() -> None:
-    code = "import sys, owlore.optim; assert 'bitsandbytes' not in sys.modules, 'bitsandbytes imported'"
+    code = "import sys, owlore.optim.galore_adamw; assert 'bitsandbytes' not in sys.modules, 'bitsandbytes imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

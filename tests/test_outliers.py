@@ -3,9 +3,14 @@
 import pytest
 import torch
 
-from owlore.calibration import CalibrationSpec, OutlierCache, calibration_batches, outlier_ratios_from_spec
-from owlore.layers import find_decoder_layers, linear_modules
-from owlore.outliers import compute_outlier_ratios
+from owlore.layerwise.calibration import (
+    CalibrationSpec,
+    OutlierCache,
+    calibration_batches,
+    outlier_ratios_from_spec,
+)
+from owlore.layerwise.layers import find_decoder_layers, linear_modules
+from owlore.layerwise.outliers import compute_outlier_ratios
 
 
 def naive_ratios(model, batches, threshold):
@@ -93,7 +98,7 @@ class _CharTokenizer:
 
 
 def test_calibration_from_local_file_and_cache(tiny_llama, tmp_path, monkeypatch):
-    import owlore.outliers as outliers_mod
+    import owlore.layerwise.outliers as outliers_mod
 
     src = tmp_path / "calib.jsonl"
     src.write_text("\n".join(f'{{"text": "document number {i} has some words in it"}}' for i in range(20)))

@@ -1,11 +1,11 @@
-"""Tests for the pure GaLore projection functions (owlore/projector.py)."""
+"""Tests for the pure GaLore projection functions (owlore/optim/projector.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from owlore.projector import (
+from owlore.optim.projector import (
     LEFT,
     PROJ_TYPES,
     RIGHT,

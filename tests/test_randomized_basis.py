@@ -6,8 +6,8 @@ import io
 import pytest
 import torch
 
-from owlore.optim import GaLoreAdamW
-from owlore.projector import LEFT, RIGHT, captured_energy, compute_basis, randomized_basis
+from owlore.optim.galore_adamw import GaLoreAdamW
+from owlore.optim.projector import LEFT, RIGHT, captured_energy, compute_basis, randomized_basis
 
 
 def _decaying(m, n, seed=0):

@@ -188,8 +188,8 @@ def test_perplexity_equals_a_naive_per_block_loop(tiny):
 
 
 def test_eval_sets_that_do_not_exist_are_config_errors_naming_the_key(tmp_path):
-    from owlore.config import ConfigError
-    from owlore.recipe import load_config
+    from owlore.run.config import ConfigError
+    from owlore.run.recipe import load_config
 
     with pytest.raises(ConfigError) as e:
         load_config([str(ROOT / "configs" / "smollm2_owlore.yaml")],

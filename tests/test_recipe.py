@@ -1,4 +1,4 @@
-"""owlore.recipe: composing YAML files, typed values and overrides, one ConfigError naming every problem, the CLI."""
+"""owlore.run.recipe: composing YAML files, typed values and overrides, one ConfigError naming every problem, the CLI."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import train
-from owlore.config import ConfigError
-from owlore.recipe import decoder_layer_count, load_config, parse_yaml, read_config_files
-from owlore.typecheck import coerce, suggest
+from owlore.run.config import ConfigError
+from owlore.run.recipe import decoder_layer_count, load_config, parse_yaml, read_config_files
+from owlore.run.typecheck import coerce, suggest
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -366,7 +366,7 @@ def test_string_fields_in_files_keep_the_yaml_text(tmp_path):
 def test_deepspeed_mixed_precision_is_refused_for_methods_with_their_own_optimizer():
     """DeepSpeed stage 0 with bf16/fp16 wraps the client optimizer in FP16_UnfusedOptimizer (fp32 clones of every
     parameter): the per-layer methods would lose their memory saving and their state handling."""
-    from owlore.recipe import deepspeed_precision
+    from owlore.run.recipe import deepspeed_precision
 
     zero0 = str(ROOT / "configs/deepspeed/zero0.json")
     assert deepspeed_precision(zero0, {"bf16": True}) == "bf16" and deepspeed_precision(zero0, {}) is None

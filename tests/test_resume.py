@@ -1,4 +1,4 @@
-"""Checked checkpoints (owlore.resume): a manifest written last, verification by size and hash, 'last' skipping
+"""Checked checkpoints (owlore.run.resume): a manifest written last, verification by size and hash, 'last' skipping
 what does not verify, and a resume with another method or other settings refused unless asked for."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import method_support as ms  # noqa: E402
 
 import train  # noqa: E402
-from owlore.resume import (  # noqa: E402
+from owlore.run.resume import (  # noqa: E402
     MANIFEST_FILE,
     CheckpointError,
     choose_checkpoint,
@@ -66,7 +66,7 @@ def test_last_takes_the_newest_checkpoint_that_verifies_and_says_what_it_skipped
     (bad / "optimizer.pt").write_bytes(b"")
     chosen, skipped = newest_verified(tmp_path)
     assert chosen.name == "checkpoint-4" and [c.name for c, _ in skipped] == ["checkpoint-10"]
-    with caplog.at_level(logging.INFO, logger="owlore.resume"):
+    with caplog.at_level(logging.INFO, logger="owlore.run.resume"):
         assert choose_checkpoint(tmp_path, "last", SETTINGS) == str(tmp_path / "checkpoint-4")
     assert "skipped checkpoint-10" in caplog.text and "0 bytes, the manifest says 1000" in caplog.text
 
@@ -87,7 +87,7 @@ def test_other_settings_are_refused_with_both_values_unless_allowed(tmp_path, ca
     lisa = {"method": "lisa", "sections": {"lisa": {"gamma": 2}}}
     with pytest.raises(CheckpointError, match="trained with 'owlore', this run asks for 'lisa'"):
         choose_checkpoint(tmp_path, str(ckpt), lisa)
-    with caplog.at_level(logging.WARNING, logger="owlore.resume"):
+    with caplog.at_level(logging.WARNING, logger="owlore.run.resume"):
         assert choose_checkpoint(tmp_path, "last", other, allow_changes=True) == str(ckpt)
     assert "resume_allow_changes=true: owlore.gamma: checkpoint 4, now 2" in caplog.text
 

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import method_support as ms  # noqa: E402
 
 import train  # noqa: E402
-from owlore.run_dir import claim_output_dir, previous_results  # noqa: E402
+from owlore.run.output_dir import claim_output_dir, previous_results  # noqa: E402
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -71,13 +71,13 @@ def test_resume_continues_and_a_partial_record_is_not_a_finished_run(tmp_path):
 
 
 def test_now_placeholder_gives_a_fresh_directory(monkeypatch):
-    from owlore.recipe import load_config
+    from owlore.run.recipe import load_config
 
     cfg = load_config(ms.ROOT / "configs/smollm2_lisa.yaml", ["training.output_dir=outputs/x-${now}"])
     name = cfg.training["output_dir"]
     assert name.startswith("outputs/x-20") and len(name) == len("outputs/x-20261203-154500")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    from owlore.config import ConfigError
+    from owlore.run.config import ConfigError
 
     with pytest.raises(ConfigError, match="now.*several processes"):
         load_config(ms.ROOT / "configs/smollm2_lisa.yaml", ["training.output_dir=outputs/x-${now}"])

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from owlore.sampler import LayerSampler, capped_inclusion, inclusion_units, sampling_weights
+from owlore.layerwise.sampler import LayerSampler, capped_inclusion, inclusion_units, sampling_weights
 
 # Shaped like the shipped LLaMA2-7B LOD file: high first layers, low middle, a bump at the end.
 SCORES = torch.tensor([0.27, 0.29, 0.20, 0.17, 0.15, 0.14, 0.12, 0.11, 0.10, 0.09, 0.08, 0.07, 0.06, 0.05, 0.04,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import train
-from owlore.config import ConfigError
-from owlore.resume import newest_verified
+from owlore.run.config import ConfigError
+from owlore.run.resume import newest_verified
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_RUN = ["data.max_seq_length=48", "data.limit=40", "training.per_device_train_batch_size=2",

@@ -1,4 +1,4 @@
-"""``owlore.vision_align``: the tower and projector learn to make each visual token read like its item's class word,
+"""``owlore.vision.align``: the tower and projector learn to make each visual token read like its item's class word,
 the language model is untouched, and the tokens come out embedding-sized."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import eval_support  # noqa: E402
 import method_support as ms  # noqa: E402
 
 from owlore.data.fashion_vqa import make_mosaic, random_grids  # noqa: E402
-from owlore.vision_align import align_vision, class_word_ids, token_cell_labels, visual_tokens  # noqa: E402
-from owlore.vlm import VisionTowerConfig, build_llava, pixel_values  # noqa: E402
+from owlore.vision.align import align_vision, class_word_ids, token_cell_labels, visual_tokens  # noqa: E402
+from owlore.vision.llava import VisionTowerConfig, build_llava, pixel_values  # noqa: E402
 
 TOWER = VisionTowerConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
 CLASSES = (2, 3, 4, 6)  # classes whose words start with distinct tokens in the tiny test tokenizer
@@ -78,7 +78,7 @@ def test_alignment_is_deterministic_in_the_seed():
 
 
 def test_config_problems_name_the_key():
-    from owlore.config import VisionConfig
+    from owlore.run.config import VisionConfig
 
     problems = VisionConfig(enabled=True, align_steps=-1, align_lr=0).problems()
     assert any("vision.align_steps=-1" in p for p in problems)

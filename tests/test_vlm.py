@@ -1,4 +1,4 @@
-"""``owlore.vlm``: the LLaVA builder keeps the language model's weights, encodes VQA examples with labels on the answer
+"""``owlore.vision.llava``: the LLaVA builder keeps the language model's weights, encodes VQA examples with labels on the answer
 only, saves and reloads to the same logits, works with ``VisualTokenPruner`` unchanged, and learns from images."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import eval_support  # noqa: E402
 import method_support as ms  # noqa: E402
 
 from owlore.data.fashion_vqa import build_vqa  # noqa: E402
-from owlore.vlm import IMAGE_TOKEN, VisionTowerConfig, build_llava, collate, encode_example  # noqa: E402
+from owlore.vision.llava import IMAGE_TOKEN, VisionTowerConfig, build_llava, collate, encode_example  # noqa: E402
 
 TOWER = VisionTowerConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
 
@@ -193,8 +193,8 @@ def test_train_py_trains_a_llava_that_reloads(method, tmp_path):
 
 
 def test_vision_config_refusals():
-    from owlore.config import ConfigError
-    from owlore.recipe import load_config
+    from owlore.run.config import ConfigError
+    from owlore.run.recipe import load_config
 
     base = [*VISION, "training.output_dir=x"]
     with pytest.raises(ConfigError, match="vision.enabled=true with method lora: the from-scratch vision tower"):
@@ -210,7 +210,7 @@ def test_vision_config_refusals():
 def _reference_choices(model, tok, examples, *, first_token: bool):
     """Naive oracle: one unbatched forward per example and candidate, no padding."""
     from owlore.pruning.accuracy import CANDIDATES
-    from owlore.vlm import pixel_values, prompt_ids
+    from owlore.vision.llava import pixel_values, prompt_ids
 
     out = []
     with torch.no_grad():

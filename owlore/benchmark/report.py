@@ -181,7 +181,7 @@ def plot_bench(agg: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping[str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from owlore.plotting import save_figure
+    from owlore.layerwise.plotting import save_figure
 
     keys = [k for k, e in _entries(agg) if e["ok"]]
     if not keys:
@@ -238,7 +238,7 @@ def plot_pareto(agg: Mapping[str, Mapping[str, Any]], chosen: Mapping[str, Mappi
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from owlore.plotting import save_figure
+    from owlore.layerwise.plotting import save_figure
 
     keys = report_metrics(agg, prefix)
     headline = next((k for k in keys if k.endswith(("rougeL", "perplexity"))), keys[0] if keys else None)

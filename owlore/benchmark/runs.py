@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 RECORD = "owlore_record.json"
-"""The run record ``train.py`` writes into its output directory (``owlore.callback.RECORD_FILE``)."""
+"""The run record ``train.py`` writes into its output directory (``owlore.layerwise.callback.RECORD_FILE``)."""
 RUN_FILE = "run.json"
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 """Set in every child unless already in the environment: glibc then returns every freed block over 64 KiB to the
@@ -186,7 +186,7 @@ def run_fingerprint(command: Sequence[str], root: Path) -> str:
     import dataclasses
     import hashlib
 
-    from owlore.recipe import load_config
+    from owlore.run.recipe import load_config
 
     args = list(command[2:])
     configs = [str(root / args[i + 1]) for i, a in enumerate(args) if a == "--config"]
@@ -238,7 +238,7 @@ def run_process(cmd: Sequence[str], out_dir: Path, *, cwd: Path, timeout: float 
         except subprocess.TimeoutExpired:
             err.write(f"\n{who}: killed after {timeout:.0f} s (--timeout)\n")
             rc = 124
-    from owlore.fileio import atomic_write
+    from owlore.run.fileio import atomic_write
 
     info = {"command": list(cmd[1:]), "returncode": rc, **({"data": data} if data else {})}
     atomic_write(out_dir / RUN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))

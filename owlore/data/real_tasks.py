@@ -236,7 +236,7 @@ def mmlu_text_rows(items: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
 
 def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> int:
     """Write rows as JSON Lines (UTF-8); the row count."""
-    from owlore.fileio import atomic_write
+    from owlore.run.fileio import atomic_write
 
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(lines), encoding="utf-8"))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from owlore.errors import UsageError
-from owlore.sources import ModelSourceError, check_model_source
+from owlore.run.sources import ModelSourceError, check_model_source
 
 logger = logging.getLogger(__name__)
 

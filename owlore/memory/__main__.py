@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 from owlore.cli import entry_point, exit_code
-from owlore.config import ConfigError
 from owlore.memory.estimator import CATEGORIES, GIB, MemoryEstimate, estimate_run
 from owlore.memory.method_runs import compare
+from owlore.run.config import ConfigError
 
 
 def comparison_table(rows: list[tuple[str, MemoryEstimate | None, str]]) -> str:
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
                 print(comparison_table(rows))
                 print("\nPublished figures are each paper's own setting; GB = 1e9 bytes, GiB = 2**30.")
             return 0
-        from owlore.recipe import load_config
+        from owlore.run.recipe import load_config
 
         est = estimate_run(load_config(args.config, args.overrides))
     except (ConfigError, ValueError) as e:

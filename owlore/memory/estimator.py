@@ -271,7 +271,7 @@ def _grouped(category: str, trained: list[Trained], attr: str) -> list[tuple[str
 
 
 def run_options(cfg: Any) -> tuple[str, int, int, dict[str, Any]]:
-    """(dtype, batch, seq, options) of ``estimate`` for an ``owlore.recipe.RunConfig``: the common sections here,
+    """(dtype, batch, seq, options) of ``estimate`` for an ``owlore.run.recipe.RunConfig``: the common sections here,
     the method's own from its ``MemoryProfile.options``."""
     from owlore.methods import get_method
 
@@ -300,7 +300,7 @@ def run_options(cfg: Any) -> tuple[str, int, int, dict[str, Any]]:
 
 
 def estimate_run(run_config: Any, **overrides: Any) -> MemoryEstimate:
-    """``estimate`` for a loaded run config (``owlore.recipe.load_config``); ``overrides`` replace options
+    """``estimate`` for a loaded run config (``owlore.run.recipe.load_config``); ``overrides`` replace options
     (and ``dtype``, ``batch``, ``seq``).
 
     The model's shape comes from its ``config.json`` or, offline, from a shipped architecture.

@@ -118,7 +118,7 @@ def fit_table(found: Sequence[Candidate], budget: int, ranks: Mapping[str, int],
 
 def looks_local(model: str) -> bool:
     """A local directory or ``config.json`` (checked here), rather than a hub id or a shipped stand-in's name."""
-    from owlore.sources import looks_like_path
+    from owlore.run.sources import looks_like_path
 
     return looks_like_path(model) or model.endswith(".json")
 
@@ -126,7 +126,7 @@ def looks_local(model: str) -> bool:
 def fit(budget: str, model: str, *, seq: int = 2048, batch: int = 8, dtype: str = "bfloat16",
         quality: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Everything ``--fit`` prints, as data: the table, the candidates and what could not be estimated."""
-    from owlore.sources import check_model_source
+    from owlore.run.sources import check_model_source
 
     limit = parse_budget(budget)
     if looks_local(model):

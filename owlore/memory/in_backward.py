@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 from transformers import TrainerCallback
 
-from owlore.optim import GaLoreAdamW
-from owlore.optim_state import unwrap_optimizer
+from owlore.optim.galore_adamw import GaLoreAdamW
+from owlore.optim.state import unwrap_optimizer
 
 logger = logging.getLogger(__name__)
 

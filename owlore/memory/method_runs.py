@@ -40,7 +40,7 @@ def method_config(configs: list[str], overrides: list[str], method: str, own: st
     """The run config of ``method`` on the same base: the given files plus the method's paper overlay (if
     shipped), without the sections the method does not read and with its optimizer section at the defaults."""
     from owlore.methods import get_method
-    from owlore.recipe import load_config
+    from owlore.run.recipe import load_config
 
     if method == own:
         return load_config(configs, overrides)
@@ -54,7 +54,7 @@ def method_config(configs: list[str], overrides: list[str], method: str, own: st
 def compare(configs: list[str], overrides: list[str]) -> list[tuple[str, MemoryEstimate | None, str]]:
     """(row name, estimate, published figure) for every method, then OwLore with each option."""
     from owlore.methods import REGISTRY
-    from owlore.recipe import load_config
+    from owlore.run.recipe import load_config
 
     base = load_config(configs, overrides)
     rows: list[tuple[str, MemoryEstimate | None, str]] = []

@@ -1,7 +1,7 @@
 """What a method trains, and what each trained tensor costs in gradient, optimizer state and step temporaries.
 
 One function per kind of state, written from the optimizers' code and checked by measuring them (see
-benchmarks/memory_validation.py): ``GaLoreAdamW`` (owlore/optim.py, GaLore arXiv 2403.03507: moments of the
+benchmarks/memory_validation.py): ``GaLoreAdamW`` (owlore/optim/galore_adamw.py, GaLore arXiv 2403.03507: moments of the
 projected shape plus the basis), torch's AdamW (fused: no temporaries; foreach: one copy of the group for
 ``sqrt(v)``; for-loop: two copies of the largest tensor), bitsandbytes' 8-bit Adam (1 byte per moment value plus
 one fp32 absmax per 256), Adafactor (row and column vectors).
@@ -17,9 +17,9 @@ from owlore.memory.shapes import LINEARS, ModelShape
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 QUANT_BLOCK = 256
-"""Values per absmax of blockwise 8-bit moments (bitsandbytes' optimizers and owlore.quant_state)."""
+"""Values per absmax of blockwise 8-bit moments (bitsandbytes' optimizers and owlore.optim.quant_state)."""
 MIN_8BIT = 4096
-"""Moments with fewer values stay 32-bit (bitsandbytes' ``min_8bit_size``, owlore.quant_state.MIN_8BIT_SIZE)."""
+"""Moments with fewer values stay 32-bit (bitsandbytes' ``min_8bit_size``, owlore.optim.quant_state.MIN_8BIT_SIZE)."""
 TRAINER_8BIT = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit")
 
 

@@ -9,7 +9,7 @@ GaLore: optimizer state; OwLore: both; checkpointing and chunked loss: activatio
 - gradients: the most ``.grad`` bytes alive at once during the step, from post-accumulate-grad hooks on every
   trained parameter plus a reading before the optimizer step; an optimizer that frees gradients inside backward
   reports its own ``peak_grad_bytes``, which is used instead;
-- optimizer state: ``owlore.optim_state.state_bytes`` before and after the step (the larger);
+- optimizer state: ``owlore.optim.state.state_bytes`` before and after the step (the larger);
 - activations: bytes saved for backward during the model's forward, via ``torch.autograd.graph.
   saved_tensors_hooks`` entered by hooks on the top model; unique storages, parameters' storages excluded
   (``W`` saved by a linear is a weight, not an activation; the bf16 copy of it that autocast saves counts as
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from owlore.metrics import current_memory_bytes
-from owlore.optim_state import state_bytes, unwrap_optimizer
+from owlore.optim.state import state_bytes, unwrap_optimizer
+from owlore.run.metrics import current_memory_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 
-from owlore.config import PROJ_TYPES
 from owlore.methods.base import BuildContext, MemoryProfile, Method, MethodParts
+from owlore.run.config import PROJ_TYPES
 
 DECODER_LINEARS = [r".*\.self_attn\..*_proj", r".*\.mlp\..*_proj"]
 """Default targets: the attention and MLP projections of every decoder layer (Llama/Mistral/Qwen names)."""

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from owlore.config import OwLoreConfig
 from owlore.methods.base import (
     LAYER_STATE_FILE,
     BuildContext,
@@ -28,6 +27,7 @@ from owlore.methods.base import (
     layer_count_problems,
     layer_switching_parts,
 )
+from owlore.run.config import OwLoreConfig
 
 SWITCH_MODES = ("ascending", "descending", "random")
 
@@ -132,8 +132,8 @@ def _block_callback_class() -> type:
     moments, step count and master copies. BAdam (``BlockOptimizer.switch_trainable_params``) clears the state and
     rebuilds the fp32 copies on every switch, whichever block comes next.
     """
-    from owlore.callback import OwLoreCallback
-    from owlore.optim_state import drop_state
+    from owlore.layerwise.callback import OwLoreCallback
+    from owlore.optim.state import drop_state
 
     class BAdamCallback(OwLoreCallback):
         def _switch(self, step: int) -> None:

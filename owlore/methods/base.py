@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from owlore.param_groups import EMBEDDING_STATES
-from owlore.run_dir import LAYER_STATE_FILE  # noqa: F401  (the methods' state_files name it)
+from owlore.optim.param_groups import EMBEDDING_STATES
+from owlore.run.output_dir import LAYER_STATE_FILE  # noqa: F401  (the methods' state_files name it)
 
 
 @dataclass
@@ -82,7 +82,7 @@ class BuildContext:
     model: nn.Module
     """The loaded model (quantised already if the method asked for it in ``model_kwargs``)."""
     config: Any
-    """The whole ``owlore.recipe.RunConfig`` (method sections in ``config.sections``)."""
+    """The whole ``owlore.run.recipe.RunConfig`` (method sections in ``config.sections``)."""
     args: Any
     """The ``transformers.TrainingArguments``."""
     tokenizer: Any = None
@@ -193,7 +193,7 @@ def layer_switching_parts(ctx: BuildContext, config: Any, *, schedule: Callable[
     ``config`` is the callback's ``OwLoreConfig`` (what switches, how often, what else trains, the projection);
     ``schedule`` replaces its outlier-weighted sampler (BAdam's block order).
     """
-    from owlore.callback import OwLoreCallback
+    from owlore.layerwise.callback import OwLoreCallback
     from owlore.memory.in_backward import in_backward_callbacks, in_backward_kwargs
     from owlore.trainer import create_owlore_optimizer
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from owlore.config import PROJ_TYPES
 from owlore.methods.base import BuildContext, MemoryProfile, Method, MethodParts, adam_kwargs
+from owlore.run.config import PROJ_TYPES
 
 
 @dataclass
@@ -57,7 +57,7 @@ class GaLoreConfig:
 
 def build(ctx: BuildContext) -> MethodParts:
     from owlore.memory.in_backward import in_backward_callbacks, in_backward_kwargs
-    from owlore.optim import GaLoreAdamW, make_param_groups
+    from owlore.optim.galore_adamw import GaLoreAdamW, make_param_groups
 
     c: GaLoreConfig = ctx.section("galore")
     kw = adam_kwargs(ctx.args)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from owlore.config import STATE_POLICIES, OwLoreConfig
 from owlore.methods.base import (
     LAYER_STATE_FILE,
     BuildContext,
@@ -19,6 +18,7 @@ from owlore.methods.base import (
     layer_count_problems,
     layer_switching_parts,
 )
+from owlore.run.config import STATE_POLICIES, OwLoreConfig
 
 
 @dataclass

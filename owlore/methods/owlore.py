@@ -6,7 +6,6 @@ re-drawn every K optimizer steps; their linears take GaLore low-rank steps insid
 
 from __future__ import annotations
 
-from owlore.config import OwLoreConfig
 from owlore.methods.base import (
     LAYER_STATE_FILE,
     BuildContext,
@@ -16,6 +15,7 @@ from owlore.methods.base import (
     layer_count_problems,
     layer_switching_parts,
 )
+from owlore.run.config import OwLoreConfig
 
 
 def build(ctx: BuildContext) -> MethodParts:

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from owlore.config import ConfigError
 from owlore.methods.base import BuildContext, MemoryProfile, Method, MethodParts
 from owlore.methods.lora import LoraSettings, wrap_with_lora
+from owlore.run.config import ConfigError
 
 
 @dataclass

@@ -31,7 +31,7 @@ def _first_tokens_unique(tokenizer: Any) -> bool:
 
 def vqa_batch(rows: list[list[int]], images: list[Any], pad_id: int, model: Any) -> dict[str, torch.Tensor]:
     """Right-padded ids, mask and pixels, built on the host and moved to the model's device in one copy each."""
-    from owlore.vlm import pixel_values
+    from owlore.vision.llava import pixel_values
 
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -55,7 +55,7 @@ def vqa_accuracy(model: Any, tokenizer: Any, examples: Sequence[Any], *, num_ima
 
     Right padding: every row's prompt ends at its own length, and the scored position is read per row.
     """
-    from owlore.vlm import prompt_ids
+    from owlore.vision.llava import prompt_ids
 
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -51,7 +51,7 @@ def _prefill_ms(model: Any, pruner: Any, tokenizer: Any, examples: Sequence[Any]
                 repeats: int) -> tuple[float, int]:
     """Median ms of the language model's prefill of one batch of pruned prompts, and the mean prompt length."""
     from owlore.pruning.accuracy import prepare_inputs, vqa_batch
-    from owlore.vlm import prompt_ids
+    from owlore.vision.llava import prompt_ids
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     raw = vqa_batch([prompt_ids(tokenizer, e.question, num_image_tokens) for e in examples], [e.image for e in examples],
@@ -143,7 +143,7 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, *, title: str = ""
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from owlore.plotting import save_figure
+    from owlore.layerwise.plotting import save_figure
 
     base = rows[0]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -163,7 +163,7 @@ def kept_indices(model: Any, tokenizer: Any, example: Any, method: str, keep: in
                  zoo_directions: int = 16, seed: int = 0, llm_layer: int | None = None) -> np.ndarray:
     """Raster indices of the visual tokens ``method`` keeps for ``example`` (its own question as the prompt)."""
     from owlore.pruning.accuracy import vqa_batch
-    from owlore.vlm import prompt_ids
+    from owlore.vision.llava import prompt_ids
 
     pruner = make_pruner(method, keep, zoo_directions=zoo_directions, seed=seed, llm_layer=llm_layer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -190,7 +190,7 @@ def draw_kept(model: Any, tokenizer: Any, examples: Sequence[Any], methods: Sequ
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from owlore.plotting import save_figure
+    from owlore.layerwise.plotting import save_figure
 
     side = int(round(num_image_tokens ** 0.5))
     fig, axes = plt.subplots(len(examples), len(methods), figsize=(1.9 * len(methods), 2.1 * len(examples)),

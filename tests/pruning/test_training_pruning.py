@@ -52,8 +52,8 @@ def test_eval_mode_and_disable_give_the_unpruned_model(fresh_llava, pixels):
 
 
 def test_config_knows_every_method_and_refuses_without_a_vision_model(tmp_path):
-    from owlore.config import ConfigError, PruningConfig
-    from owlore.recipe import load_config
+    from owlore.run.config import ConfigError, PruningConfig
+    from owlore.run.recipe import load_config
 
     assert all(PruningConfig(method=name).problems() == [] for name in method_names())
     assert "pruning.method='clss'" in PruningConfig(method="clss").problems()[0]

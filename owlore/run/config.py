@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from owlore.errors import UsageError
-from owlore.sampler import MODES, SCHEMES
-from owlore.typecheck import coerce, suggest
+from owlore.layerwise.sampler import MODES, SCHEMES
+from owlore.run.typecheck import coerce, suggest
 
 STATE_POLICIES = ("reset", "keep", "offload")
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -146,7 +146,7 @@ def dataclass_from_dict(
 ) -> tuple[Any | None, list[str]]:
     """Build a config dataclass from a mapping, collecting (not raising) unknown keys and invalid values.
 
-    Values are read against each field's type (``owlore.typecheck.coerce``): a string field gets a string, a float
+    Values are read against each field's type (``owlore.run.typecheck.coerce``): a string field gets a string, a float
     field accepts ``3e-4``. ``raw`` maps keys to their original override text.
 
     Returns the instance built from the valid keys (None if even that failed) and the list of problems, each
@@ -268,7 +268,7 @@ class MemoryConfig:
 
 @dataclass
 class VisionTowerConfig:
-    """The from-scratch vision tower of ``owlore.vlm.build_llava`` (a ``CLIPVisionConfig``) and how LLaVA reads it."""
+    """The from-scratch vision tower of ``owlore.vision.llava.build_llava`` (a ``CLIPVisionConfig``) and how LLaVA reads it."""
 
     image_size: int = 84
     """Pixels per side of the grid image (grid × 28)."""
@@ -289,7 +289,7 @@ class VisionTowerConfig:
 
 @dataclass
 class VisionConfig(VisionTowerConfig):
-    """Train a LLaVA-style model on the Fashion-MNIST grid VQA set (``owlore.vlm``, ``owlore.data.fashion_vqa``):
+    """Train a LLaVA-style model on the Fashion-MNIST grid VQA set (``owlore.vision.llava``, ``owlore.data.fashion_vqa``):
     the loaded language model gets a CLIP-style vision tower (the inherited fields) trained from scratch and the
     LLaVA projector."""
 
@@ -310,7 +310,7 @@ class VisionConfig(VisionTowerConfig):
     """Method full only: train the tower and projector alone (a frozen LM)."""
     align_steps: int = 0
     """Before LLaVA training, align the tower and projector with the LM's class-word embeddings for this many steps
-    (``owlore.vision_align``: no LM pass, ~30x cheaper per image); 0 skips it."""
+    (``owlore.vision.align``: no LM pass, ~30x cheaper per image); 0 skips it."""
     align_batch_size: int = 32
     align_lr: float = 2e-3
     eval_examples: int = 96
@@ -379,7 +379,7 @@ class ParallelConfig:
 
     fsdp2: bool = False
     """Shard weights, gradients and optimizer state with FSDP2 ``fully_shard``, one unit per decoder layer
-    (``owlore.fsdp``); for full, lisa, owlore and galore. Needs several processes (``torchrun``)."""
+    (``owlore.parallel.fsdp``); for full, lisa, owlore and galore. Needs several processes (``torchrun``)."""
     reshard_after_forward: bool = True
     """Free each layer's gathered weights after its forward (ZeRO-3-like); false keeps them until backward."""
 

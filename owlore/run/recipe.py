@@ -28,7 +28,8 @@ from typing import Any
 
 import yaml
 
-from owlore.config import (
+from owlore.parallel.deepspeed_config import deepspeed_config_stage, deepspeed_precision  # noqa: F401  (re-exported)
+from owlore.run.config import (
     ConfigError,
     DataConfig,
     EvalConfig,
@@ -39,8 +40,7 @@ from owlore.config import (
     VisionConfig,
     dataclass_from_dict,
 )
-from owlore.deepspeed_config import deepspeed_config_stage, deepspeed_precision  # noqa: F401  (re-exported)
-from owlore.typecheck import coerce, suggest
+from owlore.run.typecheck import coerce, suggest
 
 COMMON_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig,
                                    "memory": MemoryConfig, "parallel": ParallelConfig, "vision": VisionConfig,
@@ -228,8 +228,8 @@ def _substitute(value: Any, names: dict[str, str]) -> Any:
 
 OWLORE_TRAINING_KEYS: dict[str, Any] = {"overwrite_output_dir": bool, "resume_allow_changes": bool}
 """``training`` keys that train.py handles itself: ``overwrite_output_dir`` replaces the results of an earlier run
-in ``output_dir`` instead of refusing to start (``owlore.run_dir``; transformers 5 dropped the field);
-``resume_allow_changes`` resumes a checkpoint trained with other method settings (``owlore.resume``)."""
+in ``output_dir`` instead of refusing to start (``owlore.run.output_dir``; transformers 5 dropped the field);
+``resume_allow_changes`` resumes a checkpoint trained with other method settings (``owlore.run.resume``)."""
 
 
 def training_problems(training: dict[str, Any], texts: dict[str, str], *, own_optimizer: bool,
@@ -525,7 +525,7 @@ def preflight(cfg: RunConfig) -> None:
     from transformers import AutoConfig
 
     from owlore.methods import get_method
-    from owlore.sources import check_model_source, looks_like_path
+    from owlore.run.sources import check_model_source, looks_like_path
 
     name = cfg.model.name
     source = check_model_source(name, key="model.name")

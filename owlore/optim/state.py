@@ -53,7 +53,7 @@ def move_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor],
 def state_bytes(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None) -> int:
     """Bytes of optimizer state this process holds (all of it, or only for ``params``; an FSDP2 ``DTensor`` state
     counts its local shard)."""
-    from owlore.sharded import local
+    from owlore.parallel.sharded import local
 
     optimizer = unwrap_optimizer(optimizer)
     if hasattr(optimizer, "state_bytes"):

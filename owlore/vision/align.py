@@ -65,7 +65,7 @@ def align_vision(model: Any, tokenizer: Any, images: np.ndarray, labels: np.ndar
     accuracy, the rescale factor and the time taken.
     """
     from owlore.data.fashion_vqa import random_grids
-    from owlore.vlm import pixel_values
+    from owlore.vision.llava import pixel_values
 
     patch = model.config.vision_config.patch_size
     if 28 % patch:
@@ -131,7 +131,7 @@ def align_vision(model: Any, tokenizer: Any, images: np.ndarray, labels: np.ndar
 def _match_embedding_norm(model: Any, images: np.ndarray, grid: int, rng: np.random.Generator) -> float:
     """Scale the projector's last linear so the visual tokens' mean norm equals the word embeddings' mean norm."""
     from owlore.data.fashion_vqa import random_grids
-    from owlore.vlm import pixel_values
+    from owlore.vision.llava import pixel_values
 
     mosaics, _ = random_grids(images, np.zeros(len(images), np.int64), 64, grid=grid, rng=rng)
     z = visual_tokens(model, pixel_values(mosaics, tower=model.model.vision_tower)).float()

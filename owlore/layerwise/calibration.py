@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from owlore.fileio import atomic_write
-from owlore.host import read_floats
+from owlore.optim.host import read_floats
+from owlore.run.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def calibration_batches(tokenizer: Any, spec: CalibrationSpec, *, batch_size: in
 def _abs_sum(p: torch.Tensor) -> torch.Tensor:
     """``sum(|p|)`` in fp32 as a 0-d tensor on ``p``'s device, without an fp32 copy of ``p``; an FSDP2 shard's sum is
     reduced over ranks first (a collective: every rank calls it)."""
-    from owlore.sharded import is_sharded
+    from owlore.parallel.sharded import is_sharded
 
     total = torch.linalg.vector_norm(p, ord=1, dtype=torch.float32 if p.element_size() < 8 else None)
     return total.full_tensor() if is_sharded(total) else total
@@ -176,7 +176,7 @@ def outlier_ratios_from_spec(
     With ``batches`` the windows are not built from ``spec`` (``tokenizer`` may be None); ``spec`` then only
     names the data in the cache key, so it must identify those batches.
     """
-    from owlore.outliers import compute_outlier_ratios
+    from owlore.layerwise.outliers import compute_outlier_ratios
 
     cache = OutlierCache(cache_dir) if cache_dir else None
     key = OutlierCache.key(model, threshold, spec) if cache else None

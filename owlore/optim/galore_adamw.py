@@ -5,7 +5,7 @@ gradient ``R = Pᵀ G`` (or ``G Qᵀ``), refresh the basis from an SVD every ``u
 ``W <- W - lr · scale · backproject(N)``. OwLore (arXiv 2405.18380, https://arxiv.org/abs/2405.18380) uses it on the
 sampled decoder layers, so this optimizer can also drop, move and measure the state of given parameters.
 
-Math lives in the pure function ``owlore.adamw.adamw_update`` (like torchao's ``single_param_adam``); the class only does
+Math lives in the pure function ``owlore.optim.adamw.adamw_update`` (like torchao's ``single_param_adam``); the class only does
 bookkeeping. State holds tensors and ints only, so ``torch.load(path, weights_only=True)`` restores it.
 """
 
@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw as torch_adamw
 
-from owlore.adamw import Convention, adamw_update
-from owlore.factored import factored_update
-from owlore.host import by_device
-from owlore.param_groups import make_param_groups
-from owlore.projector import (
+from owlore.optim.adamw import Convention, adamw_update
+from owlore.optim.factored import factored_update
+from owlore.optim.host import by_device
+from owlore.optim.param_groups import make_param_groups
+from owlore.optim.projector import (
     BASIS_METHODS,
     LEFT,
     PROJ_TYPES,
@@ -33,7 +33,7 @@ from owlore.projector import (
     projected_shape,
     randomized_basis,
 )
-from owlore.quant_state import (
+from owlore.optim.quant_state import (
     MIN_8BIT_SIZE,
     MOMENTS,
     CodeMaps,
@@ -42,7 +42,7 @@ from owlore.quant_state import (
     store_moments,
     update_target,
 )
-from owlore.sharded import (
+from owlore.parallel.sharded import (
     agree_finite,
     broadcast_outcome,
     full_gradient,
@@ -93,9 +93,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
       (4 extra bytes per weight of γ layers), and a re-activated layer restarts from its current bf16 weight.
       While a copy exists, change the weight only through the optimizer (or drop its state first).
     - ``factored`` (group key only, ``optimizer.embedding_state=factored``): 2-D params of the group keep an
-      Adafactor row/column second moment and no first moment instead of AdamW's moments (``owlore.factored``).
+      Adafactor row/column second moment and no first moment instead of AdamW's moments (``owlore.optim.factored``).
     - ``state_bits`` (default 32): 8 stores the moments, low-rank and full-rank alike, 8-bit blockwise quantised
-      with bitsandbytes (``owlore.quant_state``; about 4x less moment memory), on CPU and CUDA; moments with
+      with bitsandbytes (``owlore.optim.quant_state``; about 4x less moment memory), on CPU and CUDA; moments with
       fewer than ``quant_state.MIN_8BIT_SIZE`` (4096) elements stay unquantised. bitsandbytes is imported only
       when a group uses 8 bits.
 
@@ -283,8 +283,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _step_param(self, p: Tensor, group: dict[str, Any], where: tuple[int, int]) -> None:
         state = self.state[p]
-        sharded = is_sharded(p)  # an FSDP2 DTensor: update this rank's rows (owlore.sharded)
-        if group.get("factored") and p.dim() == 2:  # Adafactor-style state (owlore.factored)
+        sharded = is_sharded(p)  # an FSDP2 DTensor: update this rank's rows (owlore.parallel.sharded)
+        if group.get("factored") and p.dim() == 2:  # Adafactor-style state (owlore.optim.factored)
             if sharded:
                 raise NotImplementedError("optimizer.embedding_state=factored under FSDP: the column statistics "
                                           "would need a reduction over shards; use full, 8bit or lowrank")

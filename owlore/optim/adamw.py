@@ -12,7 +12,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from owlore.projector import LEFT, project, project_back
+from owlore.optim.projector import LEFT, project, project_back
 
 Convention = Literal["torch", "hf"]
 
@@ -58,14 +58,14 @@ def adamw_update(
         side: ``projector.LEFT`` or ``projector.RIGHT``.
         scale: GaLore scale applied to the back-projected update.
         reduce_projected: sums the projected gradient over ranks in place, when ``grad`` and a LEFT ``basis`` are
-            this rank's rows of a row-sharded matrix (FSDP2; ``owlore.sharded``).
+            this rank's rows of a row-sharded matrix (FSDP2; ``owlore.parallel.sharded``).
     """
     hf = convention == "hf"
     if weight_decay != 0 and not hf:
         param.mul_(1 - lr * weight_decay)
     if basis is not None:
         grad = project(grad, basis, side)
-        if reduce_projected is not None:  # a row-sharded LEFT projection: sum the shards' parts (owlore.sharded)
+        if reduce_projected is not None:  # a row-sharded LEFT projection: sum the shards' parts (owlore.parallel.sharded)
             reduce_projected(grad)
     if hf:
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)

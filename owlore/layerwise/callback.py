@@ -25,16 +25,16 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from owlore.checkpointing import prepare_checkpointing
-from owlore.config import OwLoreConfig
-from owlore.distributed import SwitchingDataParallel, deepspeed_stage, engine_of
-from owlore.fileio import atomic_write
-from owlore.layers import find_decoder_layers, set_layers_trainable
-from owlore.metrics import OwLoreLogger, owlore_tensorboard_dir, peak_memory_bytes
-from owlore.optim_state import drop_state, move_state, state_bytes, unwrap_optimizer
-from owlore.run_dir import LAYER_STATE_FILE as STATE_FILE
-from owlore.run_dir import PARTIAL_RECORD_FILE, RECORD_FILE
-from owlore.sampler import LayerSampler
+from owlore.layerwise.checkpointing import prepare_checkpointing
+from owlore.layerwise.layers import find_decoder_layers, set_layers_trainable
+from owlore.layerwise.sampler import LayerSampler
+from owlore.optim.state import drop_state, move_state, state_bytes, unwrap_optimizer
+from owlore.parallel.distributed import SwitchingDataParallel, deepspeed_stage, engine_of
+from owlore.run.config import OwLoreConfig
+from owlore.run.fileio import atomic_write
+from owlore.run.metrics import OwLoreLogger, owlore_tensorboard_dir, peak_memory_bytes
+from owlore.run.output_dir import LAYER_STATE_FILE as STATE_FILE
+from owlore.run.output_dir import PARTIAL_RECORD_FILE, RECORD_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class OwLoreCallback(TrainerCallback):
         self._saved_step = -1
         self._input_grad_hook: torch.utils.hooks.RemovableHandle | None = None
         self.data_parallel = SwitchingDataParallel()
-        """Several processes: the active-gradient reducer and the cross-rank checks (``owlore.distributed``)."""
+        """Several processes: the active-gradient reducer and the cross-rank checks (``owlore.parallel.distributed``)."""
 
     # ----------------------------------------------------------------------------------------------- set-up
     def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -125,7 +125,7 @@ class OwLoreCallback(TrainerCallback):
         self._check_optimizer_covers_layers()
         restored = self._restore(args, state) if state.global_step > 0 else None
         if self.scores is None and self._uses_scores():
-            from owlore.sharded import is_sharded
+            from owlore.parallel.sharded import is_sharded
 
             self.scores = self.data_parallel.scores_from_rank0(
                 lambda: self._compute_scores(model, args, train_dataloader), len(self.layers),
@@ -184,7 +184,7 @@ class OwLoreCallback(TrainerCallback):
                             seed=c.seed, scheme=c.scheme)
 
     def _compute_scores(self, model, args, train_dataloader) -> torch.Tensor:
-        from owlore.calibration import CalibrationSpec, outlier_ratios_from_spec
+        from owlore.layerwise.calibration import CalibrationSpec, outlier_ratios_from_spec
 
         c = self.config
         if c.calibration_source:
@@ -333,7 +333,7 @@ class OwLoreCallback(TrainerCallback):
     def write_record(self, *, final: bool = False, **extra: Any) -> None:
         """Write ``record()`` (plus ``extra`` top-level entries) atomically: while training to
         ``owlore_record.partial.json``, at the end (``final``) to ``owlore_record.json``, so a run that crashes
-        never replaces an earlier run's record (``owlore.run_dir``)."""
+        never replaces an earlier run's record (``owlore.run.output_dir``)."""
         if self._output_dir is None or not self._is_main:  # one writer under DDP
             return
         text = json.dumps({**self.record(), **extra}, indent=1, default=str)

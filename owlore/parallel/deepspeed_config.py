@@ -1,6 +1,6 @@
 """A DeepSpeed config (a JSON file or a dict), read only as far as OwLore needs: its ZeRO stage and precision.
 
-A leaf module: the config checks (``owlore.recipe``) and the runtime (``owlore.distributed``) both read it, so
+A leaf module: the config checks (``owlore.run.recipe``) and the runtime (``owlore.parallel.distributed``) both read it, so
 neither has to import the other.
 """
 

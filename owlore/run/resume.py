@@ -27,7 +27,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from owlore.errors import UsageError
-from owlore.fileio import atomic_write
+from owlore.run.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 

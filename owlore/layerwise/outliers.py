@@ -27,8 +27,8 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from owlore.layers import find_decoder_layers, is_conv1d, linear_modules
-from owlore.sharded import is_sharded
+from owlore.layerwise.layers import find_decoder_layers, is_conv1d, linear_modules
+from owlore.parallel.sharded import is_sharded
 
 logger = logging.getLogger(__name__)
 

@@ -68,7 +68,7 @@ def coerce(value: Any, hint: Any, *, raw: str | None = None) -> tuple[Any, str |
 
 
 def _plain(value: Any) -> Any:
-    """Built-in ``int``/``float`` again for numbers that carried their YAML text (see ``owlore.recipe``)."""
+    """Built-in ``int``/``float`` again for numbers that carried their YAML text (see ``owlore.run.recipe``)."""
     if isinstance(value, list):
         return [_plain(v) for v in value]
     if isinstance(value, dict):

@@ -1,10 +1,10 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for layer switching and GaLore: one shard unit per decoder layer.
 
 ``parallel.fsdp2: true`` shards the loaded model before the method builds its optimizer, so ``GaLoreAdamW`` holds
-the ``DTensor`` shards and projects them where they are (``owlore.sharded``): weights, gradients and moments stay
+the ``DTensor`` shards and projects them where they are (``owlore.parallel.sharded``): weights, gradients and moments stay
 sharded, a frozen layer has no gradient and (state dropped at the switch) no optimizer state, and a basis refresh
 all-gathers only the gradient of the one matrix it refreshes. The Trainer is kept from wrapping the model in DDP
-(``owlore.distributed.Replica``), and checkpoints hold the full weights (gathered, written by rank 0, loadable by
+(``owlore.parallel.distributed.Replica``), and checkpoints hold the full weights (gathered, written by rank 0, loadable by
 ``from_pretrained``) plus one optimizer file per rank (its shards' state), so a run resumes on the same world size.
 
 Not through HF's ``training.fsdp`` / accelerate's plugin: that path builds its own optimizer around the sharded
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from owlore.fileio import atomic_write
-from owlore.layers import find_decoder_layers
-from owlore.sharded import is_sharded
+from owlore.layerwise.layers import find_decoder_layers
+from owlore.parallel.sharded import is_sharded
+from owlore.run.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Ctrl-C and SIGTERM stop a training run at a checkpoint instead of losing the steps since the last one.
 
 The first SIGINT or SIGTERM only sets a flag: the current optimizer step finishes, the Trainer writes a checkpoint
-(with its manifest, ``owlore.resume``) and training stops; ``train.py`` then prints where the checkpoint is and the
+(with its manifest, ``owlore.run.resume``) and training stops; ``train.py`` then prints where the checkpoint is and the
 command that resumes it, and exits 130 (SIGINT) or 143 (SIGTERM), as a shell expects of a signalled process.
 A second signal while that happens is not waited on: the default action (KeyboardInterrupt / termination).
 
@@ -73,7 +73,7 @@ class StopOnSignal(TrainerCallback):
     def _any_rank_received(self, args) -> bool:
         if args.world_size < 2 or not torch.distributed.is_initialized():
             return self.received is not None
-        from owlore.distributed import comm_device
+        from owlore.parallel.distributed import comm_device
 
         flag = torch.tensor([self.received or 0], dtype=torch.int64)
         flag = flag.to(comm_device(None, flag.device))

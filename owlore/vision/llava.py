@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from owlore.config import VisionTowerConfig
+from owlore.run.config import VisionTowerConfig
 
 __all__ = ["IMAGE_TOKEN", "VisionTowerConfig", "build_llava", "collate", "encode_example", "pixel_values",
            "prompt_ids", "vqa_features"]

@@ -248,9 +248,9 @@ def replica_digest(tensors: Iterable[Tensor]) -> Tensor:
 
 
 def engine_of(args, model: nn.Module | None = None) -> str:
-    """Which engine trains: none, ddp, deepspeed, fsdp (HF's plugin) or fsdp2 (``owlore.fsdp``, seen on the
+    """Which engine trains: none, ddp, deepspeed, fsdp (HF's plugin) or fsdp2 (``owlore.parallel.fsdp``, seen on the
     model's ``DTensor`` parameters)."""
-    from owlore.sharded import is_sharded
+    from owlore.parallel.sharded import is_sharded
 
     if getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None) is not None:
         return "deepspeed"
@@ -263,7 +263,7 @@ def engine_of(args, model: nn.Module | None = None) -> str:
 
 def deepspeed_stage(args) -> int:
     """The ZeRO stage of the DeepSpeed config the Trainer parsed (0 without DeepSpeed)."""
-    from owlore.deepspeed_config import deepspeed_config_stage
+    from owlore.parallel.deepspeed_config import deepspeed_config_stage
 
     ds = getattr(args, "hf_deepspeed_config", None)
     return (deepspeed_config_stage(ds.config)[0] or 0) if ds is not None else 0
@@ -324,11 +324,11 @@ class SwitchingDataParallel:
     def attach(self, model: torch.nn.Module, bucket_mb: float = DEFAULT_BUCKET_MB) -> None:
         if not self.installed:
             raise RuntimeError(
-                f"{world_size()} processes without DeepSpeed/FSDP: call owlore.distributed."
+                f"{world_size()} processes without DeepSpeed/FSDP: call owlore.parallel.distributed."
                 "install_active_gradient_sync(trainer) before trainer.train() (train.py and OwLoreTrainer do), so "
                 "that the Trainer does not wrap the model in DDP, which would all-reduce every layer's gradient and "
                 "stall on the frozen ones")
-        from owlore.checkpointing import _maybe_reentrant
+        from owlore.layerwise.checkpointing import _maybe_reentrant
 
         reentrant = [type(m).__name__ for m in model.modules()
                      if getattr(m, "gradient_checkpointing", None) is True and _maybe_reentrant(m)]
@@ -382,7 +382,7 @@ class SwitchingDataParallel:
 
 def optimizer_bases(optimizer) -> list[Tensor]:
     """The GaLore bases held by ``optimizer`` (``GaLoreAdamW`` state), in parameter order."""
-    from owlore.optim_state import unwrap_optimizer
+    from owlore.optim.state import unwrap_optimizer
 
     opt = unwrap_optimizer(optimizer)
     state = getattr(opt, "state", {})

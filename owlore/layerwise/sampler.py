@@ -1,6 +1,6 @@
 """Which γ decoder layers to train next: outlier-weighted (OwLore) or uniform (LISA) layer sampling.
 
-OwLore, arXiv 2405.18380: layers with more outliers (higher LOD ratio, see ``owlore.outliers``) are sampled more
+OwLore, arXiv 2405.18380: layers with more outliers (higher LOD ratio, see ``owlore.layerwise.outliers``) are sampled more
 often. LISA, arXiv 2403.17919: uniform sampling. Both draw γ distinct layers every K optimizer steps.
 
 The official code draws with ``numpy.random.choice(L, γ, replace=False, p=p)``: sequential sampling, under which a

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from owlore.layers import find_decoder_layers, linear_modules
+from owlore.layerwise.layers import find_decoder_layers, linear_modules
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def make_param_groups(
         no_decay: substrings of param names (lower-cased) that get no weight decay (biases, norms).
         layers_path: dotted path to the decoder blocks if ``find_decoder_layers`` cannot find them.
         basis_method: ``svd`` (GaLore's full SVD) or ``randomized`` (range finder, warm-started from the previous
-            basis; ``owlore.projector.randomized_basis``).
+            basis; ``owlore.optim.projector.randomized_basis``).
         power_iters: subspace iterations of the randomized range finder.
         embedding_state: optimizer state of the input embedding and output head: ``full`` (AdamW, in the
             ``adamw`` group), or in their own ``embedding`` group ``8bit``, ``lowrank`` (GaLore at
