@@ -289,7 +289,7 @@ def test_zero_stage_above_zero_is_refused_for_per_layer_optimizers(tmp_path):
     with pytest.raises(ConfigError, match="ZeRO stage 3.*zero0.json.*plain data parallelism"):
         load_config(ROOT / "configs/smollm2_owlore.yaml", ["training.deepspeed=configs/deepspeed/zero3.json",
                                                             "training.output_dir=x"])
-    with pytest.raises(ConfigError, match="parallel.fsdp2=true with method lora: FSDP2 is supported for full, lisa"):
+    with pytest.raises(ConfigError, match="parallel.fsdp2=true with method lora: FSDP2 is supported for owlore, full, galore, lisa;"):
         load_config(ROOT / "configs/smollm2_lora.yaml", ["parallel.fsdp2=true", "training.output_dir=x"])
     with pytest.raises(ConfigError, match="parallel.fsdp2=true with memory.frozen_weights"):
         load_config(ROOT / "configs/smollm2_owlore.yaml", ["parallel.fsdp2=true", "memory.frozen_weights=int8",
