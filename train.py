@@ -171,8 +171,12 @@ class Run:
     parts: Any = None
     memory_callbacks: list[Any] = field(default_factory=list)
     trainer: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    """The timer, the signal stop, the replica check and the DDP byte counter, by name."""
+    timer: Any = None
+    """``StepTimer``: step times and the peak before training."""
+    stop: Any = None
+    """``StopOnSignal``: set when SIGINT / SIGTERM asked for a checkpoint and a stop."""
+    replica_check: Any = None
+    ddp_bytes: Any = None
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -182,7 +186,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     build(r)
     make_trainer(r)
     result, seconds = train_steps(r)
-    if r.extras["stop"].received is not None:
+    if r.stop.received is not None:
         return interrupted(r)
     after = run_eval(r.parts.model, r.tokenizer, cfg, "after") if evaluates_here(cfg, r.args, "after") else {}
     summary = summarize(r, result, seconds, after)
@@ -296,7 +300,7 @@ def make_trainer(r: Run) -> None:
     ddp_bytes = DDPByteCounter(r.trainer)  # the other methods under DDP: count what it all-reduces
     r.trainer.add_callback(ddp_bytes)
     r.trainer.add_callback(ManifestCallback(r.settings))  # last: after every other callback's checkpoint files
-    r.extras = {"timer": timer, "stop": stop, "replica_check": replica_check, "ddp_bytes": ddp_bytes}
+    r.timer, r.stop, r.replica_check, r.ddp_bytes = timer, stop, replica_check, ddp_bytes
 
 
 def train_steps(r: Run) -> tuple[Any, float]:
@@ -305,7 +309,7 @@ def train_steps(r: Run) -> tuple[Any, float]:
     try:
         result = r.trainer.train(resume_from_checkpoint=r.resume)
     finally:
-        r.extras["stop"].restore()
+        r.stop.restore()
     return result, time.perf_counter() - t_train
 
 
@@ -314,7 +318,7 @@ def interrupted(r: Run) -> dict[str, Any]:
     from owlore.run.interrupt import exit_code
     from owlore.run.output_dir import PARTIAL_RECORD_FILE, RECORD_FILE
 
-    stop, step = r.extras["stop"], r.trainer.state.global_step
+    stop, step = r.stop, r.trainer.state.global_step
     if r.trainer.is_world_process_zero() and (r.out_dir / RECORD_FILE).is_file():  # the callback's end-of-train
         os.replace(r.out_dir / RECORD_FILE, r.out_dir / PARTIAL_RECORD_FILE)  # record: not a finished run's
     return {"method": r.cfg.method, "optimizer_steps": step, "interrupted": {
@@ -328,7 +332,7 @@ def summarize(r: Run, result: Any, train_seconds: float, after: dict[str, Any]) 
     from owlore.parallel.sharded import is_sharded
     from owlore.run.metrics import peak_memory_bytes
 
-    cfg, trainer, timer, cb = r.cfg, r.trainer, r.extras["timer"], r.parts.layer_callback
+    cfg, trainer, timer, cb = r.cfg, r.trainer, r.timer, r.parts.layer_callback
     steps = trainer.state.global_step - (trainer._initial_global_step or 0)
     summary = {
         "method": cfg.method,
@@ -353,7 +357,7 @@ def summarize(r: Run, result: Any, train_seconds: float, after: dict[str, Any]) 
         summary["training_pruning"] = {"method": cfg.pruning.method, "keep": cfg.pruning.keep}
     summary["world_size"] = r.args.world_size
     summary["sharded_parameters"] = sum(is_sharded(p) for p in trainer.model.parameters())  # FSDP2 DTensors
-    for extra in [*r.memory_callbacks, r.extras["replica_check"], r.extras["ddp_bytes"]]:
+    for extra in [*r.memory_callbacks, r.replica_check, r.ddp_bytes]:
         if hasattr(extra, "summary"):
             summary.update(extra.summary())
     if cb is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ def parser_with_model_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--merge-adapter", action="store_true", help="merge the adapter into the weights first")
     p.add_argument("--load-in-4bit", action="store_true",
                    help="load the base in 4-bit NF4 (bitsandbytes), as a QLoRA run trained it")
-    p.add_argument("--limit", type=positive_int, help="score only the first N items of each task")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    every_item = positive_int("leave the flag out to use every item")
+    p.add_argument("--limit", type=every_item, help="score only the first N items of each task")
+    p.add_argument("--batch-size", type=every_item, default=8)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -31,15 +33,20 @@ def parser_with_model_args(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (``--limit 0`` would score nothing, ``-1`` fails inside lm-eval)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1 (leave the flag out to use every item)")
-    return value
+def positive_int(why: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= 1, refused with ``why`` in the message (``--limit 0`` would score
+    nothing, ``-1`` fails inside lm-eval; a budget of 0 keeps no token)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{value} is not >= 1 ({why})")
+        return value
+
+    return parse
 
 
 def go_offline_if_local(model: str, adapter: str | None, data_local: bool) -> None:

@@ -29,6 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
+
 from owlore.cli import entry_point, exit_code  # noqa: E402
 from owlore.errors import UsageError  # noqa: E402
 from owlore.pruning.registry import method_names  # noqa: E402
@@ -36,15 +39,7 @@ from owlore.pruning.registry import method_names  # noqa: E402
 ALL_METHODS = list(method_names())
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a token budget is an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1 (a budget is the visual tokens kept per image)")
-    return value
+BUDGET = _cli.positive_int("a budget is the visual tokens kept per image")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (for tests)")
     p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
     p.add_argument(
-        "--budgets", nargs="+", type=positive_int, default=[192, 128, 64], help="visual tokens kept per image"
+        "--budgets", nargs="+", type=BUDGET, default=[192, 128, 64], help="visual tokens kept per image"
     )
     p.add_argument("--repeats", type=int, default=2, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement")
@@ -88,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model", type=Path, required=True, help="a saved LlavaForConditionalGeneration (train.py final/)")
     a.add_argument("--out", type=Path, default=Path("outputs/vlm_pruning_accuracy"))
     a.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
-    a.add_argument("--budgets", nargs="+", type=positive_int, default=None,
+    a.add_argument("--budgets", nargs="+", type=BUDGET, default=None,
                    help="visual tokens kept per image (default: 1/2, 1/4, 1/9 and 1/36 of them)")
     a.add_argument("--examples", type=int, default=288, help="held-out questions (one per test-split image)")
     a.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files (default: Debian's location)")

@@ -33,12 +33,11 @@ def exit_code(signum: int) -> int:
 class StopOnSignal(TrainerCallback):
     """Turns the first SIGINT / SIGTERM during ``trainer.train()`` into "checkpoint after this step, then stop".
 
-    ``received`` holds the signal number once one arrived (on any rank); ``stopped_at`` the step it stopped at.
+    ``received`` holds the signal number once one arrived (on any rank).
     """
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self.stopped_at: int | None = None
         self._previous: dict[int, object] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -50,7 +49,6 @@ class StopOnSignal(TrainerCallback):
         if self._any_rank_received(args):
             control.should_save = True
             control.should_training_stop = True
-            self.stopped_at = state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()

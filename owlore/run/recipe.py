@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from owlore.parallel.deepspeed_config import deepspeed_config_stage, deepspeed_precision  # noqa: F401  (re-exported)
+from owlore.parallel.deepspeed_config import deepspeed_config_stage, deepspeed_precision
 from owlore.run.config import (
     ConfigError,
     DataConfig,
@@ -483,8 +483,7 @@ def engine_problems(spec: Any, training: dict[str, Any], parallel: Any = None, m
                        "Use training.deepspeed=configs/deepspeed/zero0.json (DeepSpeed's all-reduce only), plain "
                        "data parallelism (torchrun without training.deepspeed: only the active layers' gradients "
                        f"travel); ZeRO 2/3 work for {_named(lambda m: 3 in m.zero_stages)}")
-        elif own_optimizer and deepspeed_precision(ds, training):
-            precision = deepspeed_precision(ds, training)
+        elif own_optimizer and (precision := deepspeed_precision(ds, training)):
             out.append(f"training.deepspeed={ds!r} with {precision} on (its \"{precision}\" section, \"auto\" "
                        f"following training.{precision}): DeepSpeed then wraps method {method}'s own optimizer in "
                        "its FP16_UnfusedOptimizer, which keeps an fp32 copy of every parameter the optimizer holds "

@@ -76,8 +76,11 @@ def read_manifest(checkpoint: str | Path) -> dict[str, Any] | None:
 
 def verify(checkpoint: str | Path) -> list[str]:
     """Why ``checkpoint`` cannot be trusted (empty: it verifies). Each problem names the file."""
-    root = Path(checkpoint)
-    manifest = read_manifest(root)
+    return _problems(Path(checkpoint), read_manifest(checkpoint))
+
+
+def _problems(root: Path, manifest: dict[str, Any] | None) -> list[str]:
+    """``verify`` against a manifest already read (None: there is none)."""
     if manifest is None:
         return [f"{root / MANIFEST_FILE}: missing (the save was interrupted, or an older version wrote it)"]
     if not isinstance(manifest.get("files"), dict):
@@ -143,8 +146,9 @@ def choose_checkpoint(output_dir: str | Path, requested: str | None, settings: d
         logger.info("resuming from %s", chosen or "scratch (no verified checkpoint)")
     else:
         chosen = Path(requested)
-        problems = verify(chosen)
-        if problems and read_manifest(chosen) is not None:
+        manifest = read_manifest(chosen)
+        problems = _problems(chosen, manifest)
+        if problems and manifest is not None:
             raise CheckpointError(f"training.resume_from_checkpoint={requested}: does not verify:\n  - "
                                   + "\n  - ".join(problems) + "\nResume from an earlier checkpoint, or use 'last' "
                                   "(the newest one that verifies).")
@@ -153,7 +157,8 @@ def choose_checkpoint(output_dir: str | Path, requested: str | None, settings: d
                            chosen, MANIFEST_FILE)
     if chosen is None:
         return None
-    manifest = read_manifest(chosen)
+    if requested == "last":
+        manifest = read_manifest(chosen)
     changes = settings_changes(manifest, settings) if manifest and "method" in manifest else []
     if changes and not allow_changes:
         raise CheckpointError(f"{chosen} was trained with other settings than this run's:\n  - "
