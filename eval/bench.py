@@ -228,7 +228,7 @@ def main(argv: list[str]) -> int:
         logger.info("[%d/%d] %s: %s", i, len(plan), r.out_dir, shlex.join(r.command))
         t0 = time.perf_counter()
         rc, err_tail = runs.run_process(r.command, r.out_dir, cwd=REPO, timeout=args.timeout, env=env,
-                                        data=fingerprints[r.out_dir])
+                                        fingerprint=fingerprints[r.out_dir])
         if rc == 0 and not args.keep_models:
             shutil.rmtree(r.out_dir / "final", ignore_errors=True)
         failed += rc != 0

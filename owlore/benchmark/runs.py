@@ -177,12 +177,61 @@ def child_env(malloc: bool) -> dict[str, str]:
     return {**MALLOC_ENV, **env} if malloc else env
 
 
-def run_fingerprint(command: Sequence[str], root: Path) -> str:
-    """sha256 of what a run *is*: its resolved configuration (every section after includes, overlays and
-    overrides, without the output folder) and the contents of the data files it reads (training rows,
-    evaluation sets). A changed default, task file or data set makes a different run, so a resumed sweep never
-    mixes results of two settings; a reworded comment or a moved folder does not. The model's weights are named,
+SECTIONS = ("model", "data", "eval", "memory", "parallel", "vision", "pruning")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a run *is*: every setting of its resolved configuration (after includes, overlays and overrides,
+    without the output folder), each section's defaults, and a sha256 of the data files it reads.
+
+    ``run.json`` keeps ``settings`` and ``files``; a rerun is the same run when every setting matches, where an
+    option that did not exist when the run was made counts as matching while it is at its default (options are
+    added off, so the earlier run behaved as the default does). A changed value, a changed default, task file or
+    data set makes a different run; a reworded comment or a moved folder does not. The model's weights are named,
     not hashed (517 MB)."""
+
+    settings: dict[str, Any]
+    defaults: dict[str, dict[str, Any]]
+    files: str
+
+    def matches(self, stored: Mapping[str, Any]) -> bool:
+        """True when ``stored`` (a ``run.json``'s ``settings`` and ``files``) describes this run."""
+        then = stored.get("settings")
+        if stored.get("files") != self.files or not isinstance(then, dict) or set(then) - set(self.settings):
+            return False
+        for name, now in self.settings.items():
+            was = then.get(name)
+            if not isinstance(now, dict) or name == "training":
+                if was != now:
+                    return False
+                continue
+            if not isinstance(was, dict) or set(was) - set(now):
+                return False  # a section or an option the run had is gone
+            defaults = self.defaults.get(name, {})
+            if any(was[k] != v if k in was else (k not in defaults or defaults[k] != v) for k, v in now.items()):
+                return False
+        return True
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, paths strings), so stored and fresh compare."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _defaults(section: Any) -> dict[str, Any]:
+    """A config section's defaults; empty when the section has no default instance (then nothing counts as new)."""
+    import dataclasses
+
+    try:
+        return _plain(dataclasses.asdict(type(section)()))
+    except TypeError:
+        return {}
+
+
+def run_fingerprint(command: Sequence[str], root: Path) -> Fingerprint | None:
+    """The ``Fingerprint`` of a ``train.py`` command; None when its configuration is invalid (the run will fail
+    with that message, it has no setting to compare)."""
     import dataclasses
     import hashlib
 
@@ -193,23 +242,22 @@ def run_fingerprint(command: Sequence[str], root: Path) -> str:
     overrides = [a for i, a in enumerate(args) if a != "--config" and (i == 0 or args[i - 1] != "--config")]
     try:
         cfg = load_config(configs, overrides)
-    except ValueError:  # a ConfigError: the run will fail with that message; it has no setting to fingerprint
-        return "invalid-config"
-    resolved = {"method": cfg.method, "training": {k: v for k, v in cfg.training.items() if k != "output_dir"},
-                **{name: dataclasses.asdict(getattr(cfg, name)) for name in ("model", "data", "eval", "memory",
-                                                                             "parallel", "vision", "pruning")},
-                **{name: dataclasses.asdict(sec) for name, sec in cfg.sections.items()}}
-    h = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode())
-    files = [cfg.data.train, *cfg.eval.answers.values(), *cfg.eval.perplexity.values()]
-    for f in files:
+    except ValueError:  # a ConfigError
+        return None
+    sections = {**{name: getattr(cfg, name) for name in SECTIONS}, **cfg.sections}
+    settings = {"method": cfg.method, "training": {k: v for k, v in cfg.training.items() if k != "output_dir"},
+                **{name: dataclasses.asdict(sec) for name, sec in sections.items()}}
+    h = hashlib.sha256()
+    for f in [cfg.data.train, *cfg.eval.answers.values(), *cfg.eval.perplexity.values()]:
         path = Path(f) if Path(f).is_absolute() else root / f
         if path.is_file():
             h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    return Fingerprint(_plain(settings), {name: _defaults(sec) for name, sec in sections.items()},
+                       h.hexdigest()[:16])
 
 
-def done(out_dir: Path, command: Sequence[str], data: str | None = None) -> bool:
-    """True when ``out_dir`` holds a record of exactly this command (and, if given, the same data fingerprint):
+def done(out_dir: Path, command: Sequence[str], fingerprint: Fingerprint | None = None) -> bool:
+    """True when ``out_dir`` holds a record of exactly this command (and, if given, the same settings and data):
     a rerun can skip it."""
     meta, record = Path(out_dir) / RUN_FILE, Path(out_dir) / RECORD
     if not (meta.is_file() and record.is_file()):
@@ -218,12 +266,12 @@ def done(out_dir: Path, command: Sequence[str], data: str | None = None) -> bool
         info = json.loads(meta.read_text())
     except (OSError, ValueError):
         return False
-    return info.get("command") == list(command[1:]) and (data is None or info.get("data") == data)
+    return info.get("command") == list(command[1:]) and (fingerprint is None or fingerprint.matches(info))
 
 
 def run_process(cmd: Sequence[str], out_dir: Path, *, cwd: Path, timeout: float | None = None,
                 env: Mapping[str, str] | None = None, who: str = "bench.py",
-                data: str | None = None) -> tuple[int, str]:
+                fingerprint: Fingerprint | None = None) -> tuple[int, str]:
     """Run one ``train.py`` process with its logs in ``out_dir`` (``train.log``, ``train.stderr``) after deleting
     a record left by an earlier run; write ``run.json`` (the command, the exit code); return the exit code (124
     when ``timeout`` killed it) and the stderr tail."""
@@ -240,7 +288,9 @@ def run_process(cmd: Sequence[str], out_dir: Path, *, cwd: Path, timeout: float 
             rc = 124
     from owlore.run.fileio import atomic_write
 
-    info = {"command": list(cmd[1:]), "returncode": rc, **({"data": data} if data else {})}
+    info: dict[str, Any] = {"command": list(cmd[1:]), "returncode": rc}
+    if fingerprint is not None:
+        info |= {"settings": fingerprint.settings, "files": fingerprint.files}
     atomic_write(out_dir / RUN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
     return rc, tail((out_dir / "train.stderr").read_text(errors="replace"))
 
