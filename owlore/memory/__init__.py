@@ -9,7 +9,11 @@
 - ``checkpoint_policy``: activation checkpointing of the frozen layers only (``memory.checkpointing=frozen``).
 - ``int8_frozen``: frozen decoder layers as int8 on the device, exact weights on the host
   (``memory.frozen_weights=int8``).
-- ``options``: wires the ``memory`` section into a run (train.py calls it).
+- ``offload_activations``: checkpointed layer inputs in host memory (``memory.offload_activations``).
+- ``sparse_embedding``: the input embedding's gradient as its batch's rows only (``memory.sparse_embedding_grad``).
+- ``option``: ``MemoryOption``, the declaration each of those modules exports as ``OPTION`` (its values,
+  conflicts, what it applies, how the estimator counts it); ``options``: the registry of them, which the config
+  checks, ``train.py`` and the estimator read (``register`` adds one from outside owlore).
 """
 
 from owlore.memory.estimator import MemoryEstimate, Options, estimate, estimate_run

@@ -22,6 +22,8 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 
+from owlore.memory.option import MemoryOption, OptionContext
+
 logger = logging.getLogger(__name__)
 
 
@@ -79,3 +81,41 @@ class FrozenLayerCheckpointing(TrainerCallback):
                          sum(plan), sorted(cb.active))
             self.plan = plan
         return plan
+
+
+# ------------------------------------------------------------------------------------------------ the option
+CHECKPOINTING = ("off", "all", "frozen")
+
+
+def _layer_switching() -> str:
+    from owlore.methods import names_where
+
+    return ", ".join(names_where(lambda m: m.switches_layers))
+
+
+def _conflicts(mode: str, ctx: OptionContext) -> list[str]:
+    out = []
+    if mode == "frozen" and not ctx.method.switches_layers:
+        out.append(f"memory.checkpointing=frozen: only layer-switching methods ({_layer_switching()}) have frozen "
+                   f"layers to checkpoint; method {ctx.method.name} trains every layer it trains at once, use "
+                   "memory.checkpointing=all")
+    if mode == "frozen" and ctx.parallel is not None and ctx.parallel.fsdp2:
+        out.append("parallel.fsdp2=true with memory.checkpointing=frozen: the per-layer policy re-wraps layers the "
+                   "shards own and is not supported on shards yet; use memory.checkpointing=all")
+    return out
+
+
+def _apply(mode: str, parts: Any, cfg: Any) -> list[Any]:
+    # "all": the Trainer checkpoints every layer (owlore.memory.options.checkpointing_enabled); nothing to add
+    return [FrozenLayerCheckpointing(parts.layer_callback)] if mode == "frozen" else []
+
+
+def _estimate(mode: str, cfg: Any) -> dict[str, Any]:
+    return {"checkpointing": mode if mode != "off" else ("all" if cfg.model.gradient_checkpointing else "off")}
+
+
+OPTION = MemoryOption(
+    name="checkpointing", default="off",
+    doc="activation checkpointing: all decoder layers, or (layer-switching methods) only the frozen ones",
+    check=lambda v: None if v in CHECKPOINTING else f"must be one of {', '.join(CHECKPOINTING)}",
+    conflicts=_conflicts, apply=_apply, estimate=_estimate)

@@ -33,6 +33,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
 
+from owlore.memory.option import MemoryOption
+
 logger = logging.getLogger(__name__)
 
 _CHUNK = "_owlore_chunk_size"  # instance attribute: the chunk size, or None when disabled
@@ -272,3 +274,17 @@ def _chunked_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, shift_labels=shifted is None)
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+# ------------------------------------------------------------------------------------------------ the option
+def _apply(chunk: int, parts: Any, cfg: Any) -> None:
+    enable_chunked_loss(parts.model, chunk)
+    logger.info("chunked loss: output head + cross-entropy in chunks of %d tokens", chunk)
+
+
+OPTION = MemoryOption(
+    name="chunked_loss", default=0,
+    doc="output head + cross-entropy in chunks of N tokens: the full logits and their gradient never exist",
+    check=lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else (
+        "must be 0 (off) or a positive number of tokens per chunk, e.g. 2048"),
+    fsdp2=False, apply=_apply, estimate=lambda v, cfg: {"chunked_loss": v})

@@ -272,18 +272,16 @@ def _grouped(category: str, trained: list[Trained], attr: str) -> list[tuple[str
 
 def run_options(cfg: Any) -> tuple[str, int, int, dict[str, Any]]:
     """(dtype, batch, seq, options) of ``estimate`` for an ``owlore.run.recipe.RunConfig``: the common sections here,
-    the method's own from its ``MemoryProfile.options``."""
+    the memory options' from their declarations (``MemoryOption.estimate``), the method's own from its
+    ``MemoryProfile.options``."""
+    from owlore.memory.options import estimator_options
     from owlore.methods import get_method
 
-    t, m, mem = cfg.training, cfg.model, cfg.memory
+    t, m = cfg.training, cfg.model
     sections = cfg.sections
     dtype = m.dtype if m.dtype in DTYPE_BYTES else "bfloat16"
-    checkpointing = mem.checkpointing if mem.checkpointing != "off" else ("all" if m.gradient_checkpointing
-                                                                           else "off")
     opts: dict[str, Any] = {
-        "checkpointing": checkpointing, "chunked_loss": mem.chunked_loss, "attention": m.attn_implementation or "sdpa",
-        "offload_activations": bool(getattr(mem, "offload_activations", False)),
-        "frozen_int8": getattr(mem, "frozen_weights", "full") == "int8", "mask": not cfg.data.packing,
+        **estimator_options(cfg), "attention": m.attn_implementation or "sdpa", "mask": not cfg.data.packing,
         "autocast": dtype == "float32" and bool(t.get("bf16") or t.get("fp16")),
         "gradient_accumulation": int(t.get("gradient_accumulation_steps", 1)),
         "device": "cpu" if t.get("use_cpu") else "cuda", "optim": str(t.get("optim", "adamw_torch_fused"))}
@@ -303,10 +301,15 @@ def estimate_run(run_config: Any, **overrides: Any) -> MemoryEstimate:
     """``estimate`` for a loaded run config (``owlore.run.recipe.load_config``); ``overrides`` replace options
     (and ``dtype``, ``batch``, ``seq``).
 
-    The model's shape comes from its ``config.json`` or, offline, from a shipped architecture.
+    The model's shape comes from its ``config.json`` or, offline, from a shipped architecture; memory options
+    with an ``adjust`` (plugins) change the result last.
     """
     dtype, batch, seq, opts = run_options(run_config)
     shape = load_model_shape(run_config.model.name, trust_remote_code=run_config.model.trust_remote_code)
     dtype, batch, seq = (overrides.pop(k, v) for k, v in (("dtype", dtype), ("batch", batch), ("seq", seq)))
-    return estimate(shape, method=run_config.method, dtype=dtype, batch=batch, seq=seq, **{**opts, **overrides})
+    est = estimate(shape, method=run_config.method, dtype=dtype, batch=batch, seq=seq, **{**opts, **overrides})
+    from owlore.memory.options import adjust_estimate
+
+    adjust_estimate(est, run_config)  # options the arithmetic does not model change the estimate themselves
+    return est
 

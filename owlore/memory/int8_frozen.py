@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
+from owlore.memory.option import MemoryOption, OptionContext
+
 logger = logging.getLogger(__name__)
 
 
@@ -166,3 +168,32 @@ class Int8FrozenLayers(TrainerCallback):
     def summary(self) -> dict[str, Any]:
         """For the run record: the most bytes the int8 layers held (codes + scales)."""
         return {"int8_frozen_layer_bytes": self.peak_int8_bytes}
+
+
+# ------------------------------------------------------------------------------------------------ the option
+def _layer_switching() -> str:
+    from owlore.methods import names_where
+
+    return ", ".join(names_where(lambda m: m.switches_layers))
+
+
+def _conflicts(mode: str, ctx: OptionContext) -> list[str]:
+    out = []
+    if not ctx.method.switches_layers:
+        out.append(f"memory.frozen_weights=int8: only layer-switching methods ({_layer_switching()}) keep frozen "
+                   f"decoder layers; for method {ctx.method.name} quantise the base with method=qlora, or remove "
+                   "memory.frozen_weights")
+    if ctx.training.get("load_best_model_at_end"):
+        out.append("memory.frozen_weights=int8 with training.load_best_model_at_end=true: the Trainer loads the best "
+                   "checkpoint while frozen layers still hold int8 codes (their exact weights come back only at the "
+                   "end of training); set training.load_best_model_at_end=false")
+    return out
+
+
+OPTION = MemoryOption(
+    name="frozen_weights", default="full",
+    doc="layer-switching methods: frozen decoder layers as int8 on the device, exact weights on the host",
+    check=lambda v: None if v in ("full", "int8") else "must be full or int8",
+    conflicts=_conflicts, fsdp2=False,
+    apply=lambda mode, parts, cfg: [Int8FrozenLayers(parts.layer_callback)],
+    estimate=lambda v, cfg: {"frozen_int8": v == "int8"})

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from owlore.memory.option import MemoryOption, OptionContext
+
 logger = logging.getLogger(__name__)
 
 
@@ -50,3 +52,19 @@ def disable_activation_offload(model: nn.Module) -> None:
     if getattr(model, "_owlore_offload", False):
         del model.forward
         model._owlore_offload = False
+
+
+# ------------------------------------------------------------------------------------------------ the option
+def _conflicts(on: bool, ctx: OptionContext) -> list[str]:
+    if ctx.checkpointed:
+        return []
+    return ["memory.offload_activations=true without activation checkpointing: every activation of every layer "
+            "would cross to the host and back each step; set memory.checkpointing=all (or frozen), so that only "
+            "the layers' inputs are offloaded"]
+
+
+OPTION = MemoryOption(
+    name="offload_activations", default=False,
+    doc="with checkpointing: the checkpointed layer inputs in host memory, copied back for the recompute",
+    conflicts=_conflicts, fsdp2=False, apply=lambda on, parts, cfg: enable_activation_offload(parts.model),
+    estimate=lambda v, cfg: {"offload_activations": bool(v)})

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from owlore.memory.option import MemoryOption
 from owlore.optim.state import state_bytes, unwrap_optimizer
 from owlore.run.metrics import current_memory_bytes
 
@@ -231,3 +232,10 @@ class MemoryProbe(TrainerCallback):
         return {"memory_profile": {
             "kinds": list(KINDS), "gradients_source": self.gradients_source, "peak": peak,
             "max": {k: max(self.series[k], default=None) for k in (*KINDS, "total")}, "series": self.series}}
+
+
+# ------------------------------------------------------------------------------------------------ the option
+OPTION = MemoryOption(
+    name="profile", default=False,
+    doc="record live tensor bytes by kind at each step's peak into owlore_record.json (eval/bench.py sets it)",
+    apply=lambda on, parts, cfg: [MemoryProbe()])

@@ -13,6 +13,7 @@ import importlib
 from collections.abc import Callable
 
 from owlore.methods.base import BuildContext, MemoryProfile, Method, MethodParts, OptimizerConfig
+from owlore.plugins import load_plugins
 
 _RUNTIME = "<registered at run time>"
 REGISTRY: dict[str, str] = {
@@ -73,20 +74,7 @@ PLUGINS_ENV = "OWLORE_METHODS"
 ENTRY_POINT_GROUP = "owlore.methods"
 
 
-def _load_plugins() -> None:
-    """Import the modules that register methods from outside this package: those named (comma-separated) in
-    ``$OWLORE_METHODS`` and the installed packages' ``owlore.methods`` entry points. Child processes (the
-    benchmark's ``train.py`` runs) inherit the variable, so they see the same methods."""
-    import os
-    from importlib.metadata import entry_points
-
-    for name in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
-        importlib.import_module(name)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()
-
-
-_load_plugins()
+load_plugins(PLUGINS_ENV, ENTRY_POINT_GROUP)
 
 __all__ = ["REGISTRY", "BuildContext", "MemoryProfile", "Method", "MethodParts", "OptimizerConfig", "all_methods", "get_method",
            "names_where", "register", "unregister"]

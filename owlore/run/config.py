@@ -223,13 +223,12 @@ class DataConfig:
         return out
 
 
-CHECKPOINTING = ("off", "all", "frozen")
-
-
 @dataclass
 class MemoryConfig:
     """Memory-saving options of every method (``owlore/memory/``); each is off by default and changes no result
-    where it should not (tests compare against the plain run)."""
+    where it should not (tests compare against the plain run). Each option is declared once, beside its
+    implementation, as a ``MemoryOption`` (what it takes, excludes, does and how the estimator counts it); the
+    fields here are the shipped options' typed values."""
 
     chunked_loss: int = 0
     """Tokens per chunk of the output head + cross-entropy (``owlore.memory.chunked_loss``): the full logits and
@@ -254,16 +253,15 @@ class MemoryConfig:
     each step into ``owlore_record.json`` (``owlore.memory.probe``; costs a little time; ``eval/bench.py`` sets
     it)."""
 
+    plugins: dict[str, Any] = field(default_factory=dict)
+    """Values of options registered from outside owlore (``owlore.memory.options.register``), filled by the
+    config loader from ``memory.<name>`` keys; set them by their names, not here."""
+
     def problems(self, prefix: str = "memory.") -> list[str]:
-        out = []
-        if not isinstance(self.chunked_loss, int) or self.chunked_loss < 0:
-            out.append(f"{prefix}chunked_loss={self.chunked_loss!r}: must be 0 (off) or a positive number of "
-                       "tokens per chunk, e.g. 2048")
-        if self.checkpointing not in CHECKPOINTING:
-            out.append(f"{prefix}checkpointing={self.checkpointing!r}: must be one of {', '.join(CHECKPOINTING)}")
-        if self.frozen_weights not in ("full", "int8"):
-            out.append(f"{prefix}frozen_weights={self.frozen_weights!r}: must be full or int8")
-        return out
+        """Every option's value check, from its declaration (``owlore.memory.options``)."""
+        from owlore.memory.options import value_problems
+
+        return value_problems(self, prefix)
 
 
 @dataclass

@@ -358,6 +358,9 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
             problems.append(f"{name}: must be a mapping of keys, got {type(section).__name__}")
             continue
         section_texts = {k: t for (s, k), t in texts.items() if s == name}
+        if name == "memory":
+            section, errs = _memory_plugins(section, section_texts)
+            problems += errs
         obj, errs = dataclass_from_dict(cls, section, section=name, raw=section_texts)
         problems += errs
         built[name] = obj
@@ -371,7 +374,7 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
     problems += errs
     if not problems:
         problems += _memory_problems(method, built, training)
-        problems += engine_problems(method, training, built["parallel"], built["memory"])
+        problems += engine_problems(method, training, built["parallel"])
         problems += _vision_problems(method, built["vision"], built["data"])
         if built["pruning"].method and not built["vision"].enabled:
             problems.append(f"pruning.method={built['pruning'].method}: pruning during training needs a vision model "
@@ -383,6 +386,30 @@ def load_config(paths: str | Path | list[str | Path], overrides: list[str] | Non
                      memory=built["memory"], parallel=built["parallel"], vision=built["vision"], pruning=built["pruning"], training=training, sections={k: built[k] for k in own}, sources=[str(p) for p in paths])
 
 
+def _memory_plugins(section: dict[str, Any], texts: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """The ``memory`` section with the values of options registered from outside owlore (keys that are no field
+    of ``MemoryConfig``) moved under ``plugins``, each read against its default's type."""
+    from owlore.memory.options import REGISTRY, get_option
+
+    fields = {f.name for f in dataclasses.fields(MemoryConfig)}
+    rest: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    problems = []
+    for key, raw in section.items():
+        if key == "plugins":
+            problems.append("memory.plugins: set an option registered from outside owlore by its name, "
+                            "memory.<name>=<value>")
+        elif key in fields or key not in REGISTRY:
+            rest[key] = raw  # a field, or an unknown key that dataclass_from_dict reports
+        else:
+            value, why = coerce(raw, type(get_option(key).default), raw=texts.get(key))
+            if why:
+                problems.append(f"memory.{key}={raw!r}: {why}")
+            else:
+                values[key] = value
+    return ({**rest, "plugins": values} if values else rest), problems
+
+
 def _named(test) -> str:
     """The registered methods passing ``test`` (a ``Method`` predicate), for messages."""
     from owlore.methods import names_where
@@ -391,33 +418,14 @@ def _named(test) -> str:
 
 
 def _memory_problems(method: Any, built: dict[str, Any], training: dict[str, Any]) -> list[str]:
-    """Checks across sections for the memory options (``memory`` and the ``optimizer`` section)."""
-    out = []
-    memory = built["memory"]
-    if memory.checkpointing == "frozen" and not method.switches_layers:
-        out.append(f"memory.checkpointing=frozen: only layer-switching methods ({_named(lambda m: m.switches_layers)}) "
-                   f"have frozen layers to checkpoint; method {method.name} trains every layer it trains at once, "
-                   "use memory.checkpointing=all")
-    if memory.frozen_weights == "int8" and not method.switches_layers:
-        out.append(f"memory.frozen_weights=int8: only layer-switching methods ({_named(lambda m: m.switches_layers)}) keep "
-                   f"frozen decoder layers; for method {method.name} quantise the base with method=qlora, or "
-                   "remove memory.frozen_weights")
-    if memory.sparse_embedding_grad and not method.own_optimizer:
-        out.append(f"memory.sparse_embedding_grad=true: method {method.name} uses the Trainer's optimizer "
-                   f"({training.get('optim', 'adamw_torch')}), which takes no sparse gradients; use a method with "
-                   f"its own optimizer ({_named(lambda m: m.own_optimizer)}) or remove the option")
-    checkpointed = memory.checkpointing != "off" or built["model"].gradient_checkpointing
-    if memory.offload_activations and not checkpointed:
-        out.append("memory.offload_activations=true without activation checkpointing: every activation of every "
-                   "layer would cross to the host and back each step; set memory.checkpointing=all (or frozen), "
-                   "so that only the layers' inputs are offloaded")
-    if memory.offload_activations and built["parallel"].fsdp2:
-        out.append("memory.offload_activations=true with parallel.fsdp2=true: not supported on shards yet; "
-                   "remove one")
-    if memory.frozen_weights == "int8" and training.get("load_best_model_at_end"):
-        out.append("memory.frozen_weights=int8 with training.load_best_model_at_end=true: the Trainer loads the best "
-                   "checkpoint while frozen layers still hold int8 codes (their exact weights come back only at the "
-                   "end of training); set training.load_best_model_at_end=false")
+    """Checks across sections for the memory options: each ``memory`` option's declared conflicts
+    (``owlore.memory.options``), and the ``optimizer`` section's in-backward update."""
+    from owlore.memory.option import OptionContext
+    from owlore.memory.options import run_problems
+
+    out = run_problems(OptionContext(method=method, memory=built["memory"], model=built["model"],
+                                     parallel=built["parallel"], training=training,
+                                     sections={k: v for k, v in built.items()}))
     optimizer = built.get("optimizer")
     if optimizer is not None and optimizer.update_in_backward:
         clip = training.get("max_grad_norm", 1.0)  # TrainingArguments' default clips at 1.0
@@ -449,9 +457,10 @@ def _vision_problems(method: Any, vision: Any, data: Any) -> list[str]:
     return out
 
 
-def engine_problems(spec: Any, training: dict[str, Any], parallel: Any = None, memory: Any = None) -> list[str]:
+def engine_problems(spec: Any, training: dict[str, Any], parallel: Any = None) -> list[str]:
     """Which method (a ``Method``) runs under which scale-out engine (README "Scale out"), checked before anything
-    loads; read from the method's ``zero_stages`` and ``fsdp2``."""
+    loads; read from the method's ``zero_stages`` and ``fsdp2`` (the memory options' own ``fsdp2``:
+    ``owlore.memory.options.run_problems``)."""
     out = []
     method, own_optimizer = spec.name, spec.own_optimizer
     if parallel is not None and parallel.fsdp2:
@@ -461,11 +470,6 @@ def engine_problems(spec: Any, training: dict[str, Any], parallel: Any = None, m
                        "DeepSpeed (training.deepspeed=configs/deepspeed/zero2.json for full/lora)")
         if training.get("deepspeed") or training.get("fsdp"):
             out.append("parallel.fsdp2=true with training.deepspeed / training.fsdp: choose one engine")
-        if memory is not None and (memory.frozen_weights != "full" or memory.checkpointing == "frozen"
-                                   or memory.sparse_embedding_grad or memory.chunked_loss):
-            out.append("parallel.fsdp2=true with memory.frozen_weights / checkpointing=frozen / "
-                       "sparse_embedding_grad / chunked_loss: these swap or wrap the layers' weights and are not "
-                       "supported on shards yet; remove them (memory.checkpointing=all works)")
     if training.get("fsdp") and own_optimizer:
         out.append(f"training.fsdp with method {method}: HF's FSDP plugin rebuilds the optimizer around the sharded "
                    "parameters (the method's per-layer GaLoreAdamW would not survive) and on CPU falls back to DDP; "
