@@ -207,11 +207,20 @@ def test_errors(tmp_path):
 def test_lisa_with_plain_adamw(tmp_path):
     """uniform mode + torch.optim.AdamW = LISA with freed state, through the same callback."""
     model = _model(4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     probe = Probe(find_decoder_layers(model))
     cb = OwLoreCallback(OwLoreConfig(gamma=1, interval=1, mode="uniform", rank=None))
     Trainer(model=model, args=_args(tmp_path, max_steps=5), train_dataset=RandomLM(),
             optimizers=(torch.optim.AdamW(model.parameters(), lr=1e-3), None), callbacks=[cb, probe]).train()
-    assert all(len(s) <= 1 for s in probe.with_state)
+    drawn = [layers for _, layers in cb.history]
+    assert len(drawn) == 5 and all(len(d) == 1 for d in drawn)
+    # after each step exactly the drawn layer trains and holds AdamW state: the others' state was freed
+    assert probe.with_state == drawn and probe.trainable == drawn
+    sampled = {i for d in drawn for i in d}
+    for i in range(4):  # and the drawn layers, only those, changed
+        changed = any(not torch.equal(before[n], p) for n, p in model.named_parameters()
+                      if n.startswith(f"model.layers.{i}."))
+        assert changed == (i in sampled), f"layer {i}: changed={changed}, sampled={i in sampled}"
 
 
 def test_zero_partitioning_with_layer_switching_is_refused():

@@ -23,13 +23,24 @@ def test_modes_without_outlier_ratios_record_none(tmp_path, mode):
     _, rec = _run(tmp_path, OwLoreConfig(gamma=2, interval=2, mode=mode, rank=None, calibration_batches=1))
     assert rec["outlier_ratios"] is None  # not a vector of ones pretending to be ratios
     assert len(rec["inclusion_probabilities"]) == 4 and abs(sum(rec["inclusion_probabilities"]) - 2) < 1e-9
-    assert sum(rec["activation_counts"]) == 2 * len(rec["history"])
+    assert rec["activation_counts"] == [sum(i in h["layers"] for h in rec["history"]) for i in range(4)]
+    assert all(len(h["layers"]) == 2 for h in rec["history"])
 
 
 def test_owl_mode_records_the_ratios(tmp_path):
     cb, rec = _run(tmp_path, OwLoreConfig(gamma=2, interval=2, rank=None, calibration_batches=1))
-    assert rec["outlier_ratios"] == cb.scores.tolist() and len(rec["outlier_ratios"]) == 4
-    assert all(r > 0 for r in rec["outlier_ratios"])
+    ratios = rec["outlier_ratios"]
+    assert len(ratios) == 4 and all(r > 0 for r in ratios)
+    # the probabilities follow from the ratios by the paper's rule, recomputed here by hand: p ∝ ratio, then the
+    # inclusion probabilities min(1, c·p) with c (found by bisection) such that they sum to γ = 2
+    p = [r / sum(ratios) for r in ratios]
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        c = (lo + hi) / 2
+        lo, hi = (c, hi) if sum(min(1.0, c * x) for x in p) < 2 else (lo, c)
+    assert rec["inclusion_probabilities"] == pytest.approx([min(1.0, c * x) for x in p], abs=1e-6)
+    # the counts are the history's, layer by layer
+    assert rec["activation_counts"] == [sum(i in h["layers"] for h in rec["history"]) for i in range(4)]
 
 
 def test_only_the_main_process_writes_the_record(tmp_path):

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from owlore.pruning import method_names
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+import eval_support  # noqa: E402
+
 SCRIPT = Path(__file__).resolve().parents[2] / "eval" / "vlm_pruning.py"
 
 
@@ -34,4 +37,4 @@ def test_speed_quick_writes_json_markdown_and_png(tmp_path):
         assert by[("fastv", 4)][key] == by[("dart", 4)][key] > by[("cls", 4)][key]
     markdown = (tmp_path / "speed.md").read_text()
     assert "--quick" in markdown and markdown.count("\n| ") == 1 + len(rows)  # header + one line per row
-    assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    eval_support.assert_plot(tmp_path / "speed.png")
