@@ -1,7 +1,9 @@
 """OwLore: outlier-weighted layerwise sampled low-rank fine-tuning (arXiv 2405.18380), HF-native.
 
 Library only: no argparse, no prints, no global state (one exception: the import hook below that keeps the module
-paths of before the package layout working, with a warning). Entry points are ``train.py`` and ``eval/*.py``.
+paths of before the package layout working, with a warning). Entry points are ``train.py``, ``eval/*.py`` and the
+``python -m`` modules (``__main__.py``, e.g. ``owlore.memory``); ``cli.py`` holds their shared error path. Those
+are the only modules with argparse or prints (``tests/test_imports.py`` checks).
 
 Packages: ``optim`` (GaLoreAdamW and its state), ``layerwise`` (outlier ratios, samplers, the layer-switching
 callback), ``methods`` (every training method and what it supports), ``run`` (config, checks, run directory,

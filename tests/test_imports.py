@@ -107,3 +107,21 @@ def test_the_old_module_paths_still_import_with_a_warning():
             module = importlib.import_module(old)
         assert module is importlib.import_module(new), old
         assert not caught or f"{old} moved to {new}" in str(caught[0].message)  # warned once, on first import
+
+
+def test_only_entry_point_modules_parse_arguments_or_print():
+    """The library logs; argparse and print() belong to the ``python -m`` entry points (``__main__.py``) and the
+    entry points' shared error path (``owlore/cli.py``)."""
+    root = Path(__file__).resolve().parents[1] / "owlore"
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name == "__main__.py" or path == root / "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                offenders.append(f"{path.relative_to(root)}:{node.lineno} print")
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if "argparse" in names:
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno} argparse")
+    assert offenders == []

@@ -111,3 +111,15 @@ def test_merge_weights_are_applied_before_the_projector_and_text_reaches_text_me
     text_mask = mask.bool() & (ids != IMAGE_TOKEN)
     assert torch.equal(seen["text_mask"], text_mask)
     torch.testing.assert_close(seen["text"], tiny_llava.get_input_embeddings()(ids).detach())
+
+
+def test_readme_says_every_field_a_pruning_method_declares():
+    import dataclasses
+    from pathlib import Path
+
+    from owlore.pruning.registry import PruningMethod
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    recipe = text[text.index("**Adding a pruning method**"):text.index("**Adding a memory option**")]
+    missing = [f.name for f in dataclasses.fields(PruningMethod) if f.name not in recipe]
+    assert missing == [] and "BUILTIN_MODULES" in recipe, f"README's pruning recipe does not mention {missing}"
