@@ -11,6 +11,7 @@ bench --sweep $S --only uniform,reversed --max-runs 2         # seed 0 of the sa
 bench --sweep $M --passes 1                                   # every other method at its first learning rate
 bench --sweep $S                                              # all seeds of the sampling ablation
 bench --sweep benchmarks/sweeps/owlore_ablations.yaml         # OwLore's knobs one at a time
+bench --sweep benchmarks/sweeps/owlore_tuned.yaml             # the best two knobs together, 3 seeds
 bench --sweep $M                                              # the rest of the learning-rate grid
 bench --sweep benchmarks/sweeps/nodejs_methods.yaml --passes 1                  # the domain task, first lr
 bench --sweep benchmarks/sweeps/nodejs_methods.yaml                             # and its grid
