@@ -5,7 +5,6 @@ it as a variant in a child process."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -61,11 +60,7 @@ register(MemoryOption(name="frozen_norms", default=False, doc="RMSNorm weights f
 
 @pytest.fixture
 def plugin(tmp_path, monkeypatch):
-    (tmp_path / "my_options.py").write_text(PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv(PLUGINS_ENV, "my_options")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    importlib.import_module("my_options")
+    ms.install_plugin(tmp_path, monkeypatch, "my_options", PLUGIN, PLUGINS_ENV)
     yield tmp_path
     unregister("frozen_norms")
     sys.modules.pop("my_options", None)

@@ -5,7 +5,6 @@ eval/bench.py runs it in a child process."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -55,11 +54,7 @@ register(Method(name="first_layers", summary="the lowest N decoder layers, the T
 
 @pytest.fixture
 def plugin(tmp_path, monkeypatch):
-    (tmp_path / "my_methods.py").write_text(PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv(PLUGINS_ENV, "my_methods")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    importlib.import_module("my_methods")
+    ms.install_plugin(tmp_path, monkeypatch, "my_methods", PLUGIN, PLUGINS_ENV)
     yield tmp_path
     unregister("first_layers")
     sys.modules.pop("my_methods", None)

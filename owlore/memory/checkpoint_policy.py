@@ -87,16 +87,13 @@ class FrozenLayerCheckpointing(TrainerCallback):
 CHECKPOINTING = ("off", "all", "frozen")
 
 
-def _layer_switching() -> str:
-    from owlore.methods import names_where
-
-    return ", ".join(names_where(lambda m: m.switches_layers))
-
-
 def _conflicts(mode: str, ctx: OptionContext) -> list[str]:
+    from owlore.methods import listed_where
+
     out = []
     if mode == "frozen" and not ctx.method.switches_layers:
-        out.append(f"memory.checkpointing=frozen: only layer-switching methods ({_layer_switching()}) have frozen "
+        switching = listed_where(lambda m: m.switches_layers)
+        out.append(f"memory.checkpointing=frozen: only layer-switching methods ({switching}) have frozen "
                    f"layers to checkpoint; method {ctx.method.name} trains every layer it trains at once, use "
                    "memory.checkpointing=all")
     if mode == "frozen" and ctx.parallel is not None and ctx.parallel.fsdp2:

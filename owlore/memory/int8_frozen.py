@@ -171,16 +171,13 @@ class Int8FrozenLayers(TrainerCallback):
 
 
 # ------------------------------------------------------------------------------------------------ the option
-def _layer_switching() -> str:
-    from owlore.methods import names_where
-
-    return ", ".join(names_where(lambda m: m.switches_layers))
-
-
 def _conflicts(mode: str, ctx: OptionContext) -> list[str]:
+    from owlore.methods import listed_where
+
     out = []
     if not ctx.method.switches_layers:
-        out.append(f"memory.frozen_weights=int8: only layer-switching methods ({_layer_switching()}) keep frozen "
+        switching = listed_where(lambda m: m.switches_layers)
+        out.append(f"memory.frozen_weights=int8: only layer-switching methods ({switching}) keep frozen "
                    f"decoder layers; for method {ctx.method.name} quantise the base with method=qlora, or remove "
                    "memory.frozen_weights")
     if ctx.training.get("load_best_model_at_end"):

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def checkpointing_on(memory: Any, model: Any) -> bool:
+    """Whether a run checkpoints activations: ``memory.checkpointing`` all/frozen or ``model.gradient_checkpointing``."""
+    return bool(model.gradient_checkpointing) or memory.checkpointing in ("all", "frozen")
+
+
 @dataclass(frozen=True)
 class OptionContext:
     """What an option's ``conflicts`` may read: the run's method (a ``Method``) and its validated sections."""
@@ -28,8 +33,7 @@ class OptionContext:
 
     @property
     def checkpointed(self) -> bool:
-        """Whether the run checkpoints activations (``memory.checkpointing`` or ``model.gradient_checkpointing``)."""
-        return self.memory.checkpointing != "off" or bool(self.model.gradient_checkpointing)
+        return checkpointing_on(self.memory, self.model)
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,14 @@ memory estimator (``estimate`` / ``adjust``) and ``eval/bench.py`` read this reg
 
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import Any
 
-from owlore.memory.option import MemoryOption, OptionContext
-from owlore.plugins import load_plugins
+from owlore.memory.option import MemoryOption, OptionContext, checkpointing_on
+from owlore.plugins import Registry, load_plugins
 
 logger = logging.getLogger(__name__)
 
-_RUNTIME = "<registered at run time>"
 REGISTRY: dict[str, str] = {  # the order in which they are applied
     "chunked_loss": "owlore.memory.chunked_loss",
     "sparse_embedding_grad": "owlore.memory.sparse_embedding",
@@ -27,7 +25,7 @@ REGISTRY: dict[str, str] = {  # the order in which they are applied
     "offload_activations": "owlore.memory.offload_activations",
     "profile": "owlore.memory.probe",
 }
-_REGISTERED: dict[str, MemoryOption] = {}
+_OPTIONS = Registry(REGISTRY, attr="OPTION", kind="memory option", plural="options")
 
 PLUGINS_ENV = "OWLORE_MEMORY_OPTIONS"
 ENTRY_POINT_GROUP = "owlore.memory_options"
@@ -35,30 +33,20 @@ ENTRY_POINT_GROUP = "owlore.memory_options"
 
 def register(option: MemoryOption) -> MemoryOption:
     """Add an option defined outside owlore; it is then ``memory.<name>`` in every config."""
-    if option.name in REGISTRY and REGISTRY[option.name] != _RUNTIME:
-        raise ValueError(f"memory option {option.name!r} is already registered ({REGISTRY[option.name]})")
-    REGISTRY[option.name] = _RUNTIME
-    _REGISTERED[option.name] = option
-    return option
+    return _OPTIONS.register(option)
 
 
 def unregister(name: str) -> None:
     """Remove an option added with ``register``."""
-    if REGISTRY.get(name) == _RUNTIME:
-        del REGISTRY[name]
-        _REGISTERED.pop(name, None)
+    _OPTIONS.unregister(name)
 
 
 def get_option(name: str) -> MemoryOption:
-    if name not in REGISTRY:
-        raise KeyError(f"unknown memory option {name!r}; options: {', '.join(REGISTRY)}")
-    if REGISTRY[name] == _RUNTIME:
-        return _REGISTERED[name]
-    return importlib.import_module(REGISTRY[name]).OPTION
+    return _OPTIONS.get(name)
 
 
 def all_options() -> dict[str, MemoryOption]:
-    return {name: get_option(name) for name in REGISTRY}
+    return _OPTIONS.all()
 
 
 def value(memory: Any, name: str) -> Any:
@@ -127,9 +115,8 @@ def adjust_estimate(estimate: Any, cfg: Any) -> None:
 
 
 def checkpointing_enabled(cfg: Any) -> bool:
-    """Whether the Trainer must enable activation checkpointing (``model.gradient_checkpointing`` or
-    ``memory.checkpointing`` all/frozen)."""
-    return bool(cfg.model.gradient_checkpointing) or cfg.memory.checkpointing in ("all", "frozen")
+    """Whether the Trainer must enable activation checkpointing (``owlore.memory.option.checkpointing_on``)."""
+    return checkpointing_on(cfg.memory, cfg.model)
 
 
 load_plugins(PLUGINS_ENV, ENTRY_POINT_GROUP)

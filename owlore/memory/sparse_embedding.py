@@ -34,11 +34,11 @@ def enable_sparse_embedding_grad(model: nn.Module) -> None:
 def _conflicts(on: bool, ctx: OptionContext) -> list[str]:
     if ctx.method.own_optimizer:
         return []
-    from owlore.methods import names_where
+    from owlore.methods import listed_where
 
     return [f"memory.sparse_embedding_grad=true: method {ctx.method.name} uses the Trainer's optimizer "
             f"({ctx.training.get('optim', 'adamw_torch')}), which takes no sparse gradients; use a method with its "
-            f"own optimizer ({', '.join(names_where(lambda m: m.own_optimizer))}) or remove the option"]
+            f"own optimizer ({listed_where(lambda m: m.own_optimizer)}) or remove the option"]
 
 
 OPTION = MemoryOption(

@@ -9,13 +9,11 @@ your own code (in a module named by ``$OWLORE_METHODS``, or a package's ``owlore
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 from owlore.methods.base import BuildContext, MemoryProfile, Method, MethodParts, OptimizerConfig
-from owlore.plugins import load_plugins
+from owlore.plugins import Registry, load_plugins
 
-_RUNTIME = "<registered at run time>"
 REGISTRY: dict[str, str] = {
     "owlore": "owlore.methods.owlore",
     "full": "owlore.methods.full",
@@ -26,10 +24,7 @@ REGISTRY: dict[str, str] = {
     "badam": "owlore.methods.badam",
     "apollo": "owlore.methods.apollo",
 }
-
-
-_REGISTERED: dict[str, Method] = {}
-"""Methods registered at run time (``register``), e.g. from a user's script or a test."""
+_METHODS = Registry(REGISTRY, attr="METHOD", kind="method", plural="methods")
 
 
 def register(method: Method) -> Method:
@@ -38,36 +33,31 @@ def register(method: Method) -> Method:
     Everything that reads the registry sees it: the config loader (``method: <name>``), ``train.py``, the memory
     estimator, ``eval/bench.py --methods``.
     """
-    if method.name in REGISTRY and REGISTRY[method.name] != _RUNTIME:
-        raise ValueError(f"method {method.name!r} is already registered ({REGISTRY[method.name]})")
-    REGISTRY[method.name] = _RUNTIME
-    _REGISTERED[method.name] = method
-    return method
+    return _METHODS.register(method)
 
 
 def unregister(name: str) -> None:
     """Remove a method added with ``register``."""
-    if REGISTRY.get(name) == _RUNTIME:
-        del REGISTRY[name]
-        _REGISTERED.pop(name, None)
+    _METHODS.unregister(name)
 
 
 def get_method(name: str) -> Method:
     """The registered ``Method`` called ``name``."""
-    if name not in REGISTRY:
-        raise KeyError(f"unknown method {name!r}; methods: {', '.join(REGISTRY)}")
-    if REGISTRY[name] == _RUNTIME:
-        return _REGISTERED[name]
-    return importlib.import_module(REGISTRY[name]).METHOD
+    return _METHODS.get(name)
 
 
 def all_methods() -> dict[str, Method]:
-    return {name: get_method(name) for name in REGISTRY}
+    return _METHODS.all()
 
 
 def names_where(test: Callable[[Method], bool]) -> list[str]:
     """Registered method names whose ``Method`` passes ``test`` (e.g. ``lambda m: m.fsdp2``), in registry order."""
     return [name for name, m in all_methods().items() if test(m)]
+
+
+def listed_where(test: Callable[[Method], bool]) -> str:
+    """``names_where(test)`` as one comma-separated string, for messages."""
+    return ", ".join(names_where(test))
 
 
 PLUGINS_ENV = "OWLORE_METHODS"
@@ -77,4 +67,4 @@ ENTRY_POINT_GROUP = "owlore.methods"
 load_plugins(PLUGINS_ENV, ENTRY_POINT_GROUP)
 
 __all__ = ["REGISTRY", "BuildContext", "MemoryProfile", "Method", "MethodParts", "OptimizerConfig", "all_methods", "get_method",
-           "names_where", "register", "unregister"]
+           "listed_where", "names_where", "register", "unregister"]

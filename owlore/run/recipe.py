@@ -412,9 +412,9 @@ def _memory_plugins(section: dict[str, Any], texts: dict[str, str]) -> tuple[dic
 
 def _named(test) -> str:
     """The registered methods passing ``test`` (a ``Method`` predicate), for messages."""
-    from owlore.methods import names_where
+    from owlore.methods import listed_where
 
-    return ", ".join(names_where(test))
+    return listed_where(test)
 
 
 def _memory_problems(method: Any, built: dict[str, Any], training: dict[str, Any]) -> list[str]:
@@ -425,7 +425,7 @@ def _memory_problems(method: Any, built: dict[str, Any], training: dict[str, Any
 
     out = run_problems(OptionContext(method=method, memory=built["memory"], model=built["model"],
                                      parallel=built["parallel"], training=training,
-                                     sections={k: v for k, v in built.items()}))
+                                     sections=dict(built)))
     optimizer = built.get("optimizer")
     if optimizer is not None and optimizer.update_in_backward:
         clip = training.get("max_grad_norm", 1.0)  # TrainingArguments' default clips at 1.0
