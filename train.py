@@ -60,12 +60,13 @@ def run_eval(model, tokenizer, cfg: RunConfig, when: str) -> dict[str, Any]:
         out["demo"] = evaluate(model, tokenizer, suite="demo", limit=cfg.eval.demo_limit,
                                batch_size=cfg.eval.batch_size)
     if when == "after" and cfg.vision.enabled and cfg.vision.eval_examples:  # held-out grid questions, unpruned
-        from owlore.data.fashion_vqa import heldout_examples
+        from owlore.data.fashion_vqa import as_records, heldout_examples
         from owlore.pruning.accuracy import vqa_accuracy
+        from owlore.vision.llava import llava_processor
 
         examples = heldout_examples(cfg.vision.eval_examples, grid=cfg.vision.grid, seed=cfg.vision.seed,
                                     data_dir=cfg.vision.data_dir)
-        r = vqa_accuracy(model, tokenizer, examples, num_image_tokens=cfg.vision.num_tokens,
+        r = vqa_accuracy(model, llava_processor(model.config, tokenizer), as_records(examples),
                          batch_size=cfg.eval.batch_size)
         out["vqa"] = {"average": r["accuracy"], "n": r["n"], "by_kind": r["by_kind"]}
     out.update(_task_evals(model, tokenizer, cfg.eval))
@@ -380,6 +381,10 @@ def write_outputs(r: Run, summary: dict[str, Any], after: dict[str, Any]) -> Non
     if not trainer.is_world_process_zero():
         return
     r.tokenizer.save_pretrained(final_dir)
+    if cfg.vision.enabled:  # the processor: any VLM tool (eval/vlm_pruning.py, lmms-eval) then runs it as trained
+        from owlore.vision.llava import llava_processor
+
+        llava_processor(r.model.config, r.tokenizer).save_pretrained(final_dir)
     record = cb.record() if cb is not None else {}
     if cb is not None:
         summary["plot"] = str(plot_layer_statistics(

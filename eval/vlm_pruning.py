@@ -2,10 +2,14 @@
 
     python eval/vlm_pruning.py speed                 # LLaVA-1.5 layout, 576 -> 192/128/64, ~8 min on 2 cores
     python eval/vlm_pruning.py speed --quick --out /tmp/x   # seconds; used by the tests
-    python eval/vlm_pruning.py accuracy --model outputs/fashion_llava_full/final   # held-out Fashion-MNIST VQA
+    python eval/vlm_pruning.py accuracy --model <hub id or dir> --data <dir with images + questions.jsonl>
+    python eval/vlm_pruning.py accuracy --model outputs/fashion_llava_full/final --data .cache/tasks/fashion_vqa
 
-``accuracy`` scores every method at 1/2, 1/4, 1/9 and 1/36 of the visual tokens on the held-out grid questions
-(``owlore.pruning.vqa_benchmark``) and writes accuracy.json / .md / .png and kept_tokens.png.
+``accuracy`` scores every method at 1/2, 1/4, 1/9 and 1/36 of the visual tokens (or ``--budgets``) on any VQA
+directory (``owlore.data.vqa_files``: rows with ``choices`` by log-likelihood, others by exact match of the greedy
+answer), on any VLM the pruner supports, and writes accuracy.json / .md (overall and per question kind) /
+accuracy.png, accuracy_by_kind.png and kept_tokens.png (``owlore.pruning.vqa_benchmark``). The Fashion-MNIST
+benchmark is one such directory, written by ``make fashion-mnist``.
 
 Random weights make the latency and FLOPs meaningful but say nothing about accuracy. The language model
 is the 7B width (hidden 4096, ffn 11008, 32 heads) at reduced depth so it fits on a CPU; FLOPs are also
@@ -79,74 +83,79 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lm-layers", type=int, default=2, help="run depth (7B has 32)")
     g.add_argument("--full-layers", type=int, default=32, help="depth for the analytic full-model figures")
     g.add_argument("--vocab", type=int, default=32000)
-    a = sub.add_parser("accuracy", help="held-out VQA accuracy per method and budget on a trained LLaVA")
-    a.add_argument("--model", type=Path, required=True, help="a saved LlavaForConditionalGeneration (train.py final/)")
+    a = sub.add_parser("accuracy", help="VQA accuracy per method and budget, on any supported VLM and VQA directory")
+    a.add_argument("--model", required=True,
+                   help="HF hub id or save_pretrained dir of a LLaVA / LLaVA-NeXT / Qwen2-VL (train.py's final/)")
+    a.add_argument("--data", type=Path, required=True,
+                   help="a directory of images + questions.jsonl ({image, question, answer[, choices, kind]})")
     a.add_argument("--out", type=Path, default=Path("outputs/vlm_pruning_accuracy"))
     a.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
     a.add_argument("--budgets", nargs="+", type=BUDGET, default=None,
                    help="visual tokens kept per image (default: 1/2, 1/4, 1/9 and 1/36 of them)")
-    a.add_argument("--examples", type=int, default=288, help="held-out questions (one per test-split image)")
-    a.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files (default: Debian's location)")
-    a.add_argument("--seed", type=int, default=0, help="vision.seed of the training run (held-out images follow)")
+    a.add_argument("--limit", type=_cli.positive_int("leave it out to score every question"), default=None,
+                   help="score the first N questions")
+    a.add_argument("--prompt", default=None,
+                   help="prompt template with {question} and the image token (default: the processor's chat template)")
+    a.add_argument("--max-new-tokens", type=int, default=16, help="answer length of rows without choices")
     a.add_argument("--batch", type=int, default=16)
     a.add_argument("--repeats", type=int, default=3, help="timed prefill repeats (median)")
     a.add_argument("--zoo-directions", type=int, default=16)
     a.add_argument("--llm-layer", type=int, default=None,
                    help="K of the methods that prune inside the language model (fastv, dart; default: theirs, 2)")
-    a.add_argument("--draw", type=int, default=4, help="example images in kept_tokens.png")
+    a.add_argument("--draw", type=int, default=4, help="example images in kept_tokens.png (LLaVA-1.5 grids)")
+    a.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto = bfloat16 on CUDA, float32 on CPU")
+    a.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    a.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the checkpoint")
     a.add_argument("--threads", type=int, default=2)
     return parser
 
 
 def run_accuracy(args: argparse.Namespace) -> dict:
-    """Load the model, build the held-out questions, score every (method, budget), write the files."""
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
-
-    from owlore.data.fashion_vqa import heldout_examples
+    """Read the questions, load the model, score every (method, budget), write the files."""
+    from owlore.data.vqa_files import read_vqa_dir
+    from owlore.evaluation.loading import resolve_device, resolve_dtype
     from owlore.pruning import vqa_benchmark as vb
+    from owlore.pruning.models import adapter_for
+    from owlore.pruning.vlm_inputs import image_tokens, load_vlm
 
     torch.set_num_threads(args.threads)
-    v = _llava_vision_config(args.model)  # a wrong model or budget fails before the weights load
-    n_tokens, grid = (v.image_size // v.patch_size) ** 2, v.image_size // 28
-    if args.budgets and max(args.budgets) > n_tokens:
+    records = read_vqa_dir(args.data, limit=args.limit)  # bad rows fail before the weights load
+    device = resolve_device(args.device)
+    model, processor = load_vlm(args.model, dtype=resolve_dtype(args.dtype, device), device=device,
+                                trust_remote_code=args.trust_remote_code)
+    n_tokens = image_tokens(processor, records[0], args.prompt)
+    square = adapter_for(model).name == "llava"  # one unit of n_tokens per image: budgets and drawings in tokens
+    if args.budgets and square and max(args.budgets) > n_tokens:
         raise UsageError(f"--budgets {' '.join(map(str, args.budgets))}: the model has {n_tokens} visual tokens per "
                          f"image; give budgets from 1 to {n_tokens}")
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    budgets = args.budgets or [n_tokens // 2, n_tokens // 4, n_tokens // 9, max(1, n_tokens // 36)]
-    examples = heldout_examples(args.examples, grid=grid, seed=args.seed, data_dir=args.data_dir)  # as train.py's
-    rows = vb.accuracy_table(model, tokenizer, examples, methods=args.methods, budgets=budgets,
+    budgets = args.budgets or ([n_tokens // 2, n_tokens // 4, n_tokens // 9, max(1, n_tokens // 36)] if square
+                               else [1 / 2, 1 / 4, 1 / 9, 1 / 36])
+    rows = vb.accuracy_table(model, processor, records, methods=args.methods, budgets=budgets,
                              num_image_tokens=n_tokens, batch_size=args.batch, repeats=args.repeats,
-                             zoo_directions=args.zoo_directions, llm_layer=args.llm_layer)
+                             zoo_directions=args.zoo_directions, llm_layer=args.llm_layer, prompt=args.prompt,
+                             max_new_tokens=args.max_new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"command": "python " + shlex.join(sys.argv), "model": str(args.model), "visual_tokens": n_tokens,
-              "examples": args.examples, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    result = {"command": "python " + shlex.join(sys.argv), "model": str(args.model), "data": str(args.data),
+              "visual_tokens": n_tokens, "examples": len(records), "torch": torch.__version__,
+              "device": device, "dtype": str(next(model.parameters()).dtype), "threads": torch.get_num_threads(),
               "rows": rows}
     (args.out / "accuracy.json").write_text(json.dumps(result, indent=2))
-    (args.out / "accuracy.md").write_text(f"Command: `{result['command']}`\n\n" + vb.to_markdown(rows))
-    vb.plot_accuracy(rows, args.out / "accuracy.png",
-                     title=f"Fashion-MNIST grid VQA, {args.examples} held-out questions")
-    if args.draw:
-        vb.draw_kept(model, tokenizer, examples[:args.draw], args.methods, budgets[min(2, len(budgets) - 1)],
+    (args.out / "accuracy.md").write_text(f"Command: `{result['command']}`\n\n" + vb.to_markdown(rows)
+                                          + "\n" + vb.kind_tables(rows))
+    title = f"{args.data.name}: {len(records)} questions"
+    vb.plot_accuracy(rows, args.out / "accuracy.png", title=title)
+    vb.plot_by_kind(rows, args.out / "accuracy_by_kind.png", title=title)
+    drawn = ""
+    if args.draw and square:
+        vb.draw_kept(model, processor, records[:args.draw], args.methods, budgets[min(2, len(budgets) - 1)],
                      n_tokens, args.out / "kept_tokens.png", zoo_directions=args.zoo_directions,
-                     llm_layer=args.llm_layer)
+                     llm_layer=args.llm_layer, prompt=args.prompt)
+        drawn = ", kept_tokens.png"
     print(vb.to_markdown(rows))
-    print(f"wrote {args.out}/accuracy.json, accuracy.md, accuracy.png" + (", kept_tokens.png" if args.draw else ""))
+    print(vb.kind_tables(rows))
+    print(f"wrote {args.out}/accuracy.json, accuracy.md, accuracy.png, accuracy_by_kind.png{drawn}")
     return result
-
-
-def _llava_vision_config(model: Path):
-    """The vision config of a saved LLaVA, read from its config.json alone; a ``UsageError`` for anything else."""
-    from transformers import AutoConfig
-
-    from owlore.run.sources import check_model_source
-
-    config = AutoConfig.from_pretrained(check_model_source(str(model), key="--model"))
-    if config.model_type != "llava":
-        raise UsageError(f"--model {model}: a {config.model_type!r} model; accuracy scores a saved "
-                         "LlavaForConditionalGeneration (train.py --config configs/fashion_llava.yaml writes one to "
-                         "<output_dir>/final)")
-    return config.vision_config
 
 
 def apply_quick(args: argparse.Namespace) -> None:

@@ -135,18 +135,18 @@ def test_pruned_generate_and_vqa_accuracy_on_cuda():
     import eval_support
     import method_support as ms
 
-    from owlore.data.fashion_vqa import build_vqa
+    from owlore.data.fashion_vqa import as_records, build_vqa
     from owlore.pruning import VisualTokenPruner
     from owlore.pruning.accuracy import vqa_accuracy
-    from owlore.vision.llava import VisionTowerConfig, build_llava
+    from owlore.vision.llava import VisionTowerConfig, build_llava, llava_processor
 
     tower = VisionTowerConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
     model, tok = build_llava(ms.tiny_model(2), eval_support.tokenizer(), tower)
     rng = np.random.default_rng(5)
     examples = build_vqa(rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), np.arange(20) % 10, 4)
-    on_cpu = vqa_accuracy(model.eval(), tok, examples, num_image_tokens=tower.num_tokens, batch_size=4)
-    on_gpu = vqa_accuracy(model.to(CUDA), tok, examples, num_image_tokens=tower.num_tokens, batch_size=4)
-    assert on_gpu["choices"] == on_cpu["choices"]
-    pruned = vqa_accuracy(model, tok, examples, num_image_tokens=tower.num_tokens, batch_size=4,
+    on_cpu = vqa_accuracy(model.eval(), llava_processor(model.config, tok), as_records(examples), batch_size=4)
+    on_gpu = vqa_accuracy(model.to(CUDA), llava_processor(model.config, tok), as_records(examples), batch_size=4)
+    assert on_gpu["predictions"] == on_cpu["predictions"]
+    pruned = vqa_accuracy(model, llava_processor(model.config, tok), as_records(examples), batch_size=4,
                           pruner=VisualTokenPruner("divprune", tower.num_tokens // 4))
     assert pruned["n"] == 4

@@ -50,15 +50,17 @@ def _lazy_masked_scatter(monkeypatch, device: torch.device) -> None:
 
 
 def test_vqa_accuracy_builds_its_batches_on_the_models_device(other_device, monkeypatch):
+    from owlore.data.fashion_vqa import as_records
     from owlore.pruning.accuracy import vqa_accuracy
+    from owlore.vision.llava import llava_processor
 
     _lazy_masked_scatter(monkeypatch, other_device)
     model, tok = _llava()
     rng = np.random.default_rng(5)
     examples = build_vqa(rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), np.arange(20) % 10, 3)
-    on_cpu = vqa_accuracy(model.eval(), tok, examples, num_image_tokens=TOWER.num_tokens, batch_size=4)
-    moved = vqa_accuracy(model.to(other_device), tok, examples, num_image_tokens=TOWER.num_tokens, batch_size=4)
-    assert moved["choices"] == on_cpu["choices"] and moved["n"] == 3
+    on_cpu = vqa_accuracy(model.eval(), llava_processor(model.config, tok), as_records(examples), batch_size=4)
+    moved = vqa_accuracy(model.to(other_device), llava_processor(model.config, tok), as_records(examples), batch_size=4)
+    assert moved["predictions"] == on_cpu["predictions"] and moved["n"] == 3
 
 
 def _lazy_image_features(monkeypatch, model, device: torch.device) -> None:

@@ -209,7 +209,7 @@ def test_vision_config_refusals():
 
 def _reference_choices(model, tok, examples, *, first_token: bool):
     """Naive oracle: one unbatched forward per example and candidate, no padding."""
-    from owlore.pruning.accuracy import CANDIDATES
+    from owlore.data.fashion_vqa import CHOICES
     from owlore.vision.llava import pixel_values, prompt_ids
 
     out = []
@@ -218,7 +218,7 @@ def _reference_choices(model, tok, examples, *, first_token: bool):
             prompt = prompt_ids(tok, e.question, TOWER.num_tokens)
             px = pixel_values([e.image])
             scores = {}
-            for w in CANDIDATES[e.kind]:
+            for w in CHOICES[e.kind]:
                 ans = tok(" " + w, add_special_tokens=False)["input_ids"]
                 ids = torch.tensor([prompt + (ans[:1] if first_token else ans)])
                 logp = model(input_ids=ids, pixel_values=px).logits.log_softmax(-1)[0]
@@ -229,20 +229,22 @@ def _reference_choices(model, tok, examples, *, first_token: bool):
 
 
 def test_accuracy_matches_a_naive_loop_and_keep_all_pruning(parts):
+    from owlore.data.fashion_vqa import as_records
     from owlore.pruning import VisualTokenPruner
     from owlore.pruning.accuracy import vqa_accuracy
+    from owlore.vision.llava import llava_processor
 
     model, tok, _, _ = parts
     rng = np.random.default_rng(5)
     examples = build_vqa(rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), np.arange(40) % 10, 9)
-    res = vqa_accuracy(model, tok, examples, num_image_tokens=TOWER.num_tokens, batch_size=4)
+    res = vqa_accuracy(model, llava_processor(model.config, tok), as_records(examples), batch_size=4)
     assert res["scoring"] == "full"  # this tokenizer's candidates share first tokens
-    assert res["choices"] == _reference_choices(model, tok, examples, first_token=False)
-    assert res["accuracy"] == sum(c == e.answer for c, e in zip(res["choices"], examples)) / 9
-    kept = vqa_accuracy(model, tok, examples, num_image_tokens=TOWER.num_tokens, batch_size=4,
+    assert res["predictions"] == _reference_choices(model, tok, examples, first_token=False)
+    assert res["accuracy"] == sum(c == e.answer for c, e in zip(res["predictions"], examples)) / 9
+    kept = vqa_accuracy(model, llava_processor(model.config, tok), as_records(examples), batch_size=4,
                         pruner=VisualTokenPruner("zoo", TOWER.num_tokens))
-    assert kept["choices"] == res["choices"]
-    pruned = vqa_accuracy(model, tok, examples, num_image_tokens=TOWER.num_tokens, batch_size=4,
+    assert kept["predictions"] == res["predictions"]
+    pruned = vqa_accuracy(model, llava_processor(model.config, tok), as_records(examples), batch_size=4,
                           pruner=VisualTokenPruner("random", 16))
     assert pruned["n"] == 9 and set(pruned["by_kind"]) <= {"position", "presence", "count"}
 
@@ -253,16 +255,18 @@ def test_first_token_scoring_with_smollm2s_tokenizer(smollm2_path):
     as the naive loop."""
     from transformers import AutoTokenizer
 
+    from owlore.data.fashion_vqa import as_records
     from owlore.pruning.accuracy import vqa_accuracy
+    from owlore.vision.llava import llava_processor
 
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     model, tok = build_llava(ms.tiny_model(2), tok, TOWER)
     model.eval()
     rng = np.random.default_rng(6)
     examples = build_vqa(rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), np.arange(40) % 10, 9)
-    res = vqa_accuracy(model, tok, examples, num_image_tokens=TOWER.num_tokens, batch_size=4)
+    res = vqa_accuracy(model, llava_processor(model.config, tok), as_records(examples), batch_size=4)
     assert res["scoring"] == "first-token"
-    assert res["choices"] == _reference_choices(model, tok, examples, first_token=True)
+    assert res["predictions"] == _reference_choices(model, tok, examples, first_token=True)
 
 
 def test_aligned_training_then_pruning_accuracy_end_to_end(tmp_path):
@@ -271,10 +275,10 @@ def test_aligned_training_then_pruning_accuracy_end_to_end(tmp_path):
     every token scores exactly as the unpruned model."""
     import json
 
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     import train
-    from owlore.data.fashion_vqa import heldout_examples
+    from owlore.data.fashion_vqa import as_records, heldout_examples, write_heldout_dir
     from owlore.pruning import VisualTokenPruner
     from owlore.pruning.accuracy import vqa_accuracy
 
@@ -289,11 +293,13 @@ def test_aligned_training_then_pruning_accuracy_end_to_end(tmp_path):
     assert summary["vision_alignment"]["steps"] == 3 and summary["vision_alignment"]["rescale"] > 0
     assert 0 <= summary["vision_alignment"]["heldout_token_accuracy"] <= 1
 
+    assert (out / "final" / "processor_config.json").is_file()  # saved with the model
+    heldout = write_heldout_dir(tmp_path / "heldout", 6, data_dir=data)  # the benchmark as a user's VQA directory
     script = eval_support.load_script("vlm_pruning")
     res_dir = tmp_path / "acc"
     methods = ["random", "cls", "zoo_exact", "divprune", "fopru_rank", "cdpruner", "visionzip", "fastv", "dart"]
     result = script.run_accuracy(script.build_parser().parse_args(
-        ["accuracy", "--model", str(out / "final"), "--out", str(res_dir), "--data-dir", str(data), "--examples", "6",
+        ["accuracy", "--model", str(out / "final"), "--out", str(res_dir), "--data", str(heldout), "--limit", "6",
          "--budgets", "144", "16", "4", "--batch", "8", "--repeats", "1", "--draw", "2", "--llm-layer", "1",
          "--methods", *methods]))
     rows = result["rows"]
@@ -310,13 +316,12 @@ def test_aligned_training_then_pruning_accuracy_end_to_end(tmp_path):
         assert r["prefill_gflops"] < base["prefill_gflops"]
     for name in ("accuracy.json", "accuracy.md"):
         assert (res_dir / name).stat().st_size > 0
-    for name in ("accuracy.png", "kept_tokens.png"):
+    for name in ("accuracy.png", "accuracy_by_kind.png", "kept_tokens.png"):
         eval_support.assert_plot(res_dir / name)
     assert json.loads((res_dir / "accuracy.json").read_text())["rows"][0]["method"] == "none"
     # the table's figure for one method equals a direct evaluation with that pruner
     model = LlavaForConditionalGeneration.from_pretrained(out / "final").eval()
-    tok = AutoTokenizer.from_pretrained(out / "final")
+    processor = AutoProcessor.from_pretrained(out / "final")
     examples = heldout_examples(6, grid=3, seed=0, data_dir=data)
-    direct = vqa_accuracy(model, tok, examples, num_image_tokens=144, pruner=VisualTokenPruner("cls", 16),
-                          batch_size=4)
+    direct = vqa_accuracy(model, processor, as_records(examples), pruner=VisualTokenPruner("cls", 16), batch_size=4)
     assert direct["accuracy"] == next(r["accuracy"] for r in rows if r["method"] == "cls" and r["tokens"] == 16)

@@ -183,3 +183,27 @@ def _ask(rng: np.random.Generator, cells: tuple[int, ...], grid: int) -> tuple[s
         c = int(rng.integers(len(CLASSES)))
         question, count = f"How many {PLURALS[c]}?", cells.count(c)
     return question, NUMBERS[count], kind
+
+
+CHOICES: dict[str, tuple[str, ...]] = {"position": CLASSES, "presence": ("yes", "no"), "count": NUMBERS}
+"""The candidate answers of each question kind (every answer of that kind)."""
+
+HELDOUT_DIR_NAME = "fashion_vqa"
+"""The held-out set's directory under ``.cache/tasks`` (``scripts/prepare_fashion_mnist.py`` writes it)."""
+
+
+def as_records(examples: list[VQAExample]) -> list:
+    """The examples as ``owlore.data.vqa_files.VQARecord``: each kind's answers as the choices."""
+    from owlore.data.vqa_files import VQARecord
+
+    return [VQARecord(image=e.image, question=e.question, answer=e.answer, choices=CHOICES[e.kind], kind=e.kind,
+                      id=str(i)) for i, e in enumerate(examples)]
+
+
+def write_heldout_dir(path: str | Path, n: int = 288, *, grid: int = 3, seed: int = 0,
+                      data_dir: str | Path | None = None) -> Path:
+    """The ``n`` held-out questions (:func:`heldout_examples`) as a bring-your-own-images VQA directory (PNGs and
+    ``questions.jsonl``), so the Fashion benchmark is scored like any user's set."""
+    from owlore.data.vqa_files import write_vqa_dir
+
+    return write_vqa_dir(path, as_records(heldout_examples(n, grid=grid, seed=seed, data_dir=data_dir)))

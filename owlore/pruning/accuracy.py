@@ -1,11 +1,11 @@
-"""Held-out accuracy of a LLaVA on the Fashion-MNIST grid questions, with or without visual-token pruning.
+"""Accuracy of any supported VLM on a VQA set (``owlore.data.vqa_files``), with or without visual-token pruning.
 
-Closed-vocabulary scoring, as lm-eval scores multiple choice: each question's candidates are the answers of its kind
-(10 item names, yes / no, or zero ... nine). The model's choice is the candidate with the highest log-likelihood
-after the prompt. When the candidates of a kind start with distinct tokens (true for SmolLM2's tokenizer), the
-first token decides, and one forward pass per batch scores every candidate. Otherwise each candidate's full
-log-likelihood is computed by teacher forcing, one pass per candidate. The pruner, if given, prepares the inputs
-of every pass exactly as at inference.
+Rows with ``choices`` are scored as lm-eval scores multiple choice: the model's answer is the choice with the
+highest log-likelihood after the prompt. When a row's choices start with distinct tokens, the first token decides
+and one forward pass scores every choice of every row in the batch; otherwise each choice's full log-likelihood
+is summed by teacher forcing, one pass per choice. Rows with only an ``answer`` are answered by greedy ``generate``
+and scored by exact match (SQuAD normalisation: case, punctuation and articles ignored) and token F1. The pruner, if
+given, prepares the inputs of every pass exactly as at inference.
 """
 
 from __future__ import annotations
@@ -16,93 +16,122 @@ from typing import Any
 
 import torch
 
-from owlore.data.fashion_vqa import CLASSES, NUMBERS
+from owlore.data.vqa_files import VQARecord, load_image
+from owlore.evaluation.answers import first_line, normalize_answer, token_f1
+from owlore.pruning.vlm_inputs import Prompter, move_inputs
 
-CANDIDATES: dict[str, tuple[str, ...]] = {"position": CLASSES, "presence": ("yes", "no"), "count": NUMBERS}
-
-
-def _answer_ids(tokenizer: Any, word: str) -> list[int]:
-    return tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+__all__ = ["prepare_inputs", "vqa_accuracy"]
 
 
-def _first_tokens_unique(tokenizer: Any) -> bool:
-    return all(len({_answer_ids(tokenizer, w)[0] for w in ws}) == len(ws) for ws in CANDIDATES.values())
-
-
-def vqa_batch(rows: list[list[int]], images: list[Any], pad_id: int, model: Any) -> dict[str, torch.Tensor]:
-    """Right-padded ids, mask and pixels, built on the host and moved to the model's device in one copy each."""
-    from owlore.vision.llava import pixel_values
-
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    device = next(model.parameters()).device
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "pixel_values": pixel_values(images, tower=model.model.vision_tower)}
-
-
-def prepare_inputs(model, pruner, inputs):
+def prepare_inputs(model: Any, pruner: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` on the model's device, pruned by ``pruner`` (None: unpruned)."""
+    inputs = move_inputs(inputs, model)
     return inputs if pruner is None else pruner.prepare(model, **inputs)
 
 
+def _last_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (left or right padding)."""
+    return mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
+
+
+def _first_token_choices(prompter: Prompter, prompt: str, choices: Sequence[str]) -> list[int] | None:
+    firsts = [prompter.answer_ids(prompt, c)[0] for c in choices]
+    return firsts if len(set(firsts)) == len(firsts) else None
+
+
+def _score_first_tokens(model, prompter, pruner, chunk, prompts, images, firsts) -> list[str]:
+    inputs = prepare_inputs(model, pruner, prompter.batch(prompts, images))
+    logits = model(**inputs).logits
+    ends = logits[torch.arange(len(chunk), device=logits.device), _last_positions(inputs["attention_mask"])]
+    picks = torch.stack([ends[i, f].argmax() for i, f in enumerate(firsts)]).tolist()  # one host read
+    return [r.choices[p] for r, p in zip(chunk, picks)]
+
+
+def _score_full(model, prompter, pruner, chunk, prompts, images) -> list[str]:
+    scores = [dict.fromkeys(r.choices, 0.0) for r in chunk]
+    for j in range(max(len(r.choices) for r in chunk)):
+        owners = [i for i, r in enumerate(chunk) if j < len(r.choices)]
+        answers = [prompter.answer_ids(prompts[i], chunk[i].choices[j]) for i in owners]
+        batch = prompter.batch([prompts[i] for i in owners], [images[i] for i in owners], answers=answers)
+        inputs = prepare_inputs(model, pruner, batch)
+        logp = model(**inputs).logits.float().log_softmax(-1)
+        ends = (_last_positions(inputs["attention_mask"]) + 1).tolist()
+        sums = []
+        for row, ids in enumerate(answers):
+            end, n = ends[row], len(ids)
+            target = inputs["input_ids"][row, end - n:end]
+            sums.append(logp[row, end - n - 1:end - 1].gather(-1, target[:, None]).sum())
+        for i, value in zip(owners, torch.stack(sums).tolist()):  # one host read per pass
+            scores[i][chunk[i].choices[j]] = value
+    return [max(s, key=s.get) for s in scores]
+
+
+def _generate(model, prompter, pruner, chunk, prompts, images, max_new_tokens) -> list[str]:
+    inputs = prepare_inputs(model, pruner, prompter.batch(prompts, images, padding_side="left"))
+    tok = prompter.tokenizer
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [first_line(t) for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+
 @torch.no_grad()
-def vqa_accuracy(model: Any, tokenizer: Any, examples: Sequence[Any], *, num_image_tokens: int, pruner: Any = None,
-                 batch_size: int = 8) -> dict[str, Any]:
-    """Accuracy overall and per question kind; ``examples`` are ``VQAExample`` (``owlore.data.fashion_vqa``).
+def vqa_accuracy(model: Any, processor: Any, records: Sequence[VQARecord], *, pruner: Any = None,
+                 batch_size: int = 8, prompt: str | None = None, max_new_tokens: int = 16) -> dict[str, Any]:
+    """Accuracy overall and per kind, and each row's prediction, in ``records``' order.
 
-    Right padding: every row's prompt ends at its own length, and the scored position is read per row.
+    Args:
+        model: A VLM the pruner supports (``owlore.pruning.models``), in eval mode.
+        processor: Its HF processor (``owlore.pruning.vlm_inputs.load_processor``).
+        records: The questions.
+        pruner: A ``VisualTokenPruner``, or None for the unpruned model.
+        prompt: A template with ``{question}`` and the image token; None: the processor's chat template.
+        max_new_tokens: Generation length of rows without choices.
+
+    Returns:
+        ``accuracy`` (exact match for generated rows), ``n``, ``scoring`` (how the rows were scored),
+        ``by_kind`` (``{kind: {accuracy, n}}``), ``predictions``, and ``f1`` when some rows were generated.
     """
-    from owlore.vision.llava import prompt_ids
-
     model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    fast = _first_tokens_unique(tokenizer)
+    prompter = Prompter(processor, prompt)
+    predictions: list[str | None] = [None] * len(records)
+    scoring: set[str] = set()
+    order = sorted(range(len(records)), key=lambda i: records[i].choices is None)  # choice rows first
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        for group in ([i for i in idx if records[i].choices], [i for i in idx if not records[i].choices]):
+            if not group:
+                continue
+            chunk = [records[i] for i in group]
+            prompts = [prompter.prompt(r.question) for r in chunk]
+            images = [load_image(r.image) for r in chunk]
+            if chunk[0].choices is None:
+                picked, how = _generate(model, prompter, pruner, chunk, prompts, images, max_new_tokens), "generate"
+            elif all(firsts := [_first_token_choices(prompter, p, r.choices) for p, r in zip(prompts, chunk)]):
+                picked, how = _score_first_tokens(model, prompter, pruner, chunk, prompts, images, firsts), "first-token"
+            else:
+                picked, how = _score_full(model, prompter, pruner, chunk, prompts, images), "full"
+            scoring.add(how)
+            for i, p in zip(group, picked):
+                predictions[i] = p
+    return summarise(records, predictions, scoring)
+
+
+def summarise(records: Sequence[VQARecord], predictions: Sequence[str], scoring: set[str] | None = None
+              ) -> dict[str, Any]:
+    """Accuracy overall and per kind of ``predictions`` against the records' answers."""
     correct: dict[str, list[bool]] = defaultdict(list)
-    choices: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start:start + batch_size])
-        prompts = [prompt_ids(tokenizer, e.question, num_image_tokens) for e in chunk]
-        images = [e.image for e in chunk]
-        if fast:
-            inputs = prepare_inputs(model, pruner, vqa_batch(prompts, images, pad, model))
-            logits = model(**inputs).logits
-            last = inputs["attention_mask"].sum(1) - 1  # pruning shortens rows; the mask says where each ends
-            ends = logits[torch.arange(len(chunk), device=logits.device), last]  # (rows, vocab)
-            picks = [ends[i, [_answer_ids(tokenizer, w)[0] for w in CANDIDATES[e.kind]]].argmax()
-                     for i, e in enumerate(chunk)]
-            for e, pick in zip(chunk, torch.stack(picks).tolist()):  # one host read per batch
-                choice = CANDIDATES[e.kind][pick]
-                choices.append(choice)
-                correct[e.kind].append(choice == e.answer)
-            continue
-        scores = [dict() for _ in chunk]
-        for i, e in enumerate(chunk):
-            for w in CANDIDATES[e.kind]:
-                scores[i][w] = 0.0
-        depth = max(len(CANDIDATES[e.kind]) for e in chunk)
-        for j in range(depth):
-            rows, owners = [], []
-            for i, e in enumerate(chunk):
-                words = CANDIDATES[e.kind]
-                if j < len(words):
-                    rows.append(prompts[i] + _answer_ids(tokenizer, words[j]))
-                    owners.append((i, words[j], len(_answer_ids(tokenizer, words[j]))))
-            inputs = prepare_inputs(model, pruner, vqa_batch(rows, [chunk[i].image for i, _, _ in owners], pad, model))
-            logp = model(**inputs).logits.log_softmax(-1)
-            ends = inputs["attention_mask"].sum(1).tolist()
-            sums = []
-            for r, (_, _, n) in enumerate(owners):
-                ids = inputs["input_ids"][r, ends[r] - n:ends[r]]
-                sums.append(logp[r, ends[r] - n - 1:ends[r] - 1].gather(-1, ids[:, None]).sum())
-            for (i, word, _), value in zip(owners, torch.stack(sums).tolist()):  # one host read per pass
-                scores[i][word] = value
-        for i, e in enumerate(chunk):
-            choices.append(max(scores[i], key=scores[i].get))
-            correct[e.kind].append(choices[-1] == e.answer)
+    f1s = []
+    for r, p in zip(records, predictions, strict=True):
+        if r.choices is not None:
+            correct[r.kind].append(p == r.answer)
+        else:
+            correct[r.kind].append(normalize_answer(p) == normalize_answer(r.answer))
+            f1s.append(token_f1(p, r.answer))
     flat = [c for v in correct.values() for c in v]
-    return {"accuracy": sum(flat) / len(flat), "n": len(flat), "scoring": "first-token" if fast else "full",
-            "choices": choices,
-            "by_kind": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(correct.items())}}
+    out = {"accuracy": sum(flat) / len(flat), "n": len(flat), "scoring": "+".join(sorted(scoring or ())),
+           "predictions": list(predictions),
+           "by_kind": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(correct.items())}}
+    if f1s:
+        out["f1"] = sum(f1s) / len(f1s)
+    return out

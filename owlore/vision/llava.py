@@ -23,10 +23,14 @@ from torch import nn
 
 from owlore.run.config import VisionTowerConfig
 
-__all__ = ["IMAGE_TOKEN", "VisionTowerConfig", "build_llava", "collate", "encode_example", "pixel_values",
-           "prompt_ids", "vqa_features"]
+__all__ = ["IMAGE_TOKEN", "PROMPT_TEMPLATE", "VisionTowerConfig", "build_llava", "collate", "encode_example",
+           "llava_processor", "pixel_values", "prompt_ids", "vqa_features"]
 
 IMAGE_TOKEN = "<image>"
+PROMPT_TEMPLATE = ("{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}{% for c in m['content'] %}"
+                   "{% if c['type'] == 'image' %}{{ '<image>' }}{% elif c['type'] == 'text' %}"
+                   "{{ '\\nQuestion: ' + c['text'] }}{% endif %}{% endfor %}{% endfor %}{{ '\\nAnswer:' }}")
+"""The chat template of :func:`llava_processor`: renders one user turn exactly as :func:`prompt_ids` builds it."""
 
 
 def build_llava(language_model: nn.Module, tokenizer: Any, vision: VisionTowerConfig | None = None, *,
@@ -73,6 +77,24 @@ def pixel_values(images: np.ndarray | Sequence[np.ndarray], tower: nn.Module | N
         return x
     first = next(tower.parameters())
     return x.to(device=first.device, dtype=first.dtype)
+
+
+def llava_processor(config: Any, tokenizer: Any) -> Any:
+    """A ``LlavaProcessor`` that prepares images and prompts exactly as training did (:func:`pixel_values`,
+    :func:`prompt_ids`): gray or RGB images resized to the tower's size and scaled to [-1, 1], and a chat template
+    giving ``<image>`` × N, ``\\nQuestion: ...\\nAnswer:``. ``train.py`` saves it with the model, so any VLM tool
+    that reads a processor (``eval/vlm_pruning.py``, lmms-eval) runs the model as it was trained."""
+    import transformers
+    from transformers import LlavaProcessor
+
+    v = config.vision_config
+    images = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor  # exact: PIL
+    image_processor = images(size={"shortest_edge": v.image_size},
+                             crop_size={"height": v.image_size, "width": v.image_size},
+                             image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=v.patch_size,
+                          vision_feature_select_strategy=config.vision_feature_select_strategy,
+                          num_additional_image_tokens=1, image_token=IMAGE_TOKEN, chat_template=PROMPT_TEMPLATE)
 
 
 def prompt_ids(tokenizer: Any, question: str, num_image_tokens: int) -> list[int]:
