@@ -86,8 +86,10 @@ class LlavaAdapter:
         return tower, projector
 
     def encode(self, model: nn.Module, pixel_values: torch.Tensor, *, attention: bool, attn_layer: int | None,
+               shallow: bool = False, shallow_layer: int | None = None,
                **image_kwargs: Any) -> tuple[VisionEncoding, ImageLayout]:
-        enc = encode_images(model, pixel_values, attention=attention, attn_layer=attn_layer)
+        enc = encode_images(model, pixel_values, attention=attention, attn_layer=attn_layer, shallow=shallow,
+                            shallow_layer=shallow_layer)
         images, n = enc.features.shape[:2]
         return enc, ImageLayout(unit_image=torch.arange(images, device=enc.features.device), placeholders=[n] * images)
 

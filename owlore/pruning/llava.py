@@ -30,6 +30,8 @@ class VisionEncoding:
         key: Same shape as ``query``.
         scale: Attention logit scale of that layer.
         cls_dropped: True when the tower's token 0 ([CLS]) is not among ``features`` (strategy "default").
+        shallow_query: Queries of a shallow layer too (``shallow_attention`` methods, e.g. VScan's local scan).
+        shallow_key: Its keys.
     """
 
     features: torch.Tensor
@@ -37,6 +39,8 @@ class VisionEncoding:
     key: torch.Tensor | None = None
     scale: float = 1.0
     cls_dropped: bool = True
+    shallow_query: torch.Tensor | None = None
+    shallow_key: torch.Tensor | None = None
 
 
 def llava_modules(model: nn.Module) -> tuple[nn.Module, nn.Module, object]:
@@ -71,8 +75,14 @@ def _feature_layer_to_attention_layer(feature_layer: int | list[int], num_layers
     return deepest - 1
 
 
+def shallow_layer_index(num_layers: int) -> int:
+    """The default shallow layer of ``shallow_attention`` methods: VScan's 6th of CLIP-L's 24 layers, scaled."""
+    return max(0, round(num_layers * 6 / 24) - 1)
+
+
 def encode_images(
-    model: nn.Module, pixel_values: torch.Tensor, *, attention: bool, attn_layer: int | None = None
+    model: nn.Module, pixel_values: torch.Tensor, *, attention: bool, attn_layer: int | None = None,
+    shallow: bool = False, shallow_layer: int | None = None,
 ) -> VisionEncoding:
     """Run the vision tower once (SDPA kept) and gather LLaVA's pre-projector features.
 
@@ -85,6 +95,8 @@ def encode_images(
         attention: Also capture one layer's queries and keys.
         attn_layer: Encoder layer whose attention to capture; by default the layer that produces the
             LLaVA feature layer (-2, the penultimate layer, for LLaVA-1.5).
+        shallow: Also capture a shallow layer's queries and keys (``shallow_layer``, default
+            :func:`shallow_layer_index`).
 
     Returns:
         A :class:`VisionEncoding`.
@@ -101,9 +113,11 @@ def encode_images(
             else _feature_layer_to_attention_layer(feature_layer, len(layers))
         )
         layer = layers[index].self_attn
-        with capture_qk(layer) as captured:
+        low = shallow_layer_index(len(layers)) if shallow_layer is None else shallow_layer
+        with capture_qk(layer) as captured, capture_qk(layers[low].self_attn if shallow else None) as early:
             out = tower(pixel_values, output_hidden_states=True, return_dict=True)
     else:
+        early = {}
         out = tower(pixel_values, output_hidden_states=True, return_dict=True)
     hidden = out.hidden_states
     strategy = config.vision_feature_select_strategy
@@ -117,6 +131,8 @@ def encode_images(
         key=captured.get("key"),
         scale=float(scale),
         cls_dropped=strategy == "default",
+        shallow_query=early.get("query"),
+        shallow_key=early.get("key"),
     )
 
 

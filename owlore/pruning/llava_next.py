@@ -49,13 +49,15 @@ class LlavaNextAdapter(LlavaAdapter):
         return None
 
     def encode(self, model: nn.Module, pixel_values: torch.Tensor, *, attention: bool, attn_layer: int | None,
-               image_sizes: torch.Tensor | None = None, **image_kwargs: Any) -> tuple[VisionEncoding, ImageLayout]:
+               image_sizes: torch.Tensor | None = None, shallow: bool = False, shallow_layer: int | None = None,
+               **image_kwargs: Any) -> tuple[VisionEncoding, ImageLayout]:
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT pruning needs image_sizes (the processor returns it with pixel_values)")
         crops = _crops_per_image(model, image_sizes)
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([p[:c] for p, c in zip(pixel_values, crops)], dim=0)
-        enc = encode_images(model, pixel_values, attention=attention, attn_layer=attn_layer)
+        enc = encode_images(model, pixel_values, attention=attention, attn_layer=attn_layer, shallow=shallow,
+                            shallow_layer=shallow_layer)
         n = enc.features.shape[1]
         inner = model.model
         packed_ids = []

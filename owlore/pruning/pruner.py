@@ -151,6 +151,9 @@ class VisualTokenPruner:
         start = time.perf_counter()
         track = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
         with torch.set_grad_enabled(track):
+            if "shallow_attention" in self.spec.needs:  # a second, shallow layer's q/k (VScan's local scan)
+                image_kwargs = {**image_kwargs, "shallow": True,
+                                "shallow_layer": self.method_options.get("shallow_layer")}
             enc, layout = adapter.encode(model, pixel_values, attention="attention" in self.spec.needs,
                                          attn_layer=self.attn_layer, **image_kwargs)
         vision_done = time.perf_counter()

@@ -34,11 +34,13 @@ __all__ = [
     "register",
 ]
 
-BUILTIN_MODULES = ("select", "fastervlm", "fopru", "divprune", "zoo", "cdpruner", "visionzip", "fastv", "dart")
+BUILTIN_MODULES = ("select", "fastervlm", "fopru", "divprune", "zoo", "cdpruner", "visionzip", "fastv", "dart",
+                   "holov", "mmtok", "vscan")
 """``owlore.pruning.<module>`` files that register the built-in methods."""
 
 NEEDS = {
     "attention": "queries/keys of one vision-tower layer (recomputed from a hook; the tower keeps SDPA)",
+    "shallow_attention": "queries/keys of a shallow vision-tower layer as well (option shallow_layer)",
     "cls": "a [CLS] token in the vision tower (CLIP-style towers)",
     "projected": "all tokens through the projector (language-model space)",
     "mlp_projector": "a two-layer MLP projector (linear_1, act, linear_2) for a closed form",

@@ -21,7 +21,7 @@ __all__ = ["capture_qk", "cls_attention_scores", "head_mean_attention"]
 
 
 @contextmanager
-def capture_qk(attention: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+def capture_qk(attention: nn.Module | None) -> Iterator[dict[str, torch.Tensor]]:
     """Record the query/key projections of one attention module during a forward pass.
 
     Args:
@@ -30,9 +30,12 @@ def capture_qk(attention: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
     Yields:
         A dict filled after the forward with ``"query"`` and ``"key"``, each ``(batch, heads, T, head_dim)``
-        and detached (selection never needs gradients).
+        and detached (selection never needs gradients); stays empty for ``attention=None``.
     """
     captured: dict[str, torch.Tensor] = {}
+    if attention is None:
+        yield captured
+        return
     heads, head_dim = attention.num_heads, attention.head_dim
 
     def save(name: str):

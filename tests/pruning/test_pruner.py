@@ -45,7 +45,8 @@ def test_pruned_features_are_the_projected_kept_tokens(tiny_llava, pixels, metho
     with torch.no_grad():
         feats = encode_images(tiny_llava, pixels, attention=False).features
         if pruner.last_stats["merged"]:  # merging methods: projector(weights @ features), weights from select()
-            enc = encode_images(tiny_llava, pixels, attention="attention" in pruner.spec.needs)
+            enc = encode_images(tiny_llava, pixels, attention="attention" in pruner.spec.needs,
+                                shallow="shallow_attention" in pruner.spec.needs)
             selection = pruner.select(enc, projector=tiny_llava.model.multi_modal_projector, projected=None, k=6)
             assert torch.equal(selection.indices, kept)
             chosen = torch.bmm(selection.weights, feats)
