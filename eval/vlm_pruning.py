@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prompt", default=None,
                    help="prompt template with {question} and the image token (default: the processor's chat template)")
     a.add_argument("--max-new-tokens", type=int, default=16, help="answer length of rows without choices")
+    a.add_argument("--scoring", default="auto", choices=["auto", "first-token", "full"],
+                   help="choice rows: auto = exact log-likelihood (one pass when every choice is one token); "
+                        "first-token = the first token decides when they differ (faster, approximate)")
     a.add_argument("--batch", type=int, default=16)
     a.add_argument("--repeats", type=int, default=3, help="timed prefill repeats (median)")
     a.add_argument("--zoo-directions", type=int, default=16)
@@ -134,10 +137,10 @@ def run_accuracy(args: argparse.Namespace) -> dict:
     rows = vb.accuracy_table(model, processor, records, methods=args.methods, budgets=budgets,
                              num_image_tokens=n_tokens, batch_size=args.batch, repeats=args.repeats,
                              zoo_directions=args.zoo_directions, llm_layer=args.llm_layer, prompt=args.prompt,
-                             max_new_tokens=args.max_new_tokens)
+                             max_new_tokens=args.max_new_tokens, scoring=args.scoring)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"command": "python " + shlex.join(sys.argv), "model": str(args.model), "data": str(args.data),
-              "visual_tokens": n_tokens, "examples": len(records), "torch": torch.__version__,
+              "visual_tokens": n_tokens, "examples": len(records), "scoring": args.scoring, "torch": torch.__version__,
               "device": device, "dtype": str(next(model.parameters()).dtype), "threads": torch.get_num_threads(),
               "rows": rows}
     (args.out / "accuracy.json").write_text(json.dumps(result, indent=2))

@@ -264,7 +264,8 @@ def test_first_token_scoring_with_smollm2s_tokenizer(smollm2_path):
     model.eval()
     rng = np.random.default_rng(6)
     examples = build_vqa(rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), np.arange(40) % 10, 9)
-    res = vqa_accuracy(model, llava_processor(model.config, tok), as_records(examples), batch_size=4)
+    res = vqa_accuracy(model, llava_processor(model.config, tok), as_records(examples), batch_size=4,
+                       scoring="first-token")
     assert res["scoring"] == "first-token"
     assert res["predictions"] == _reference_choices(model, tok, examples, first_token=True)
 
@@ -300,7 +301,7 @@ def test_aligned_training_then_pruning_accuracy_end_to_end(tmp_path):
     methods = ["random", "cls", "zoo_exact", "divprune", "fopru_rank", "cdpruner", "visionzip", "fastv", "dart"]
     result = script.run_accuracy(script.build_parser().parse_args(
         ["accuracy", "--model", str(out / "final"), "--out", str(res_dir), "--data", str(heldout), "--limit", "6",
-         "--budgets", "144", "16", "4", "--batch", "8", "--repeats", "1", "--draw", "2", "--llm-layer", "1",
+         "--budgets", "144", "16", "4", "--batch", "8", "--scoring", "first-token", "--repeats", "1", "--draw", "2", "--llm-layer", "1",
          "--methods", *methods]))
     rows = result["rows"]
     assert [(r["method"], r["tokens"]) for r in rows] == [("none", 144)] + [(m, k) for k in (144, 16, 4)

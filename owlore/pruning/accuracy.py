@@ -1,9 +1,10 @@
 """Accuracy of any supported VLM on a VQA set (``owlore.data.vqa_files``), with or without visual-token pruning.
 
 Rows with ``choices`` are scored as lm-eval scores multiple choice: the model's answer is the choice with the
-highest log-likelihood after the prompt. When a row's choices start with distinct tokens, the first token decides
-and one forward pass scores every choice of every row in the batch; otherwise each choice's full log-likelihood
-is summed by teacher forcing, one pass per choice. Rows with only an ``answer`` are answered by greedy ``generate``
+highest log-likelihood after the prompt, summed by teacher forcing, one pass per choice. When every choice is one
+token, that is the next-token distribution, and one forward pass scores every choice of every row in the batch
+(``scoring="first-token"`` also takes that pass for multi-token choices with distinct first tokens: faster, and an
+approximation that says so in the result). Rows with only an ``answer`` are answered by greedy ``generate``
 and scored by exact match (SQuAD normalisation: case, punctuation and articles ignored) and token F1. The pruner, if
 given, prepares the inputs of every pass exactly as at inference.
 """
@@ -20,7 +21,7 @@ from owlore.data.vqa_files import VQARecord, load_image
 from owlore.evaluation.answers import first_line, normalize_answer, token_f1
 from owlore.pruning.vlm_inputs import Prompter, move_inputs
 
-__all__ = ["prepare_inputs", "vqa_accuracy"]
+__all__ = ["SCORINGS", "prepare_inputs", "summarise", "vqa_accuracy"]
 
 
 def prepare_inputs(model: Any, pruner: Any, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -32,11 +33,6 @@ def prepare_inputs(model: Any, pruner: Any, inputs: dict[str, Any]) -> dict[str,
 def _last_positions(mask: torch.Tensor) -> torch.Tensor:
     """Index of each row's last real token (left or right padding)."""
     return mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
-
-
-def _first_token_choices(prompter: Prompter, prompt: str, choices: Sequence[str]) -> list[int] | None:
-    firsts = [prompter.answer_ids(prompt, c)[0] for c in choices]
-    return firsts if len(set(firsts)) == len(firsts) else None
 
 
 def _score_first_tokens(model, prompter, pruner, chunk, prompts, images, firsts) -> list[str]:
@@ -75,9 +71,28 @@ def _generate(model, prompter, pruner, chunk, prompts, images, max_new_tokens) -
     return [first_line(t) for t in tok.batch_decode(new, skip_special_tokens=True)]
 
 
+SCORINGS = ("auto", "first-token", "full")
+"""``auto``: a row's first answer token decides only when every choice is one token (then it is the exact
+log-likelihood), else the full log-likelihood; ``first-token``: the first token decides whenever the choices' first
+tokens differ (an approximation for multi-token choices, one pass per batch: the Fashion benchmark's scoring, with
+train.py's); ``full``: always the summed log-likelihood of every choice."""
+
+
+def _fast_tokens(prompter: Prompter, prompt: str, record: VQARecord, scoring: str) -> list[int] | None:
+    """The first answer token of each choice if ``scoring`` lets the first token decide this row, else None."""
+    if scoring == "full":
+        return None
+    ids = [prompter.answer_ids(prompt, c) for c in record.choices]
+    if scoring == "auto" and any(len(i) != 1 for i in ids):
+        return None
+    firsts = [i[0] for i in ids]
+    return firsts if len(set(firsts)) == len(firsts) else None
+
+
 @torch.no_grad()
 def vqa_accuracy(model: Any, processor: Any, records: Sequence[VQARecord], *, pruner: Any = None,
-                 batch_size: int = 8, prompt: str | None = None, max_new_tokens: int = 16) -> dict[str, Any]:
+                 batch_size: int = 8, prompt: str | None = None, max_new_tokens: int = 16,
+                 scoring: str = "auto") -> dict[str, Any]:
     """Accuracy overall and per kind, and each row's prediction, in ``records``' order.
 
     Args:
@@ -87,34 +102,36 @@ def vqa_accuracy(model: Any, processor: Any, records: Sequence[VQARecord], *, pr
         pruner: A ``VisualTokenPruner``, or None for the unpruned model.
         prompt: A template with ``{question}`` and the image token; None: the processor's chat template.
         max_new_tokens: Generation length of rows without choices.
+        scoring: How choice rows are scored (:data:`SCORINGS`).
 
     Returns:
-        ``accuracy`` (exact match for generated rows), ``n``, ``scoring`` (how the rows were scored),
+        ``accuracy`` (exact match for generated rows), ``n``, ``scoring`` (the paths the rows took),
         ``by_kind`` (``{kind: {accuracy, n}}``), ``predictions``, and ``f1`` when some rows were generated.
     """
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     model.eval()
     prompter = Prompter(processor, prompt)
+    prompts = [prompter.prompt(r.question) for r in records]
+    firsts = [None if r.choices is None else _fast_tokens(prompter, p, r, scoring) for p, r in zip(prompts, records)]
+    paths = {"generate": [i for i, r in enumerate(records) if r.choices is None],
+             "first-token": [i for i, f in enumerate(firsts) if f is not None],
+             "full": [i for i, (r, f) in enumerate(zip(records, firsts)) if r.choices is not None and f is None]}
     predictions: list[str | None] = [None] * len(records)
-    scoring: set[str] = set()
-    order = sorted(range(len(records)), key=lambda i: records[i].choices is None)  # choice rows first
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        for group in ([i for i in idx if records[i].choices], [i for i in idx if not records[i].choices]):
-            if not group:
-                continue
-            chunk = [records[i] for i in group]
-            prompts = [prompter.prompt(r.question) for r in chunk]
+    for how, rows in paths.items():
+        for start in range(0, len(rows), batch_size):
+            group = rows[start:start + batch_size]
+            chunk, texts = [records[i] for i in group], [prompts[i] for i in group]
             images = [load_image(r.image) for r in chunk]
-            if chunk[0].choices is None:
-                picked, how = _generate(model, prompter, pruner, chunk, prompts, images, max_new_tokens), "generate"
-            elif all(firsts := [_first_token_choices(prompter, p, r.choices) for p, r in zip(prompts, chunk)]):
-                picked, how = _score_first_tokens(model, prompter, pruner, chunk, prompts, images, firsts), "first-token"
+            if how == "generate":
+                picked = _generate(model, prompter, pruner, chunk, texts, images, max_new_tokens)
+            elif how == "first-token":
+                picked = _score_first_tokens(model, prompter, pruner, chunk, texts, images, [firsts[i] for i in group])
             else:
-                picked, how = _score_full(model, prompter, pruner, chunk, prompts, images), "full"
-            scoring.add(how)
+                picked = _score_full(model, prompter, pruner, chunk, texts, images)
             for i, p in zip(group, picked):
                 predictions[i] = p
-    return summarise(records, predictions, scoring)
+    return summarise(records, predictions, {how for how, rows in paths.items() if rows})
 
 
 def summarise(records: Sequence[VQARecord], predictions: Sequence[str], scoring: set[str] | None = None

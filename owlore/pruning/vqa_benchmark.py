@@ -76,7 +76,7 @@ def make_pruner(method: str, keep: int, *, zoo_directions: int = 16, seed: int =
 def accuracy_table(model: Any, processor: Any, records: Sequence[Any], *, methods: Sequence[str],
                    budgets: Sequence[int], num_image_tokens: int, batch_size: int = 16, repeats: int = 3,
                    zoo_directions: int = 16, seed: int = 0, llm_layer: int | None = None, prompt: str | None = None,
-                   max_new_tokens: int = 16, progress: bool = True) -> list[dict[str, Any]]:
+                   max_new_tokens: int = 16, scoring: str = "auto", progress: bool = True) -> list[dict[str, Any]]:
     """One row per (method, budget), the unpruned model first (method ``none``); ``records`` are
     ``owlore.data.vqa_files.VQARecord``, scored by ``owlore.pruning.accuracy.vqa_accuracy``."""
     from owlore.pruning.flops import prefill_flops_exact, pruned_prefill_flops, selection_flops
@@ -96,7 +96,7 @@ def accuracy_table(model: Any, processor: Any, records: Sequence[Any], *, method
                                                           llm_layer=llm_layer)
         start = time.perf_counter()
         res = vqa_accuracy(model, processor, records, pruner=pruner, batch_size=batch_size, prompt=prompt,
-                           max_new_tokens=max_new_tokens)
+                           max_new_tokens=max_new_tokens, scoring=scoring)
         eval_s = time.perf_counter() - start
         prefill_ms, length = _prefill_ms(model, pruner, prompter, timing, repeats)
         gflops = select = None
