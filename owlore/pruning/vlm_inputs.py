@@ -111,18 +111,19 @@ class Prompter:
         if answers is None:
             return enc
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        rows = [ids[m.bool()].tolist() + list(a) for ids, m, a in zip(enc["input_ids"], enc["attention_mask"],
-                                                                      answers, strict=True)]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            span = slice(0, len(r)) if padding_side == "right" else slice(width - len(r), width)
-            ids[i, span], mask[i, span] = torch.tensor(r), 1
-        for key in [k for k, v in enc.items() if k not in ("input_ids", "attention_mask") and
-                    isinstance(v, torch.Tensor) and v.shape == enc["input_ids"].shape]:
-            del enc[key]  # per-token extras (token_type_ids, ...) would no longer line up
-        enc.update(input_ids=ids, attention_mask=mask)
+        mask = enc["attention_mask"].bool()
+        per_token = [k for k, v in enc.items() if k not in ("input_ids", "attention_mask")
+                     and isinstance(v, torch.Tensor) and v.shape == enc["input_ids"].shape]  # e.g. mm_token_type_ids
+        width = max(int(m.sum()) + len(a) for m, a in zip(mask, answers, strict=True))
+        for key, fill in [("input_ids", pad), ("attention_mask", 0)] + [(k, 0) for k in per_token]:
+            out = torch.full((len(answers), width), fill, dtype=enc[key].dtype)
+            for i, (m, a) in enumerate(zip(mask, answers)):
+                tail = torch.tensor(a, dtype=out.dtype) if key == "input_ids" else torch.full(
+                    (len(a),), 1 if key == "attention_mask" else 0, dtype=out.dtype)  # answers are text tokens
+                row = torch.cat([enc[key][i][m], tail])
+                span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+                out[i, span] = row
+            enc[key] = out
         return enc
 
 

@@ -93,7 +93,8 @@ def test_write_then_read_keeps_every_field_and_pixel(tmp_path):
 
 
 def _naive_predictions(model, processor, records):
-    """One unbatched, unpadded pass per row and choice; greedy decoding token by token without a cache."""
+    """One unbatched, unpadded pass per row and choice; greedy decoding by hand, one token per step on the cache
+    (a random model may emit the image token, which an uncached loop would read as a new placeholder)."""
     from owlore.evaluation.answers import first_line
     from owlore.pruning.vlm_inputs import Prompter
 
@@ -102,25 +103,27 @@ def _naive_predictions(model, processor, records):
     with torch.no_grad():
         for r in records:
             prompt = prompter.prompt(r.question)
-            enc = processor(text=[prompt], images=[load_image(r.image)], return_tensors="pt",
-                            add_special_tokens=False)
-            ids, px = enc["input_ids"], enc["pixel_values"]
+            enc = dict(processor(text=[prompt], images=[load_image(r.image)], return_tensors="pt",
+                                 add_special_tokens=False))
+            ids, extra = enc.pop("input_ids"), {k: v for k, v in enc.items() if k != "attention_mask"}
             if r.choices:
                 scores = {}
                 for c in r.choices:
                     ans = prompter.answer_ids(prompt, c)
                     full = torch.cat([ids, torch.tensor([ans])], 1)
-                    logp = model(input_ids=full, pixel_values=px).logits.log_softmax(-1)[0]
+                    logp = model(input_ids=full, **extra).logits.log_softmax(-1)[0]
                     scores[c] = float(sum(logp[ids.shape[1] - 1 + t, a] for t, a in enumerate(ans)))
                 out.append(max(scores, key=scores.get))
             else:
                 new = []
+                step = model(input_ids=ids, use_cache=True, **extra)  # then one token at a time on the cache
                 for _ in range(16):
-                    nxt = int(model(input_ids=torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1),
-                                    pixel_values=px).logits[0, -1].argmax())
+                    nxt = int(step.logits[0, -1].argmax())
                     if nxt == processor.tokenizer.eos_token_id:
                         break
                     new.append(nxt)
+                    step = model(input_ids=torch.tensor([[nxt]]), past_key_values=step.past_key_values,
+                                 use_cache=True)
                 out.append(first_line(processor.tokenizer.decode(new, skip_special_tokens=True)))
     return out
 
@@ -155,6 +158,59 @@ def test_accuracy_on_a_users_folder_matches_naive_loops(vlm_dir, user_data, tmp_
     direct = vqa_accuracy(model, processor, records, batch_size=2)
     assert direct["predictions"] == _naive_predictions(model, processor, records)
     assert direct["by_kind"]["color"]["accuracy"] == base["by_kind"]["color"]
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    """A tiny LLaVA-NeXT (anyres: 1 + 2 or 4 tiles of 16 tokens, newline tokens) with its processor."""
+    import transformers
+
+    path = tmp_path_factory.mktemp("next")
+    tok = eval_support.tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    config = transformers.LlavaNextConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                                             max_position_embeddings=512),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints)
+    torch.manual_seed(0)
+    transformers.LlavaNextForConditionalGeneration(config).save_pretrained(path)
+    images = transformers.LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                     image_grid_pinpoints=pinpoints, image_mean=[0.5] * 3,
+                                                     image_std=[0.5] * 3)
+    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>' }}"
+                "{% else %}{{ '\\nQ: ' + c['text'] }}{% endif %}{% endfor %}{% endfor %}{{ '\\nA:' }}")
+    transformers.LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=8,
+                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                    image_token="<image>", chat_template=template).save_pretrained(path)
+    return path
+
+
+def test_a_llava_next_model_runs_the_same_evaluation(next_dir, user_data, tmp_path):
+    """Any supported family through its own processor: images of different shapes get different token counts, so
+    budgets default to ratios (per crop) and only measured times are reported."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from owlore.pruning.accuracy import vqa_accuracy
+
+    script = eval_support.load_script("vlm_pruning")
+    methods = ["random", "holov", "mmtok", "vscan", "zoo_exact"]
+    result = script.run_accuracy(script.build_parser().parse_args(
+        ["accuracy", "--model", str(next_dir), "--data", str(user_data), "--out", str(tmp_path), "--batch", "2",
+         "--repeats", "1", "--methods", *methods]))
+    rows = result["rows"]
+    assert [r["tokens"] for r in rows[1:6]] == [0.5] * 5 and rows[-1]["tokens"] == pytest.approx(1 / 36)
+    assert all(r["prefill_gflops"] is None for r in rows) and rows[0]["by_kind"].keys() == {"caption", "color"}
+    assert all(r["prompt_tokens"] < rows[0]["prompt_tokens"] for r in rows[1:])
+    eval_support.assert_plot(tmp_path / "accuracy_by_kind.png")
+    model = LlavaNextForConditionalGeneration.from_pretrained(next_dir).eval()
+    processor = AutoProcessor.from_pretrained(next_dir)
+    records = read_vqa_dir(user_data)
+    assert vqa_accuracy(model, processor, records, batch_size=2)["predictions"] == _naive_predictions(
+        model, processor, records)
 
 
 def test_a_prompt_template_replaces_the_chat_template(vlm_dir, user_data):
