@@ -21,7 +21,7 @@ from owlore.data.vqa_files import VQARecord, load_image
 from owlore.evaluation.answers import first_line, normalize_answer, token_f1
 from owlore.pruning.vlm_inputs import Prompter, move_inputs
 
-__all__ = ["SCORINGS", "prepare_inputs", "summarise", "vqa_accuracy"]
+__all__ = ["SCORINGS", "continuation_scores", "prepare_inputs", "summarise", "vqa_accuracy"]
 
 
 def prepare_inputs(model: Any, pruner: Any, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -43,21 +43,27 @@ def _score_first_tokens(model, prompter, pruner, chunk, prompts, images, firsts)
     return [r.choices[p] for r, p in zip(chunk, picks)]
 
 
+def continuation_scores(model: Any, inputs: dict[str, Any], answers: Sequence[list[int]]) -> list[tuple[float, bool]]:
+    """Per row of a batch built with ``Prompter.batch(answers=...)`` (and pruned): the summed log-likelihood of its
+    answer tokens, and whether greedy decoding would produce them (lm-eval's ``is_greedy``)."""
+    logp = model(**inputs).logits.float().log_softmax(-1)
+    ends = (_last_positions(inputs["attention_mask"]) + 1).tolist()
+    sums, greedy = [], []
+    for row, ids in enumerate(answers):
+        end, n = ends[row], len(ids)
+        target, scores = inputs["input_ids"][row, end - n:end], logp[row, end - n - 1:end - 1]
+        sums.append(scores.gather(-1, target[:, None]).sum())
+        greedy.append((scores.argmax(-1) == target).all())
+    return list(zip(torch.stack(sums).tolist(), torch.stack(greedy).tolist()))  # one host read per batch
+
+
 def _score_full(model, prompter, pruner, chunk, prompts, images) -> list[str]:
     scores = [dict.fromkeys(r.choices, 0.0) for r in chunk]
     for j in range(max(len(r.choices) for r in chunk)):
         owners = [i for i, r in enumerate(chunk) if j < len(r.choices)]
         answers = [prompter.answer_ids(prompts[i], chunk[i].choices[j]) for i in owners]
         batch = prompter.batch([prompts[i] for i in owners], [images[i] for i in owners], answers=answers)
-        inputs = prepare_inputs(model, pruner, batch)
-        logp = model(**inputs).logits.float().log_softmax(-1)
-        ends = (_last_positions(inputs["attention_mask"]) + 1).tolist()
-        sums = []
-        for row, ids in enumerate(answers):
-            end, n = ends[row], len(ids)
-            target = inputs["input_ids"][row, end - n:end]
-            sums.append(logp[row, end - n - 1:end - 1].gather(-1, target[:, None]).sum())
-        for i, value in zip(owners, torch.stack(sums).tolist()):  # one host read per pass
+        for i, (value, _) in zip(owners, continuation_scores(model, prepare_inputs(model, pruner, batch), answers)):
             scores[i][chunk[i].choices[j]] = value
     return [max(s, key=s.get) for s in scores]
 

@@ -26,7 +26,7 @@ import torch
 from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 
-from owlore.pruning.accuracy import prepare_inputs
+from owlore.pruning.accuracy import continuation_scores, prepare_inputs
 from owlore.pruning.vlm_inputs import Prompter, load_vlm
 
 logger = logging.getLogger(__name__)
@@ -103,18 +103,9 @@ class OwloreVLM(lmms):
             answers = [self.prompter.tokenizer(cont, add_special_tokens=False)["input_ids"] for _, _, cont in parts]
             batch = self.prompter.batch(prompts, [i[0] for _, i, _ in parts], answers=answers)
             with torch.no_grad():
-                inputs = prepare_inputs(self.model, self.pruner, batch)
-                logp = self.model(**inputs).logits.float().log_softmax(-1)
-            mask = inputs["attention_mask"]
-            ends = (mask.shape[1] - mask.flip(1).long().argmax(1)).tolist()
-            for row, ids in enumerate(answers):
-                end, n = ends[row], len(ids)
-                target = inputs["input_ids"][row, end - n:end]
-                scores = logp[row, end - n - 1:end - 1]
-                greedy = bool((scores.argmax(-1) == target).all())
-                loss = -float(scores.gather(-1, target[:, None]).sum())
-                # wrapped: lmms-eval 0.7.3 turns a bare (float, bool) tuple into a string before scoring it
-                out.append(GenerationResult(text=(loss, greedy)))
+                scored = continuation_scores(self.model, prepare_inputs(self.model, self.pruner, batch), answers)
+            # the loss (lmms-eval picks the argmin), wrapped: 0.7.3 turns a bare (float, bool) tuple into a string
+            out += [GenerationResult(text=(-value, greedy)) for value, greedy in scored]
         return out
 
     def generate_until_multi_round(self, requests: list[Any]) -> list[str]:

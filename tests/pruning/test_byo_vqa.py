@@ -233,3 +233,25 @@ def test_a_model_the_pruner_cannot_run_is_refused_before_its_weights_load(tmp_pa
     with pytest.raises(UsageError, match="a 'llama' model; visual-token pruning supports"):
         script.run_accuracy(script.build_parser().parse_args(
             ["accuracy", "--model", str(lm), "--data", str(user_data), "--out", str(tmp_path / "o")]))
+
+
+def test_a_llava_saved_before_processors_were_saved_gets_its_training_processor(tmp_path):
+    """train.py's final/ from before this change has a tokenizer and no processor: the LLaVA processor is rebuilt
+    from its config, and it prepares pixels and prompts exactly as training did."""
+    from transformers import LlavaForConditionalGeneration
+
+    from owlore.pruning.vlm_inputs import Prompter, load_processor
+    from owlore.vision.llava import pixel_values, prompt_ids
+
+    model, tok = build_llava(ms.tiny_model(2), eval_support.tokenizer(), TOWER)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    processor = load_processor(tmp_path, LlavaForConditionalGeneration.from_pretrained(tmp_path))
+    image = np.random.default_rng(2).integers(0, 256, (28, 28), dtype=np.uint8)
+    prompter = Prompter(processor)
+    enc = prompter.batch([prompter.prompt("Is there a bag?")], [load_image(image)])
+    assert enc["input_ids"][0].tolist() == prompt_ids(tok, "Is there a bag?", TOWER.num_tokens)
+    torch.testing.assert_close(enc["pixel_values"], pixel_values([image]))
+    ms.save_checkpoint(tmp_path / "lm", num_layers=1)
+    with pytest.raises(UsageError, match="no processor"):
+        load_processor(tmp_path / "lm")
