@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--zoo-directions", type=int, default=16)
     a.add_argument("--llm-layer", type=int, default=None,
                    help="K of the methods that prune inside the language model (fastv, dart; default: theirs, 2)")
+    a.add_argument("--method-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="an option of one method, e.g. vscan.stage2_keep=8 vscan.layer=15 (repeatable)")
     a.add_argument("--draw", type=int, default=4, help="example images in kept_tokens.png (LLaVA-1.5 grids)")
     a.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = bfloat16 on CUDA, float32 on CPU")
@@ -123,6 +125,7 @@ def run_accuracy(args: argparse.Namespace) -> dict:
     from owlore.pruning.vlm_inputs import image_tokens, load_vlm
 
     torch.set_num_threads(args.threads)
+    method_options = parse_method_options(args.method_option)
     records = read_vqa_dir(args.data, limit=args.limit)  # bad rows fail before the weights load
     device = resolve_device(args.device)
     model, processor = load_vlm(args.model, dtype=resolve_dtype(args.dtype, device), device=device,
@@ -135,6 +138,7 @@ def run_accuracy(args: argparse.Namespace) -> dict:
     budgets = args.budgets or ([n_tokens // 2, n_tokens // 4, n_tokens // 9, max(1, n_tokens // 36)] if square
                                else [1 / 2, 1 / 4, 1 / 9, 1 / 36])
     rows = vb.accuracy_table(model, processor, records, methods=args.methods, budgets=budgets,
+                             method_options=method_options,
                              num_image_tokens=n_tokens, batch_size=args.batch, repeats=args.repeats,
                              zoo_directions=args.zoo_directions, llm_layer=args.llm_layer, prompt=args.prompt,
                              max_new_tokens=args.max_new_tokens, scoring=args.scoring)
@@ -159,6 +163,26 @@ def run_accuracy(args: argparse.Namespace) -> dict:
     print(vb.kind_tables(rows))
     print(f"wrote {args.out}/accuracy.json, accuracy.md, accuracy.png, accuracy_by_kind.png{drawn}")
     return result
+
+
+def parse_method_options(items: list[str]) -> dict[str, dict]:
+    """``["vscan.stage2_keep=8", ...]`` -> ``{"vscan": {"stage2_keep": 8}}`` (values read as YAML scalars), each
+    checked against the method's declared options."""
+    import yaml
+
+    from owlore.pruning.registry import get_method
+
+    out: dict[str, dict] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        method, _, key = name.partition(".")
+        if not (method and key and value):
+            raise UsageError(f"--method-option {item!r}: write METHOD.KEY=VALUE, e.g. vscan.stage2_keep=8")
+        known = get_method(method).options
+        if key not in known:
+            raise UsageError(f"--method-option {item!r}: {method} reads {', '.join(known) or 'no options'}")
+        out.setdefault(method, {})[key] = yaml.safe_load(value)
+    return out
 
 
 def apply_quick(args: argparse.Namespace) -> None:

@@ -75,14 +75,19 @@ def prefill_flops_exact(n: int, lm: LMShape) -> float:
 
 
 def pruned_prompt_cost(cost: Callable[[int, LMShape], float], method: str, *, text_tokens: int, visual_tokens: int,
-                       kept: int, lm: LMShape, layer: int | None = None) -> float:
+                       kept: int, lm: LMShape, layer: int | None = None, kept_after: int | None = None) -> float:
     """``cost(tokens, lm)`` (prefill FLOPs in either convention, KV-cache bytes, ...) of a prompt of ``text_tokens`` +
     ``visual_tokens`` when ``method`` keeps ``kept`` visual tokens: methods that prune before the LLM run every layer
     on the short prompt; LLM-stage methods (FastV, DART) run layers ``< K`` on the whole prompt and the rest on the
-    short one (``layer`` = K, default the method's)."""
+    short one (``layer`` = K, default the method's); a two-stage method (``kept_after`` given: VScan with
+    ``stage2_keep``) runs layers ``< K`` on ``kept`` visual tokens and the rest on ``kept_after``."""
     from owlore.pruning.registry import get_method
 
     spec = get_method(method)
+    if spec.stage == "vision" and kept_after is not None:
+        k_layer = lm.layers // 2 if layer is None else layer
+        return (cost(text_tokens + kept, replace(lm, layers=k_layer))
+                + cost(text_tokens + kept_after, replace(lm, layers=lm.layers - k_layer)))
     if spec.stage == "vision":
         return cost(text_tokens + kept, lm)
     k_layer = spec.default_layer if layer is None else layer
@@ -91,10 +96,10 @@ def pruned_prompt_cost(cost: Callable[[int, LMShape], float], method: str, *, te
 
 
 def pruned_prefill_flops(method: str, *, text_tokens: int, visual_tokens: int, kept: int, lm: LMShape,
-                         layer: int | None = None) -> float:
+                         layer: int | None = None, kept_after: int | None = None) -> float:
     """Exact prefill FLOPs of a pruned prompt (:func:`pruned_prompt_cost` of :func:`prefill_flops_exact`)."""
     return pruned_prompt_cost(prefill_flops_exact, method, text_tokens=text_tokens, visual_tokens=visual_tokens,
-                              kept=kept, lm=lm, layer=layer)
+                              kept=kept, lm=lm, layer=layer, kept_after=kept_after)
 
 
 def decode_flops_exact(kv_len: int, lm: LMShape) -> float:

@@ -16,7 +16,7 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
-from owlore.pruning.in_llm import attach_llm_pruning, detach_llm_pruning, llm_stage_of
+from owlore.pruning.in_llm import attach_llm_pruning, detach_llm_pruning, language_model_parts, llm_stage_of
 from owlore.pruning.llava import (
     VisionEncoding,
     image_token_mask,
@@ -171,6 +171,7 @@ class VisualTokenPruner:
         if hasattr(adapter, "positions"):  # models with their own position scheme (Qwen2-VL's M-RoPE)
             inputs["position_ids"] = adapter.positions(model, input_ids, attention_mask, keep, layout)
         inputs.update(adapter.inject(features, layout))
+        second = self._arm_second_stage(model, adapter, inputs["input_ids"], inputs["attention_mask"], k)
         done = time.perf_counter()
         self.last_stats = {
             "vision_s": vision_done - start,
@@ -180,6 +181,7 @@ class VisualTokenPruner:
             "keep_indices": keep_idx,
             "merged": selection is not None and selection.weights is not None,
             "prompt_length": (input_ids.shape[1], inputs["input_ids"].shape[1]),
+            **second,
         }
         logger.debug(
             "%s: kept %d of %d visual tokens per image (%d images); prompt length %d -> %d",
@@ -191,6 +193,31 @@ class VisualTokenPruner:
             inputs["input_ids"].shape[1],
         )
         return inputs
+
+    def _arm_second_stage(self, model: nn.Module, adapter: Any, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor, k: int) -> dict[str, Any]:
+        """Two-stage methods (``PruningMethod.then``, option ``stage2_keep``): arm the LLM-stage method's hooks on
+        the shortened prompt, so layers ``>= K`` see ``stage2_keep`` of the ``k`` tokens per image. Returns what
+        ``last_stats`` reports about it."""
+        if self.spec.then is None or self.method_options.get("stage2_keep") is None:
+            return {}
+        then = get_method(self.spec.then)
+        if (why := adapter.unsupported(then)) is not None:
+            raise ValueError(f"{self.method}'s second stage ({then.name}) does not run on {adapter.title}: {why}")
+        layers, _ = language_model_parts(model)
+        layer = int(self.method_options.get("layer", len(layers) // 2))
+        image = input_ids == model.config.image_token_id
+        per_row = image.sum(1)
+        if bool((per_row != per_row[0]).any()) or int(per_row[0]) % k:
+            raise ValueError(f"{self.method}'s second stage needs the same number of images in every row")
+        stage = attach_llm_pruning(model, self, layer, then.needs, then.select)
+        k2 = resolve_keep(self.method_options["stage2_keep"], k)
+        if k2 < k:
+            stage.arm(k=k2, image_positions=image.nonzero()[:, 1].view(input_ids.shape[0], -1, k),
+                      attention_mask=attention_mask, seed=self.seed, options=self.options)
+        else:
+            stage.armed = None
+        return {"llm_layer": layer, "stage2_keep": k2}
 
     def _prepare_llm_stage(self, model: nn.Module, config: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                            attention_mask: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:

@@ -139,6 +139,9 @@ class PruningMethod:
             :class:`SelectionContext`); ``"llm"``: after decoder layer ``K`` (option ``layer``, default
             ``default_layer``; ``select`` gets an ``in_llm.LLMSelectionContext`` and returns ``(B, I, k)`` positions).
         default_layer: ``K`` of an ``"llm"`` method.
+        then: An ``"llm"`` method that prunes again after decoder layer ``K`` when the ``stage2_keep`` option is
+            given (a two-stage method such as VScan: ``keep`` tokens enter the LLM, ``stage2_keep`` of them go on
+            from layer ``K``, option ``layer``, default half the decoder's depth).
     """
 
     name: str
@@ -150,6 +153,7 @@ class PruningMethod:
     options: tuple[str, ...] = ()
     stage: str = "vision"
     default_layer: int = 2
+    then: str | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.needs) - set(NEEDS)

@@ -19,6 +19,8 @@ def support_table() -> str:
         m = _METHODS[name]
         needs = ", ".join(sorted(m.needs)) or "-"
         where = "before the LLM" if m.stage == "vision" else f"after LLM layer K (default {m.default_layer})"
+        if m.then:
+            where += f"; with stage2_keep, again after LLM layer K ({m.then})"
         models = " | ".join("yes" if (why := a.unsupported(m)) is None else f"no: {why}" for a in adapters)
         lines.append(f"| `{name}` | {where} | {needs} | {models} | {m.paper} | {m.summary} |")
     return "\n".join(lines)

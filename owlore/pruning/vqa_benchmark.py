@@ -65,18 +65,23 @@ def _prefill_ms(model: Any, pruner: Any, prompter: Any, records: Sequence[Any], 
     return statistics.median(times), int(inputs["attention_mask"].sum(1).float().mean())
 
 
-def make_pruner(method: str, keep: int, *, zoo_directions: int = 16, seed: int = 0, llm_layer: int | None = None):
-    """A ``VisualTokenPruner``; ``llm_layer`` sets K of LLM-stage methods (FastV, DART) and is ignored by others."""
+def make_pruner(method: str, keep: int | float, *, zoo_directions: int = 16, seed: int = 0,
+                llm_layer: int | None = None, options: dict[str, dict[str, Any]] | None = None):
+    """A ``VisualTokenPruner``; ``llm_layer`` sets K of LLM-stage methods (FastV, DART) and is ignored by others;
+    ``options[method]`` are that method's ``method_options`` (e.g. ``{"vscan": {"stage2_keep": 8}}``)."""
     from owlore.pruning import VisualTokenPruner, get_method
 
-    options = {"layer": llm_layer} if llm_layer is not None and get_method(method).stage == "llm" else None
-    return VisualTokenPruner(method, keep, num_directions=zoo_directions, seed=seed, method_options=options)
+    chosen = dict((options or {}).get(method, {}))
+    if llm_layer is not None and get_method(method).stage == "llm":
+        chosen.setdefault("layer", llm_layer)
+    return VisualTokenPruner(method, keep, num_directions=zoo_directions, seed=seed, method_options=chosen or None)
 
 
 def accuracy_table(model: Any, processor: Any, records: Sequence[Any], *, methods: Sequence[str],
                    budgets: Sequence[int], num_image_tokens: int, batch_size: int = 16, repeats: int = 3,
                    zoo_directions: int = 16, seed: int = 0, llm_layer: int | None = None, prompt: str | None = None,
-                   max_new_tokens: int = 16, scoring: str = "auto", progress: bool = True) -> list[dict[str, Any]]:
+                   max_new_tokens: int = 16, scoring: str = "auto", method_options: dict | None = None,
+                   progress: bool = True) -> list[dict[str, Any]]:
     """One row per (method, budget), the unpruned model first (method ``none``); ``records`` are
     ``owlore.data.vqa_files.VQARecord``, scored by ``owlore.pruning.accuracy.vqa_accuracy``."""
     from owlore.pruning.flops import prefill_flops_exact, pruned_prefill_flops, selection_flops
@@ -93,7 +98,7 @@ def accuracy_table(model: Any, processor: Any, records: Sequence[Any], *, method
     rows: list[dict[str, Any]] = []
     for method, k in jobs:
         pruner = None if method == "none" else make_pruner(method, k, zoo_directions=zoo_directions, seed=seed,
-                                                          llm_layer=llm_layer)
+                                                          llm_layer=llm_layer, options=method_options)
         start = time.perf_counter()
         res = vqa_accuracy(model, processor, records, pruner=pruner, batch_size=batch_size, prompt=prompt,
                            max_new_tokens=max_new_tokens, scoring=scoring)
@@ -104,8 +109,10 @@ def accuracy_table(model: Any, processor: Any, records: Sequence[Any], *, method
             gflops, select = prefill_flops_exact(length, lm) / 1e9, 0.0
         elif analytic:  # length: the prompt the model is given (shortened by pre-LLM methods, full for LLM-stage)
             text = length - (num_image_tokens if pruner.spec.stage == "llm" else k)
+            stats = pruner.last_stats
             gflops = pruned_prefill_flops(method, text_tokens=text, visual_tokens=num_image_tokens, kept=k, lm=lm,
-                                          layer=pruner.method_options.get("layer")) / 1e9
+                                          layer=stats.get("llm_layer", pruner.method_options.get("layer")),
+                                          kept_after=stats.get("stage2_keep")) / 1e9
             select = selection_flops(method, k, vision, directions=zoo_directions) / 1e9
         if pruner is not None:
             pruner.detach(model)  # LLM-stage hooks must not prune the next method's prompts

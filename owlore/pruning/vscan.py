@@ -13,10 +13,14 @@ kept is merged into the kept token it is most similar to. Written from the metho
 * merging: each dropped token joins its most cosine-similar kept token (pre-projector features); a kept token
   becomes the mean of itself and its joiners, so no token's information is thrown away outright.
 
+Second stage (optional, ``method_options={"stage2_keep": R2, "layer": K}``): inside the language model, after
+decoder layer ``K`` (default half its depth), only the ``R2`` of the ``k`` visual tokens the last prompt token
+attends to most at layer ``K - 1`` go on (FastV's rule; the released code scores with layer ``K``'s own attention:
+the same last-token row, one layer later). The paper's LLaVA-1.5 setting is ``k = 96``, ``R2 = 32``, ``K = 16`` of 32
+("64 tokens" on average over the layers). Without ``stage2_keep``, ``vscan`` spends its whole budget before the LLM.
+
 Differences from the released code: merging happens before the projector, as the paper's figure draws it (the code
-merges after it); the split is exact (the code's floor rounding can keep fewer than ``k``). Not implemented: VScan's
-second stage, which prunes again inside the language model (at layer 16 of 32, by the last token's attention); the
-pruner does not chain a pre-LLM and an in-LLM stage yet, so ``vscan`` spends the whole budget before the LLM.
+merges after it); the split is exact (the code's floor rounding can keep fewer than ``k``).
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ def _flops(k: int, vision, options) -> float:
 register(PruningMethod(
     name="vscan", select=_select, needs=frozenset({"attention", "cls", "shallow_attention"}), flops=_flops,
     paper="[arXiv 2505.22654](https://arxiv.org/abs/2505.22654)",
-    summary="VScan (stage 1): local scan of a shallow layer's [CLS] attention per window + global scan of the "
-            "feature layer, dropped tokens merged into their nearest kept token",
-    options=("shallow_layer", "local_share"),
+    summary="VScan: local scan of a shallow layer's [CLS] attention per window + global scan of the feature layer, "
+            "dropped tokens merged into their nearest kept token; optionally (stage2_keep) FastV at LLM layer K",
+    options=("shallow_layer", "local_share", "stage2_keep", "layer"), then="fastv",
 ))

@@ -135,9 +135,10 @@ def llm_stage_greedy_loop(model, ids, mask, pixels, keep_prompt, steps, layer):
     return torch.stack(out, 1), torch.stack(scores, 1)
 
 
-def llm_stage_logits_loop(model, ids, mask, pixels, keep, layer):
+def llm_stage_logits_loop(model, ids, mask, pixels, keep, layer, features=None):
     """Uncached LLaVA forward, layer by layer: every token through layers < ``layer``, then only the ``keep``
-    positions; original positions throughout; returns the logits of the kept positions."""
+    positions; original positions throughout; returns the logits of the kept positions. ``features``
+    (``(images, n, d_l)``) replace the projected image features (a prompt pruned before the LLM)."""
     from owlore.pruning.llava import encode_images
 
     from .helpers import IMAGE_TOKEN
@@ -145,7 +146,8 @@ def llm_stage_logits_loop(model, ids, mask, pixels, keep, layer):
     lm = model.model.language_model
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids.clamp_max(model.config.text_config.vocab_size - 1))
-        feats = model.model.multi_modal_projector(encode_images(model, pixels, attention=False).features)
+        feats = features if features is not None else model.model.multi_modal_projector(
+            encode_images(model, pixels, attention=False).features)
         embeds[ids == IMAGE_TOKEN] = feats.reshape(-1, feats.shape[-1])
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         length = ids.shape[1]

@@ -181,3 +181,35 @@ def test_vscan_reads_the_shallow_layer(tiny_llava, pixels):
         kept[layer] = pruner.last_stats["keep_indices"]
         assert pruner.last_stats["merged"] and inputs["input_ids"].shape[1] == ids.shape[1] - (TOKENS_PER_IMAGE - 8)
     assert not torch.equal(kept[0], kept[1])
+
+
+def test_vscan_second_stage_prunes_again_inside_the_language_model(tiny_llava, pixels):
+    """keep 8 tokens before the LLM, 3 of them after layer 1: the logits equal an uncached layer-by-layer reference
+    fed the stage-1 features, and the FLOPs count both stages."""
+    from owlore.pruning.flops import LMShape, pruned_prefill_flops
+
+    from .helpers import IMAGE_TOKEN, pad_batch
+    from .reference import llm_stage_logits_loop
+
+    ids, mask = pad_batch([make_prompt([1, 5, 6, 7], text_after=[8, 9]), make_prompt([1, 5], text_after=[4])],
+                          side="left")
+    pruner = VisualTokenPruner("vscan", 8, method_options={"stage2_keep": 3, "layer": 1})
+    inputs = pruner.prepare(tiny_llava, input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    assert pruner.last_stats["stage2_keep"] == 3 and pruner.last_stats["llm_layer"] == 1
+    short, short_mask = inputs["input_ids"], inputs["attention_mask"]
+    assert short.shape[1] == ids.shape[1] - (TOKENS_PER_IMAGE - 8)
+    with torch.no_grad():
+        logits = tiny_llava(**inputs).logits
+    keep = pruner.llm_keep(tiny_llava)
+    pruner.detach(tiny_llava)
+    assert keep.shape == (2, short.shape[1] - (8 - 3))
+    assert all(int((short[b, keep[b]] == IMAGE_TOKEN).sum()) == 3 for b in range(2))
+    features = torch.stack(inputs["mm_encoder_outputs"]["image"].pooler_output)
+    reference = llm_stage_logits_loop(tiny_llava, short, short_mask, None, keep, 1, features=features)
+    rows = torch.arange(2)[:, None]
+    kept_mask = short_mask.bool()[rows, keep]
+    torch.testing.assert_close(logits[rows, keep][kept_mask], reference[kept_mask], rtol=1e-4, atol=1e-5)
+    lm = LMShape(64, 128, 2, 4, 2)
+    one = pruned_prefill_flops("vscan", text_tokens=6, visual_tokens=16, kept=8, lm=lm)
+    two = pruned_prefill_flops("vscan", text_tokens=6, visual_tokens=16, kept=8, lm=lm, layer=1, kept_after=3)
+    assert two < one
