@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
@@ -26,6 +27,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     """A tiny model, good and bad data files, broken model folders, a used output dir, a checkpoint."""
     root = tmp_path_factory.mktemp("bad")
     f = {"root": root, "model": ms.save_checkpoint(root / "m"), "rows": ms.write_rows(root / "r.jsonl")}
+    from owlore.data.vqa_files import VQARecord, write_vqa_dir
+
+    f["vqa"] = write_vqa_dir(root / "vqa", [VQARecord(image=np.zeros((8, 8), np.uint8), question="q?", answer="a")])
     (root / "latin1.jsonl").write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "x"}\n')
     (root / "notes.txt").write_text("hello\n")
     (root / "no_output.csv").write_text("instruction,answer\nhi,there\n")
@@ -127,8 +131,12 @@ EVAL_CASES = {
                                 ("no such file or directory",)),
     "vlm_pruning: bad --budgets": (lambda f: ["eval/vlm_pruning.py", "accuracy", "--model", str(f["model"]),
                                               "--budgets", "-3"], ("argument --budgets: -3 is not >= 1",)),
-    "vlm_pruning: not a LLaVA": (lambda f: ["eval/vlm_pruning.py", "accuracy", "--model", str(f["model"])],
+    "vlm_pruning: not a LLaVA": (lambda f: ["eval/vlm_pruning.py", "accuracy", "--model", str(f["model"]),
+                                            "--data", str(f["vqa"])],
                                  ("a 'llama' model", "LlavaForConditionalGeneration")),
+    "vlm_pruning: no questions": (lambda f: ["eval/vlm_pruning.py", "accuracy", "--model", str(f["model"]),
+                                             "--data", str(f["root"])],
+                                  ("no questions.jsonl", "a VQA set is a directory of images")),
     "bench: unknown method": (lambda f: ["eval/bench.py", "--methods", "nosuch", "--dry-run"],
                               ("unknown methods ['nosuch']",)),
     "memory: bad --fit size": (lambda f: ["-m", "owlore.memory", "--fit", "24XB", "--model", str(f["model"])],
