@@ -189,16 +189,22 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, *, title: str = ""
 
     base = rows[0]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows[1:])):
         mine = sorted((r for r in rows[1:] if r["method"] == method), key=lambda r: r["tokens"])
-        ax.plot([r["tokens"] for r in mine], [r["accuracy"] for r in mine], marker="o", label=method)
+        ax.plot([r["tokens"] for r in mine], [r["accuracy"] for r in mine], label=method, **_style(i))
     ax.axhline(base["accuracy"], color="k", ls="--", label=f"unpruned ({base['tokens']} tokens)")
     ax.set(xscale="log", xlabel="visual tokens kept per image", ylabel="held-out accuracy",
            title=title or "Accuracy vs kept visual tokens")
     ticks = sorted({r["tokens"] for r in rows[1:]})
+    ax.minorticks_off()
     ax.set_xticks(ticks, [_budget(t) for t in ticks])
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2)
     return save_figure(fig, path)
+
+
+def _style(i: int) -> dict[str, Any]:
+    """Line style of the ``i``-th method: colour, then marker and dash, so 14 methods stay apart."""
+    return {"color": f"C{i % 10}", "marker": "osD^v"[i // 10 % 5], "ls": ("-", "--", ":")[i // 10 % 3]}
 
 
 def plot_by_kind(rows: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path:
@@ -214,12 +220,13 @@ def plot_by_kind(rows: Sequence[dict[str, Any]], path: Path, *, title: str = "")
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.8), squeeze=False)
     ticks = sorted({r["tokens"] for r in rows[1:]})
     for ax, kind in zip(axes[0], kinds):
-        for method in dict.fromkeys(r["method"] for r in rows[1:]):
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in rows[1:])):
             mine = sorted((r for r in rows[1:] if r["method"] == method and kind in r["by_kind"]),
                           key=lambda r: r["tokens"])
-            ax.plot([r["tokens"] for r in mine], [r["by_kind"][kind] for r in mine], marker="o", label=method)
+            ax.plot([r["tokens"] for r in mine], [r["by_kind"][kind] for r in mine], label=method, **_style(i))
         ax.axhline(rows[0]["by_kind"].get(kind, float("nan")), color="k", ls="--", label="unpruned")
         ax.set(xscale="log", xlabel="visual tokens kept per image", ylabel="accuracy", title=kind)
+        ax.minorticks_off()
         ax.set_xticks(ticks, [_budget(t) for t in ticks])
     axes[0][-1].legend(fontsize=6)
     if title:
