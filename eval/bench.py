@@ -236,17 +236,18 @@ def main(argv: list[str]) -> int:
         logger.log(level, "[%d/%d] %s %s in %.0f s%s", i, len(plan), r.out_dir,
                    "ok" if rc == 0 else f"FAILED (exit {rc})", time.perf_counter() - t0,
                    "" if rc == 0 else f"; stderr tail:\n{err_tail}")
-        write(out, plan, sw, command, settings)  # partial results survive an interrupted benchmark
-    rows = write(out, plan, sw, command, settings)
+        write(out, plan, sw, command, settings, fingerprints)  # partial results survive an interrupted benchmark
+    rows = write(out, plan, sw, command, settings, fingerprints)
     missing = sum(r["status"] != "ok" for r in rows)
     logger.info("wrote %s and %s (%d runs, %d not ok)", out / "bench.json", out / "bench.md", len(rows), missing)
     print("\n" + (out / "bench.md").read_text())
     return 1 if failed or (missing and not args.report_only) else 0
 
 
-def write(out: Path, plan: list[runs.Run], sw: Sweep, command: str, settings: dict) -> list[dict]:
+def write(out: Path, plan: list[runs.Run], sw: Sweep, command: str, settings: dict,
+          fingerprints: dict[Path, runs.Fingerprint | None]) -> list[dict]:
     """Rows of every planned run on disk (missing ones as such), the aggregates, the report and the plots."""
-    rows = [records.read_row(r, batch=sw.batch, seq=sw.seq) for r in plan]
+    rows = [records.read_row(r, batch=sw.batch, seq=sw.seq, fingerprint=fingerprints[r.out_dir]) for r in plan]
     agg = aggregate.aggregate(rows)
     chosen = aggregate.choose(agg, sw.select, lower_is_better=sw.lower_is_better) if sw.select else None
     out.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,26 @@ def test_done_needs_the_record_and_the_same_command(tmp_path):
     assert runs.read_json(out / runs.RECORD) is None
 
 
+def test_a_run_with_settings_is_matched_by_them_not_by_its_command_text(tmp_path):
+    """A pin that restates a value, or a moved folder, is the same run; a changed value is not."""
+    settings = {"method": "owlore", "training": {"learning_rate": 3e-4}, "owlore": {"gamma": 4, "rank": 64}}
+    fp = runs.Fingerprint(settings, {"owlore": {"gamma": 4, "rank": 64}}, files="abc")
+    out = tmp_path / "moved"
+    out.mkdir()
+    (out / runs.RECORD).write_text(json.dumps(record()))
+    (out / runs.RUN_FILE).write_text(json.dumps({"command": ["train.py", "training.output_dir=old"], "returncode": 0,
+                                                 "settings": settings, "files": "abc"}))
+    pinned = ("py", "train.py", "training.output_dir=moved", "owlore.gamma=4")
+    assert runs.done(out, pinned, fp)
+    run = runs.Run(runs.Column("owlore", "owlore"), 3e-4, 0, 0, out, pinned)
+    assert records.read_row(run, batch=1, seq=1, fingerprint=fp)["status"] == "ok"
+    changed = runs.Fingerprint({**settings, "owlore": {"gamma": 8, "rank": 64}}, fp.defaults, files="abc")
+    assert not runs.done(out, pinned, changed)
+    assert records.read_row(run, batch=1, seq=1, fingerprint=changed)["status"] == "missing"
+    assert not runs.done(out, pinned, runs.Fingerprint(settings, fp.defaults, files="other data"))
+    assert not runs.done(out, pinned)  # without a fingerprint only the exact command counts
+
+
 # ------------------------------------------------------------------------------------------------ rows
 def test_parse_record_memory_tokens_quality_and_probe():
     r = records.parse_record(record(tokens=(50, 50, 100, 100, 200, 100), history=[0, 3]), label="owl", batch=4,

@@ -16,7 +16,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from owlore.benchmark.runs import RECORD, RUN_FILE, Run, read_json, tail
+from owlore.benchmark.runs import RECORD, RUN_FILE, Fingerprint, Run, read_json, same_run, tail
 
 WARMUP_STEPS = 2
 """Steps left out of the median step time (first-step allocations, lazy inits, the first projection SVD)."""
@@ -140,12 +140,13 @@ def failed_row(label: str, *, method: str, lr: float | None, seed: int | None, r
             "returncode": returncode, "stderr_tail": stderr_tail}
 
 
-def read_row(run: Run, *, batch: int, seq: int) -> dict[str, Any]:
-    """The row of a planned run from its folder: parsed, failed (with the stderr tail) or missing."""
+def read_row(run: Run, *, batch: int, seq: int, fingerprint: Fingerprint | None = None) -> dict[str, Any]:
+    """The row of a planned run from its folder: parsed, failed (with the stderr tail) or missing (nothing there,
+    or another run's record: ``same_run``)."""
     key = {"method": run.column.method, "lr": run.lr, "seed": run.seed, "repeat": run.repeat, "grid": run.grid}
     meta = read_json(run.out_dir / RUN_FILE)
     record = read_json(run.out_dir / RECORD)
-    if meta is None or meta.get("command") != list(run.command[1:]):
+    if not isinstance(meta, dict) or not same_run(meta, run.command, fingerprint):
         return failed_row(run.label, **key, returncode=None, stderr_tail="", status="missing")
     if meta.get("returncode") == 0 and record is not None:
         try:

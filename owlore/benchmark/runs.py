@@ -2,9 +2,10 @@
 the ``train.py`` command of each run, started in a fresh process and skipped on a rerun when already done.
 
 Every run is its own process (no run inherits another's allocator state, caches or peak memory) that writes
-``owlore_record.json``; ``run.json`` beside it holds the exact command. A rerun of the same plan skips every
-run whose record exists and whose ``run.json`` holds the same command, so a stopped sweep resumes where it
-stopped, and a changed setting reruns only what it changes.
+``owlore_record.json``; ``run.json`` beside it holds the command and its resolved settings (``Fingerprint``). A
+rerun of the same plan skips every run whose record exists and whose settings match, so a stopped sweep resumes
+where it stopped, a changed setting reruns only what it changes, and a sweep may pin a value that a shipped
+default later leaves (``owlore.gamma=4``) without rerunning what it already measured.
 """
 
 from __future__ import annotations
@@ -256,9 +257,17 @@ def run_fingerprint(command: Sequence[str], root: Path) -> Fingerprint | None:
                        h.hexdigest()[:16])
 
 
+def same_run(info: Mapping[str, Any], command: Sequence[str], fingerprint: Fingerprint | None = None) -> bool:
+    """True when ``info`` (a ``run.json``) describes the run of ``command``: the same settings and data when both
+    sides have them (an override that restates a value, a pin added to a sweep, a moved folder leave the run as
+    it was), else exactly the same command (the interpreter aside)."""
+    if fingerprint is not None and isinstance(info.get("settings"), dict):
+        return fingerprint.matches(info)
+    return info.get("command") == list(command[1:])
+
+
 def done(out_dir: Path, command: Sequence[str], fingerprint: Fingerprint | None = None) -> bool:
-    """True when ``out_dir`` holds a record of exactly this command (and, if given, the same settings and data):
-    a rerun can skip it."""
+    """True when ``out_dir`` holds a record of this run (``same_run``): a rerun can skip it."""
     meta, record = Path(out_dir) / RUN_FILE, Path(out_dir) / RECORD
     if not (meta.is_file() and record.is_file()):
         return False
@@ -266,7 +275,7 @@ def done(out_dir: Path, command: Sequence[str], fingerprint: Fingerprint | None 
         info = json.loads(meta.read_text())
     except (OSError, ValueError):
         return False
-    return info.get("command") == list(command[1:]) and (fingerprint is None or fingerprint.matches(info))
+    return isinstance(info, dict) and same_run(info, command, fingerprint)
 
 
 def run_process(cmd: Sequence[str], out_dir: Path, *, cwd: Path, timeout: float | None = None,
