@@ -3,7 +3,8 @@ within a repeat, forgetting against the base model, and each column's learning r
 
 Host noise (a shared CPU, steal time) moves step times by tens of percent between runs, so a ratio is
 ``column / reference`` of two runs made side by side (same repeat, seed and grid position), then summarised;
-noise common to both cancels, which a ratio of medians would not do.
+noise common to both cancels, which a ratio of medians would not do. That holds when the sweep ran in its own
+interleaved order; a column added later (``--only``) pairs with a reference timed hours before, and the report says so.
 """
 
 from __future__ import annotations

@@ -159,8 +159,9 @@ def render_markdown(agg: Mapping[str, Mapping[str, Any]], chosen: Mapping[str, M
               *memory_table(agg, shown), ""]
     notes = ["Peak: training only (reset at train begin); peak − load: minus the memory with only the weights "
              "resident. By kind: live tensors at the probe's peak step (owlore.memory.probe).",
-             f"Step times after the first {WARMUP_STEPS} steps; × {REFERENCE}: the ratio of two runs made side by side "
-             f"(same repeat, seed and grid position), then summarised. Final loss: mean of the last "
+             f"Step times after the first {WARMUP_STEPS} steps; × {REFERENCE}: the ratio to the reference run of the "
+             f"same repeat, seed and grid position, then summarised: side by side when the sweep ran in one go, "
+             f"hours apart (so only indicative) for columns added later with --only. Final loss: mean of the last "
              f"{LOSS_TAIL:.0%} of the per-step losses. tokens/s: real (non-padding) tokens over the timed steps.",
              "Quality: mean ± std over seeds; forgetting: general-text perplexity after / before − 1 (the base "
              "model's before comes from the sweep's first run)."]
